@@ -1,0 +1,16 @@
+"""Swin Transformer V2 backbone, its variants and weight converters (installed as ``simmim.models``)."""
+
+from .convert import convert_state_dict, detect_format, load_pretrained, to_official
+from .swin_transformer_v2 import SwinTransformerV2
+from .variants import VARIANTS, create_model, list_models
+
+__all__ = [
+    "VARIANTS",
+    "SwinTransformerV2",
+    "convert_state_dict",
+    "create_model",
+    "detect_format",
+    "list_models",
+    "load_pretrained",
+    "to_official",
+]

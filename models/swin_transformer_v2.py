@@ -1,0 +1,694 @@
+"""Swin Transformer V2 (Liu et al., "Swin Transformer V2: Scaling Up Capacity and Resolution", arXiv 2111.09883).
+
+The file tells the paper's story bottom-up: window helpers -> position bias -> attention -> block -> patch merging
+-> stage -> model. Parameter names and shapes equal timm's ``SwinTransformerV2`` so weights move between the two
+with ``strict=True``; all buffers are derived from the geometry and are non-persistent.
+
+Letters used in shape comments:
+    B batch, C channels, H W pixels, h w token grid of a stage, wh ww window, N = wh*ww tokens per window,
+    nW windows per image, nH heads, d head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from timm.layers import DropPath, trunc_normal_
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+Pair = tuple[int, int]
+NormPlacement = Literal["res_post", "pre"]
+AttentionKind = Literal["cosine", "dot"]
+PositionBias = Literal["log_cpb", "linear_cpb", "table"]
+
+# the paper clamps the learned temperature at 1/0.01; a Python float (not a CPU tensor) works on any device
+LOGIT_SCALE_MAX = math.log(100.0)
+
+
+def to_pair(v: int | Sequence[int]) -> Pair:
+    """``7 -> (7, 7)``; ``(7, 5) -> (7, 5)``."""
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(int(i) for i in v)
+    if len(v) != 2:
+        raise ValueError(f"expected an int or a pair of ints, got {v}")
+    return v  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# window helpers
+
+
+def window_partition(x: torch.Tensor, window: Pair) -> torch.Tensor:
+    """(B, h, w, C) -> (B*nW, N, C), windows in row-major order."""
+    return rearrange(x, "b (nh wh) (nw ww) c -> (b nh nw) (wh ww) c", wh=window[0], ww=window[1])
+
+
+def window_reverse(windows: torch.Tensor, window: Pair, grid: Pair) -> torch.Tensor:
+    """(B*nW, N, C) -> (B, h, w, C); the inverse of :func:`window_partition`."""
+    return rearrange(
+        windows, "(b nh nw) (wh ww) c -> b (nh wh) (nw ww) c",
+        nh=grid[0] // window[0], nw=grid[1] // window[1], wh=window[0], ww=window[1],
+    )
+
+
+def effective_window(resolution: Pair, window: Pair, shift: bool) -> tuple[Pair, Pair]:
+    """Clamp a window to the stage resolution, as the official code and timm do.
+
+    Where a stage is not larger than the window (``resolution <= window``, note the ``<=``), the window becomes the
+    whole map and that axis is not shifted. Returns ``(window, shift)``; the shift is ``window // 2`` for shifted
+    blocks.
+    """
+    win = tuple(r if r <= w else w for r, w in zip(resolution, window, strict=True))
+    shift_size = tuple(0 if (r <= w or not shift) else w // 2 for r, w in zip(resolution, win, strict=True))
+    return win, shift_size  # type: ignore[return-value]
+
+
+def shifted_window_mask(grid: Pair, window: Pair, shift: Pair) -> torch.Tensor | None:
+    """Additive mask for shifted windows: 0 inside a region, -100 across regions. (nW, N, N) or None."""
+    if not any(shift):
+        return None
+    region = torch.zeros(grid)
+    label = 0
+    for hs in (slice(0, -window[0]), slice(-window[0], -shift[0] or None), slice(-shift[0] or None, None)):
+        for ws in (slice(0, -window[1]), slice(-window[1], -shift[1] or None), slice(-shift[1] or None, None)):
+            region[hs, ws] = label
+            label += 1
+    regions = window_partition(region[None, :, :, None], window).squeeze(-1)  # (nW, N)
+    diff = regions[:, None, :] - regions[:, :, None]  # (nW, N, N)
+    return torch.zeros_like(diff).masked_fill(diff != 0, -100.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# position bias
+
+
+def relative_position_index(window: Pair) -> torch.Tensor:
+    """Index into the (2wh-1)*(2ww-1) table of relative offsets for every token pair: (N, N) int64."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window[0]), torch.arange(window[1]), indexing="ij"))
+    coords = coords.flatten(1)  # (2, N)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # (N, N, 2), offsets in [-(w-1), w-1]
+    rel = rel + torch.tensor([window[0] - 1, window[1] - 1])
+    return rel[..., 0] * (2 * window[1] - 1) + rel[..., 1]
+
+
+def relative_coords_table(window: Pair, pretrained_window: Pair, log_spaced: bool = True) -> torch.Tensor:
+    """Continuous relative coordinates fed to the CPB MLP: (1, 2wh-1, 2ww-1, 2) float32.
+
+    Offsets are divided by ``pretrained_window - 1`` (or ``window - 1`` when no pretrained window is given) so the
+    MLP sees the coordinates it was trained on after a window change. Log-CPB then scales to [-8, 8] and maps
+    ``sign(x) * log2(1 + |x|) / log2(8)``; linear CPB keeps the normalised [-1, 1] offsets.
+    """
+    axes = [torch.arange(-(w - 1), w, dtype=torch.float32) for w in window]
+    table = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)[None]  # (1, 2wh-1, 2ww-1, 2)
+    ref = [p if p > 0 else w for p, w in zip(pretrained_window, window, strict=True)]
+    table = table / torch.tensor([max(r - 1, 1) for r in ref], dtype=torch.float32)  # window 1: avoid 0/0
+    if not log_spaced:
+        return table
+    table = table * 8
+    return torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# attention
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside windows, with SwinV2's scaled cosine attention and log-CPB.
+
+    Parameters: ``qkv`` (no bias) plus ``q_bias``/``v_bias`` (k bias fixed at 0), ``logit_scale`` (nH, 1, 1) for
+    cosine attention, ``cpb_mlp`` for CPB or ``relative_position_bias_table`` for the V1 table, ``proj``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window: Pair,
+        pretrained_window: Pair = (0, 0),
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        attention: AttentionKind = "cosine",
+        position_bias: PositionBias = "log_cpb",
+        fused: bool = True,
+    ) -> None:
+        super().__init__()
+        if attention not in ("cosine", "dot"):
+            raise ValueError(f"attention must be 'cosine' or 'dot', got {attention!r}")
+        if position_bias not in ("log_cpb", "linear_cpb", "table"):
+            raise ValueError(f"position_bias must be 'log_cpb', 'linear_cpb' or 'table', got {position_bias!r}")
+        self.dim, self.num_heads = dim, num_heads
+        self.attention, self.position_bias = attention, position_bias
+        self.fused = fused
+        self.chunk_windows: int | None = None  # sequential self-attention: windows per chunk (None = all at once)
+        self.cache_bias = True  # reuse the position bias at inference (it depends on parameters only)
+        self._bias_cache: tuple[tuple, torch.Tensor] | None = None
+
+        if attention == "cosine":
+            self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
+        if position_bias == "table":
+            self.relative_position_bias_table = nn.Parameter(
+                torch.zeros((2 * window[0] - 1) * (2 * window[1] - 1), num_heads))
+            trunc_normal_(self.relative_position_bias_table, std=0.02)
+        else:
+            self.cpb_mlp = nn.Sequential(nn.Linear(2, 512, bias=True), nn.ReLU(inplace=True),
+                                         nn.Linear(512, num_heads, bias=False))
+        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        if qkv_bias:
+            self.q_bias = nn.Parameter(torch.zeros(dim))
+            self.register_buffer("k_bias", torch.zeros(dim), persistent=False)
+            self.v_bias = nn.Parameter(torch.zeros(dim))
+        else:
+            self.q_bias = self.k_bias = self.v_bias = None
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.set_window(window, pretrained_window)
+
+    def set_window(self, window: Pair, pretrained_window: Pair) -> None:
+        """Rebuild the geometry buffers for a new window; learned parameters stay as they are."""
+        if self.position_bias == "table" and hasattr(self, "window") and window != self.window:
+            self._resize_bias_table(window)
+        self.window, self.pretrained_window = window, pretrained_window
+        device = self.qkv.weight.device if self.qkv.weight.device.type != "meta" else None
+        self.register_buffer("relative_position_index", relative_position_index(window).to(device), persistent=False)
+        if self.position_bias != "table":
+            table = relative_coords_table(window, pretrained_window, log_spaced=self.position_bias == "log_cpb")
+            self.register_buffer("relative_coords_table", table.to(device), persistent=False)
+        self._bias_cache = None
+
+    def _resize_bias_table(self, window: Pair) -> None:
+        """V1 baseline: bicubic resize of the parameter table to a new window (how Swin V1 transfers)."""
+        old = (2 * self.window[0] - 1, 2 * self.window[1] - 1)
+        table = self.relative_position_bias_table.data.T.reshape(1, self.num_heads, *old)
+        table = F.interpolate(table, size=(2 * window[0] - 1, 2 * window[1] - 1), mode="bicubic", align_corners=False)
+        self.relative_position_bias_table = nn.Parameter(table.reshape(self.num_heads, -1).T.contiguous())
+
+    def _compute_bias(self) -> torch.Tensor:
+        """Relative position bias added to the attention logits: (nH, N, N)."""
+        N = self.window[0] * self.window[1]
+        if self.position_bias == "table":
+            table = self.relative_position_bias_table  # ((2wh-1)*(2ww-1), nH)
+        else:
+            table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)  # ((2wh-1)*(2ww-1), nH)
+        bias = table[self.relative_position_index.view(-1)].view(N, N, -1).permute(2, 0, 1)  # (nH, N, N)
+        if self.position_bias != "table":
+            bias = 16 * torch.sigmoid(bias)  # bounded in (0, 16) as in the official code
+        return bias.contiguous()
+
+    def position_bias_tensor(self) -> torch.Tensor:
+        """The bias, cached at inference: it depends on parameters only, so it is recomputed when any of them
+        changes in place (optimizer step, EMA update, ``load_state_dict``), is swapped or moves device/dtype."""
+        if self.training or torch.is_grad_enabled() or not self.cache_bias:
+            self._bias_cache = None
+            return self._compute_bias()
+        params = [p for n, p in self.named_parameters() if n.startswith(("cpb_mlp", "relative_position"))]
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        key += ((self.relative_position_index.data_ptr(),),)
+        if self._bias_cache is None or self._bias_cache[0] != key:
+            self._bias_cache = (key, self._compute_bias())
+        return self._bias_cache[1]
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B_, N, C = x.shape
+        bias = None if self.q_bias is None else torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        qkv = F.linear(x, self.qkv.weight, bias)  # (B_, N, 3C)
+        q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads).unbind(0)
+        if self.attention == "cosine":
+            # cosine similarity with a learned per-head temperature: folding the scale into q keeps SDPA usable
+            scale = torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()  # (nH, 1, 1)
+            q = F.normalize(q, dim=-1) * scale
+            k = F.normalize(k, dim=-1)
+        else:
+            q = q * (C // self.num_heads) ** -0.5
+        return q, k, v  # each (B_, nH, N, d)
+
+    def _attend(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """x (B_, N, C); bias (G, nH, N, N) with window i using bias[i % G] (G divides B_). Returns (B_, N, C).
+
+        Windows are grouped as (B_/G, G*nH) "heads" so the bias broadcasts over the batch instead of being copied
+        per image: the fused kernel then sees one (G*nH, N, N) float mask.
+        """
+        q, k, v = self._qkv(x)  # (B_, nH, N, d)
+        B_, nH, N, d = q.shape
+        G = bias.shape[0]
+        drop = self.attn_drop if self.training else 0.0
+        if self.fused:
+            q, k, v = (t.reshape(B_ // G, G * nH, N, d) for t in (q, k, v))
+            mask = bias.reshape(G * nH, N, N).to(q.dtype)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=1.0)
+            out = out.view(B_, nH, N, d)
+        else:
+            attn = (q @ k.transpose(-2, -1)).view(B_ // G, G, nH, N, N) + bias  # scaled logits + bias
+            attn = F.dropout(attn.softmax(dim=-1), p=drop, training=self.training).view(B_, nH, N, N)
+            out = attn @ v  # (B_, nH, N, d)
+        return self.proj_drop(self.proj(rearrange(out, "b h n d -> b n (h d)")))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B*nW, N, C); mask (nW, N, N) shifted-window mask or None. Returns (B*nW, N, C)."""
+        B_ = x.shape[0]
+        bias = self.position_bias_tensor()[None]  # (1, nH, N, N)
+        if mask is not None:
+            bias = bias + mask[:, None].to(bias.dtype)  # (nW, nH, N, N)
+        chunk = self.chunk_windows
+        if not chunk or chunk >= B_:
+            return self._attend(x, bias)
+        # sequential self-attention (paper §3.6): windows in chunks, so only one chunk's logits are alive at a time
+        outs = []
+        for start in range(0, B_, chunk):
+            stop = min(start + chunk, B_)
+            chunk_bias = bias if mask is None else bias[torch.arange(start, stop, device=x.device) % bias.shape[0]]
+            outs.append(self._attend(x[start:stop], chunk_bias))
+        return torch.cat(outs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# block
+
+
+class Mlp(nn.Module):
+    """Linear -> GELU -> Dropout -> Linear -> Dropout, named ``fc1``/``fc2`` as in timm."""
+
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class SwinTransformerV2Block(nn.Module):
+    """(Shifted) window attention + MLP with res-post-norm: ``x = x + drop_path(norm(f(x)))``.
+
+    ``norm_placement='pre'`` gives the V1 layout ``x = x + drop_path(f(norm(x)))`` for ablations. ``extra_norm``
+    adds a LayerNorm on the main branch after the block (SwinV2-H/G, every 6 blocks).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        resolution: Pair,
+        window: Pair,
+        shifted: bool,
+        pretrained_window: Pair = (0, 0),
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        norm_placement: NormPlacement = "res_post",
+        attention: AttentionKind = "cosine",
+        position_bias: PositionBias = "log_cpb",
+        extra_norm: bool = False,
+        fused_attn: bool = True,
+    ) -> None:
+        super().__init__()
+        if norm_placement not in ("res_post", "pre"):
+            raise ValueError(f"norm_placement must be 'res_post' or 'pre', got {norm_placement!r}")
+        self.norm_placement = norm_placement
+        self.shifted = shifted
+        win, _ = effective_window(resolution, window, shifted)
+        self.attn = WindowAttention(dim, num_heads, win, pretrained_window, qkv_bias, attn_drop, proj_drop,
+                                    attention, position_bias, fused_attn)
+        self.norm1 = nn.LayerNorm(dim)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop)
+        self.norm2 = nn.LayerNorm(dim)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.extra_norm = nn.LayerNorm(dim) if extra_norm else None
+        self.set_geometry(resolution, window, pretrained_window)
+
+    def set_geometry(self, resolution: Pair, window: Pair, pretrained_window: Pair) -> None:
+        """Clamp the window to ``resolution`` and rebuild the attention buffers and the shift mask."""
+        self.resolution = resolution
+        self.window, self.shift = effective_window(resolution, window, self.shifted)
+        self.attn.set_window(self.window, pretrained_window)
+        mask = shifted_window_mask(resolution, self.window, self.shift)
+        device = self.norm1.weight.device if self.norm1.weight.device.type != "meta" else None
+        self.register_buffer("attn_mask", None if mask is None else mask.to(device), persistent=False)
+
+    def _window_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, h, w, C) -> (B, h, w, C)."""
+        if any(self.shift):
+            x = torch.roll(x, shifts=(-self.shift[0], -self.shift[1]), dims=(1, 2))
+        windows = self.attn(window_partition(x, self.window), self.attn_mask)  # (B*nW, N, C)
+        x = window_reverse(windows, self.window, self.resolution)
+        if any(self.shift):
+            x = torch.roll(x, shifts=self.shift, dims=(1, 2))
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, h, w, C) -> (B, h, w, C)."""
+        if self.norm_placement == "res_post":
+            x = x + self.drop_path1(self.norm1(self._window_attention(x)))
+            x = x + self.drop_path2(self.norm2(self.mlp(x)))
+        else:
+            x = x + self.drop_path1(self._window_attention(self.norm1(x)))
+            x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        if self.extra_norm is not None:
+            x = self.extra_norm(x)
+        return x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# patch merging and stage
+
+
+class PatchMerging(nn.Module):
+    """V2 patch merging: 2x2 neighbours concatenated -> Linear(4C -> 2C, no bias) -> LayerNorm(2C).
+
+    The concat order is x[0::2, 0::2], x[1::2, 0::2], x[0::2, 1::2], x[1::2, 1::2] (official weights rely on it),
+    and the norm comes after the reduction (V1 normed first).
+    """
+
+    def __init__(self, dim: int, out_dim: int | None = None) -> None:
+        super().__init__()
+        out_dim = out_dim or 2 * dim
+        self.reduction = nn.Linear(4 * dim, out_dim, bias=False)
+        self.norm = nn.LayerNorm(out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, h, w, C) -> (B, h/2, w/2, 2C)."""
+        x = rearrange(x, "b (h sh) (w sw) c -> b h w (sw sh c)", sh=2, sw=2)  # sh fastest: (0,0),(1,0),(0,1),(1,1)
+        return self.norm(self.reduction(x))
+
+
+class SwinTransformerV2Stage(nn.Module):
+    """Optional patch merging (timm's layout: the stage starts with the merge), then ``depth`` blocks alternating
+    regular and shifted windows."""
+
+    def __init__(
+        self,
+        dim: int,
+        out_dim: int,
+        resolution: Pair,
+        depth: int,
+        num_heads: int,
+        window: Pair,
+        pretrained_window: Pair = (0, 0),
+        downsample: bool = False,
+        drop_path: Sequence[float] = (),
+        extra_norm_period: int = 0,
+        **block_kwargs,
+    ) -> None:
+        super().__init__()
+        self.downsample = PatchMerging(dim, out_dim) if downsample else nn.Identity()
+        self.grad_checkpointing = False
+        self.blocks = nn.ModuleList([
+            SwinTransformerV2Block(
+                out_dim, num_heads, resolution, window, shifted=i % 2 == 1, pretrained_window=pretrained_window,
+                drop_path=drop_path[i] if drop_path else 0.0,
+                extra_norm=extra_norm_period > 0 and (i + 1) % extra_norm_period == 0, **block_kwargs)
+            for i in range(depth)
+        ])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, h_in, w_in, C_in) -> (B, h, w, C)."""
+        x = self.downsample(x)
+        for blk in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return x
+
+
+class PatchEmbed(nn.Module):
+    """Conv patch x patch, stride patch, then LayerNorm: (B, C_in, H, W) -> (B, h, w, C)."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))  # (B, h, w, C)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# model
+
+
+def stage_geometry(
+    img_size: Pair, patch_size: int, num_stages: int, window: Pair
+) -> list[tuple[Pair, Pair]]:
+    """Per-stage ``(token resolution, effective window)``; raises a ValueError that names the fix when the image
+    cannot be tiled (not a multiple of the patch size, of the total downsampling, or of a stage's window)."""
+    for side in img_size:
+        if side % patch_size:
+            raise ValueError(f"img_size {side} is not a multiple of patch_size {patch_size}; "
+                             f"use a multiple of {patch_size} (e.g. {side - side % patch_size or patch_size})")
+    grid = (img_size[0] // patch_size, img_size[1] // patch_size)
+    stride = patch_size * 2 ** (num_stages - 1)
+    if grid[0] % 2 ** (num_stages - 1) or grid[1] % 2 ** (num_stages - 1):
+        shown = img_size[0] if img_size[0] == img_size[1] else f"{img_size[0]}x{img_size[1]}"
+        raise ValueError(f"img_size {shown} is not a multiple of {stride} (patch_size {patch_size} x "
+                         f"2^{num_stages - 1} patch merges); use e.g. {max(stride, img_size[0] // stride * stride)}")
+    out = []
+    for i in range(num_stages):
+        res = (grid[0] // 2 ** i, grid[1] // 2 ** i)
+        win, _ = effective_window(res, window, shift=False)
+        if res[0] % win[0] or res[1] % win[1]:
+            raise ValueError(
+                f"stage {i} token grid {res[0]}x{res[1]} (img_size {img_size[0]}x{img_size[1]}) is not a multiple "
+                f"of window_size {win[0]}x{win[1]}; choose window_size so that img_size / {patch_size * 2 ** i} "
+                f"is a multiple of it (e.g. img_size 192 with window 12, 224 with 14, 256 with 8 or 16)")
+        out.append((res, win))
+    return out
+
+
+class SwinTransformerV2(nn.Module):
+    """Swin Transformer V2 image encoder / classifier.
+
+    Input (B, in_chans, H, W) with H, W = ``img_size``. ``forward`` returns logits (B, num_classes), or pooled
+    features (B, num_features) when ``num_classes=0``. Internally feature maps are channels-last (B, h, w, C).
+
+    Defaults are SwinV2 (res-post-norm, scaled cosine attention, log-CPB); ``norm_placement``, ``attention`` and
+    ``position_bias`` switch to the V1 choices for the paper's ablations. ``pretrained_window_sizes`` (one per stage,
+    0 = none) is the window each stage's CPB MLP was trained at; coordinates are normalised by it.
+    """
+
+    def __init__(
+        self,
+        img_size: int | Sequence[int] = 192,
+        patch_size: int = 4,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 96,
+        depths: Sequence[int] = (2, 2, 6, 2),
+        num_heads: Sequence[int] = (3, 6, 12, 24),
+        window_size: int | Sequence[int] = 12,
+        pretrained_window_sizes: Sequence[int | Sequence[int]] | None = None,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.1,
+        norm_placement: NormPlacement = "res_post",
+        attention: AttentionKind = "cosine",
+        position_bias: PositionBias = "log_cpb",
+        extra_norm_period: int = 0,
+        fused_attn: bool = True,
+        global_pool: str = "avg",
+    ) -> None:
+        super().__init__()
+        from timm.layers import ClassifierHead  # the head's keys (head.fc.*) match timm's
+
+        if len(depths) != len(num_heads):
+            raise ValueError(f"depths {tuple(depths)} and num_heads {tuple(num_heads)} must have the same length")
+        num_stages = len(depths)
+        self.img_size, self.window_size, self.patch_size = to_pair(img_size), to_pair(window_size), patch_size
+        pretrained = [to_pair(p) for p in (pretrained_window_sizes or [0] * num_stages)]
+        if len(pretrained) != num_stages:
+            raise ValueError(f"pretrained_window_sizes needs one entry per stage ({num_stages}), got {len(pretrained)}")
+        self.pretrained_window_sizes: list[Pair] = pretrained
+        geometry = stage_geometry(self.img_size, patch_size, num_stages, self.window_size)
+        self.num_classes, self.in_chans, self.norm_placement = num_classes, in_chans, norm_placement
+        self.embed_dim, self.depths, self.num_heads = embed_dim, tuple(depths), tuple(num_heads)
+        dims = [embed_dim * 2 ** i for i in range(num_stages)]
+        self.num_features = dims[-1]
+        self.encoder_stride = patch_size * 2 ** (num_stages - 1)  # pixels per token of the last stage
+
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.register_parameter("mask_token", None)  # SimMIM adds it (init_mask_token); absent in a plain encoder
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # rises linearly per block
+        block_kwargs = dict(mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop_rate,
+                            attn_drop=attn_drop_rate, norm_placement=norm_placement, attention=attention,
+                            position_bias=position_bias, fused_attn=fused_attn)
+        self.layers = nn.Sequential(*[
+            SwinTransformerV2Stage(
+                dims[max(i - 1, 0)], dims[i], geometry[i][0], depths[i], num_heads[i], self.window_size,
+                pretrained[i], downsample=i > 0, drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])],
+                extra_norm_period=extra_norm_period, **block_kwargs)
+            for i in range(num_stages)
+        ])
+        self.feature_info = [dict(num_chs=dims[i], reduction=patch_size * 2 ** i, module=f"layers.{i}")
+                             for i in range(num_stages)]
+        self.norm = nn.LayerNorm(self.num_features)
+        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate,
+                                   input_fmt="NHWC")
+        self.apply(self._init_weights)
+        if norm_placement == "res_post":  # every block starts as the identity
+            for blk in self.blocks():
+                for norm in (blk.norm1, blk.norm2):
+                    nn.init.zeros_(norm.weight)
+                    nn.init.zeros_(norm.bias)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    # -- geometry --------------------------------------------------------------------------------------------
+
+    def blocks(self) -> list[SwinTransformerV2Block]:
+        """All blocks in order (global block index = list index)."""
+        return [blk for stage in self.layers for blk in stage.blocks]
+
+    @property
+    def grid_size(self) -> Pair:
+        """Token grid after the patch embedding (h, w)."""
+        return (self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size)
+
+    @property
+    def effective_window_sizes(self) -> list[Pair]:
+        """The window each stage really uses after clamping to its resolution, e.g. 12/12/12/6 at 192 px, W12."""
+        return [stage.blocks[0].window if len(stage.blocks) else (0, 0) for stage in self.layers]
+
+    def set_input_size(
+        self,
+        img_size: int | Sequence[int] | None = None,
+        window_size: int | Sequence[int] | None = None,
+        pretrained_window_sizes: Sequence[int | Sequence[int]] | None = None,
+    ) -> None:
+        """Change image size and/or window size in place: buffers are rebuilt, parameters are untouched (except the
+        V1 ``table`` position bias, which is bicubically resized as Swin V1 does).
+
+        ``pretrained_window_sizes`` defaults to the windows the CPB MLP was trained at: the model's current
+        ``pretrained_window_sizes`` where set, else each stage's current effective window. So a model pretrained at
+        192/W12 and moved to 256/W16 normalises its log-CPB coordinates by 12/12/12/6, as the paper transfers.
+        """
+        img = to_pair(img_size) if img_size is not None else self.img_size
+        win = to_pair(window_size) if window_size is not None else self.window_size
+        if pretrained_window_sizes is None:
+            pretrained = [p if p[0] > 0 else e for p, e in zip(self.pretrained_window_sizes,
+                                                               self.effective_window_sizes, strict=True)]
+        else:
+            pretrained = [to_pair(p) for p in pretrained_window_sizes]
+            if len(pretrained) != len(self.layers):
+                raise ValueError(f"pretrained_window_sizes needs {len(self.layers)} entries, got {len(pretrained)}")
+        geometry = stage_geometry(img, self.patch_size, len(self.layers), win)  # validates before changing anything
+        self.img_size, self.window_size, self.pretrained_window_sizes = img, win, pretrained
+        for stage, (res, _), pre in zip(self.layers, geometry, pretrained, strict=True):
+            for blk in stage.blocks:
+                blk.set_geometry(res, win, pre)
+
+    def init_non_persistent_buffers(self) -> None:
+        """Recompute every derived buffer (after ``to_empty`` from the meta device, for example)."""
+        for stage, (res, _) in zip(self.layers, stage_geometry(self.img_size, self.patch_size, len(self.layers),
+                                                               self.window_size), strict=True):
+            for blk in stage.blocks:
+                blk.set_geometry(res, self.window_size, blk.attn.pretrained_window)
+                if blk.attn.k_bias is not None:
+                    blk.attn.k_bias.zero_()
+
+    # -- memory / speed switches -----------------------------------------------------------------------------
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing per block: recompute activations in backward instead of storing them."""
+        for stage in self.layers:
+            stage.grad_checkpointing = enable
+
+    def set_sequential_attention(self, chunk_windows: int | None) -> None:
+        """Sequential self-attention: compute attention over at most ``chunk_windows`` windows at a time (None =
+        all windows in one batch). Caps the peak memory of the attention logits; outputs are unchanged."""
+        if chunk_windows is not None and chunk_windows < 1:
+            raise ValueError(f"chunk_windows must be a positive int or None, got {chunk_windows}")
+        for blk in self.blocks():
+            blk.attn.chunk_windows = chunk_windows
+
+    def set_fused_attn(self, enable: bool = True) -> None:
+        """Use ``F.scaled_dot_product_attention`` (True) or the explicit softmax(QK^T + B)V path (False)."""
+        for blk in self.blocks():
+            blk.attn.fused = enable
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of parameters that take no weight decay beyond biases/1-D (the CPB MLP, temperatures, tables)."""
+        keys = ("cpb_mlp", "logit_scale", "relative_position_bias_table", "q_bias", "v_bias", "mask_token")
+        return {n for n, _ in self.named_parameters() if any(k in n for k in keys)}
+
+    # -- forward ---------------------------------------------------------------------------------------------
+
+    def init_mask_token(self) -> None:
+        """Add SimMIM's learned ``mask_token`` (1, 1, C), trunc_normal(.02)."""
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim, device=self.norm.weight.device))
+        trunc_normal_(self.mask_token, std=0.02)
+
+    def _embed(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """(B, in_chans, H, W) -> (B, h, w, C); masked tokens (mask (B, h, w), 1 = masked) become ``mask_token``
+        after the patch-embedding norm (SimMIM)."""
+        if x.shape[-2:] != self.img_size:
+            raise ValueError(f"input is {x.shape[-2]}x{x.shape[-1]} but the model is built for "
+                             f"{self.img_size[0]}x{self.img_size[1]}; resize the input or call "
+                             f"set_input_size(img_size=..., window_size=...)")
+        x = self.patch_embed(x)  # (B, h, w, C)
+        if mask is not None:
+            if self.mask_token is None:
+                raise ValueError("a mask was given but the encoder has no mask_token; call init_mask_token() "
+                                 "(SimMIM does this) before masked forwards")
+            if mask.shape != x.shape[:3]:
+                raise ValueError(f"mask shape {tuple(mask.shape)} must be (B, h, w) = {tuple(x.shape[:3])}")
+            w = mask.unsqueeze(-1).to(x.dtype)  # (B, h, w, 1)
+            x = x * (1 - w) + self.mask_token.to(x.dtype) * w
+        return x
+
+    def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, in_chans, H, W) -> final normed map (B, H/stride, W/stride, num_features), channels-last."""
+        return self.norm(self.layers(self._embed(x, mask)))
+
+    def forward_stages(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, norm_last: bool = True
+    ) -> list[torch.Tensor]:
+        """Multi-scale outputs for dense tasks: one (B, C_i, h_i, w_i) map per stage (channels-first), strides
+        4, 8, 16, 32 for the default patch size. The last map is normed when ``norm_last``."""
+        x = self._embed(x, mask)
+        outs = []
+        for i, stage in enumerate(self.layers):
+            x = stage(x)
+            y = self.norm(x) if (norm_last and i == len(self.layers) - 1) else x
+            outs.append(y.permute(0, 3, 1, 2))  # (B, C_i, h_i, w_i)
+        return outs
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """(B, h, w, C) -> logits (B, num_classes) or pooled (B, C) when ``pre_logits``/``num_classes=0``."""
+        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_chans, H, W) -> (B, num_classes), or (B, num_features) for ``num_classes=0``."""
+        return self.forward_head(self.forward_features(x))
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head with a freshly initialised one (0 = pooled features)."""
+        self.num_classes = num_classes
+        self.head.reset(num_classes)
+        if num_classes > 0:
+            self._init_weights(self.head.fc)

@@ -1,0 +1,45 @@
+"""Named SwinV2 variants and ``create_model``.
+
+Sizes follow the paper (Table 1 / §3.6): C, depths, heads. The paper gives no head counts for H and G; 32 channels
+per head is the natural choice and gives its 658M / 3.0B parameters. H and G add a LayerNorm on the main branch every
+6 blocks (paper §3.2). ``swinv2_pico`` and ``swinv2_nano`` are small configs for tests, demos and CPUs.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from .swin_transformer_v2 import SwinTransformerV2
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "swinv2_pico": dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8)),
+    "swinv2_nano": dict(embed_dim=32, depths=(2, 2, 4, 2), num_heads=(1, 2, 4, 8)),
+    "swinv2_tiny": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
+    "swinv2_small": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
+    "swinv2_base": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
+    "swinv2_large": dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48)),
+    "swinv2_huge": dict(embed_dim=352, depths=(2, 2, 18, 2), num_heads=(11, 22, 44, 88), extra_norm_period=6),
+    "swinv2_giant": dict(embed_dim=512, depths=(2, 2, 42, 4), num_heads=(16, 32, 64, 128), extra_norm_period=6),
+}
+
+_ALLOWED = set(inspect.signature(SwinTransformerV2.__init__).parameters) - {"self"}
+
+
+def list_models() -> list[str]:
+    """Variant names accepted by :func:`create_model`, smallest first."""
+    return list(VARIANTS)
+
+
+def create_model(name: str, **overrides: Any) -> SwinTransformerV2:
+    """Build a SwinV2 variant; keyword overrides (img_size, window_size, pretrained_window_sizes, drop_path_rate,
+    num_classes, in_chans, norm_placement, attention, position_bias, ...) replace the variant's defaults.
+
+    Example: ``create_model("swinv2_tiny", img_size=192, window_size=12, num_classes=0)`` -> pooled-feature encoder.
+    """
+    if name not in VARIANTS:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(VARIANTS)}")
+    unknown = sorted(set(overrides) - _ALLOWED)
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown} for {name}; valid options: {', '.join(sorted(_ALLOWED))}")
+    return SwinTransformerV2(**{**VARIANTS[name], **overrides})

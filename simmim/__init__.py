@@ -1,0 +1,10 @@
+"""simmim: SimMIM self-supervised pretraining with a Swin Transformer V2 backbone."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("simmim")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = ["__version__"]
