@@ -42,6 +42,41 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fail(err: BaseException) -> int:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    """SimMIM pretraining from a config, with --data/--output/--resume and key=value overrides."""
+    from simmim.config import ConfigError, PretrainConfig, load_config
+    from simmim.configs import resolve
+    from simmim.engine import NonFiniteLossError
+    from simmim.pretrain import run
+
+    overrides = list(args.overrides)
+    for flag, key in ((args.data, "data.path"), (args.output, "run.output"), (args.resume, "run.resume")):
+        if flag is not None:
+            overrides.append(f"{key}={flag}")
+    try:
+        cfg = load_config(PretrainConfig, resolve(args.config), overrides)
+        summary = run(cfg)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        return _fail(err)
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if not summary["main_process"]:
+        return 0
+    print(f"pretrained {summary['steps']} steps: loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}")
+    print(f"  checkpoint:  {summary['checkpoint']}")
+    print(f"  tensorboard: tensorboard --logdir {summary['output']}/tensorboard")
+    print(f"  images:      {summary['output']}/images")
+    if summary["skipped_files"] or summary["skipped_steps"]:
+        print(f"  skipped: {summary['skipped_files']} unreadable inputs, {summary['skipped_steps']} steps")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="simmim", description="SimMIM pretraining, fine-tuning and export for Swin Transformer V2.")
@@ -52,12 +87,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, default=192)
     p.add_argument("--window-size", type=int, default=12)
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("pretrain", help="SimMIM pretraining on a folder of images or a datasets dataset",
+                       description="SimMIM pretraining. Overrides are dotted keys: optim.base_lr=2e-4 "
+                       "data.batch_size=64 model.name=swinv2_tiny. Many GPUs: accelerate launch -m simmim pretrain.")
+    p.add_argument("config", help="YAML file, or a bundled recipe such as pretrain/swinv2_base_192_w12_800ep")
+    p.add_argument("--data", help="folder of images, datasets save_to_disk folder, hf:NAME, or embedded")
+    p.add_argument("--output", help="run directory (checkpoints, tensorboard, images, config.yaml, train.log)")
+    p.add_argument("--resume", help="'auto' (newest valid checkpoint in the run directory) or a checkpoint path")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    p.set_defaults(func=cmd_pretrain)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides may come after the options too
+        if not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

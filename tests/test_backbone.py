@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 from conftest import PICO, perturb_
+from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmSwinV2
+
 from simmim.models import SwinTransformerV2, create_model, list_models
 from simmim.models.swin_transformer_v2 import relative_coords_table, shifted_window_mask
-from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmSwinV2
 
 PARITY_CASES = [
     dict(img_size=192, window_size=12),

@@ -4,9 +4,10 @@ import pytest
 import torch
 from conftest import PICO, perturb_
 from safetensors.torch import save_file
+from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmSwinV2
+
 from simmim.models import convert_state_dict, create_model, detect_format, load_pretrained, to_official
 from simmim.models.convert import CheckpointMismatchError, read_checkpoint
-from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmSwinV2
 
 
 class OfficialConfig:

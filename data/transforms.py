@@ -1,0 +1,56 @@
+"""SimMIM pretraining augmentation and its inverse for visualisation.
+
+The paper uses only a random resized crop and a horizontal flip (no colour jitter): masked image modelling needs
+the pixels to stay predictable. Interpolation is torchvision's default (bilinear), as in the official
+``data_simmim_pt.py``.
+
+Letters: ``B`` batch, ``H, W`` pixels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+def pretrain_transform(
+    img_size: int,
+    scale: tuple[float, float] = (0.67, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL RGB image -> normalised float tensor (3, img_size, img_size).
+
+    Randomness comes from torch's global generator (torchvision v1 transforms), which is why the datasets seed it
+    per sample under ``torch.random.fork_rng``.
+    """
+    if img_size <= 0:
+        raise ValueError(f"img_size must be positive, got {img_size} (data.img_size)")
+    if not 0.0 < scale[0] <= scale[1] <= 1.0:
+        raise ValueError(f"crop scale {scale} must satisfy 0 < min <= max <= 1")
+    return T.Compose(
+        [
+            T.RandomResizedCrop(img_size, scale=scale, ratio=ratio),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(mean=list(mean), std=list(std)),
+        ]
+    )
+
+
+def denormalize(
+    x: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> torch.Tensor:
+    """Undo ``Normalize``: (3, H, W) or (B, 3, H, W) -> same shape, values clamped to [0, 1]."""
+    if x.dim() not in (3, 4) or x.shape[-3] != len(mean):
+        raise ValueError(f"expected (C, H, W) or (B, C, H, W) with C={len(mean)}, got {tuple(x.shape)}")
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)  # (C, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1)  # (C, 1, 1)
+    return (x * s + m).clamp(0.0, 1.0)

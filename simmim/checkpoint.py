@@ -1,0 +1,271 @@
+"""Atomic, resumable checkpoints that hold plain data only.
+
+A checkpoint is a ``dict`` of tensors, dicts, lists, tuples, str, int, float, bool and None (plus the harmless torch
+metadata types ``torch.Size``, ``torch.dtype`` and ``torch.device``), so every file we write loads with
+``torch.load(weights_only=True)``: no pickled classes, no code runs on load. ``save_checkpoint`` checks this before
+touching the disk and names the offending key.
+
+Writes are atomic: the state goes to ``.<name>.tmp-<pid>`` in the target directory, is fsynced, then renamed onto
+the target with ``os.replace``. A crash mid-write leaves the previous checkpoint untouched; at worst a stray temp
+file remains, which ``CheckpointManager.save`` removes.
+
+Layout written by :class:`CheckpointManager` (one process writes a directory; under accelerate, the main process)::
+
+    <output_dir>/checkpoints/ckpt-00001000.pt   step checkpoints, the newest ``keep_last`` kept
+    <output_dir>/checkpoints/best.pt            named checkpoints, never rotated
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_DIRNAME = "checkpoints"  # sub-directory of a run's output dir that holds its checkpoints
+
+# Exact types only: subclasses (numpy scalars are float subclasses, IntEnum is an int subclass, NamedTuples are
+# tuples) pickle as their own class and would make weights_only loading fail.
+_SCALAR_TYPES = (str, int, float, bool, type(None), torch.dtype, torch.device)
+_MAPPING_TYPES = (dict, OrderedDict)
+_SEQUENCE_TYPES = (list, tuple, torch.Size)
+
+
+def _check_plain(obj: Any, where: str) -> None:
+    """Raise ``TypeError`` naming ``where`` (e.g. ``state['config']['x']``) if ``obj`` is not plain data."""
+    kind = type(obj)
+    if kind in _SCALAR_TYPES or isinstance(obj, torch.Tensor):
+        return
+    if kind in _MAPPING_TYPES:
+        for key, value in obj.items():
+            if type(key) not in (str, int, float, bool, type(None)):
+                raise TypeError(
+                    f"{where} has a key {key!r} of type {type(key).__name__}; checkpoint keys must be str, int, "
+                    "float, bool or None"
+                )
+            _check_plain(value, f"{where}[{key!r}]")
+        return
+    if kind in _SEQUENCE_TYPES:
+        for i, value in enumerate(obj):
+            _check_plain(value, f"{where}[{i}]")
+        return
+    raise TypeError(
+        f"{where} is a {kind.__module__}.{kind.__qualname__}; checkpoints hold plain data only (tensors, dicts, "
+        "lists, tuples, str, int, float, bool, None): convert it, e.g. with dataclasses.asdict() or .state_dict()"
+    )
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename inside ``directory`` durable. Not every platform can open a directory (Windows): skip there."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _tmp_path(path: Path) -> Path:
+    """The temp file a write to ``path`` goes through: hidden, same directory (so the rename is atomic)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def save_checkpoint(state: dict, path: str | Path) -> Path:
+    """Write ``state`` to ``path`` atomically and return the path.
+
+    Raises ``TypeError`` (before writing anything) if ``state`` holds anything but plain data.
+    """
+    if type(state) not in _MAPPING_TYPES:
+        raise TypeError(f"state is a {type(state).__name__}; a checkpoint is a dict")
+    _check_plain(state, "state")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint onto the CPU with ``weights_only=True``.
+
+    Raises ``FileNotFoundError`` if ``path`` is not a file and ``ValueError`` (naming the path) if it cannot be read:
+    truncated, corrupt, not a torch file, or holding something other than a dict of plain data.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... depending on the damage
+        raise ValueError(f"checkpoint {path} is unreadable (truncated or corrupt?): {type(e).__name__}: {e}") from e
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")
+    return state
+
+
+class CheckpointManager:
+    """Step checkpoints ``<prefix>-<step:08d>.pt`` in ``directory``, rotated to the newest ``keep_last``, plus
+    named ones (``best.pt``, ``last.pt``) that are never rotated. Files not matching these names are left alone."""
+
+    def __init__(self, directory: str | Path, keep_last: int = 3, prefix: str = "ckpt") -> None:
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {keep_last} (checkpoint.keep_last)")
+        self.directory = Path(directory)
+        self.keep_last = keep_last
+        self.prefix = prefix
+        self._pattern = re.compile(rf"{re.escape(prefix)}-(\d+)\.pt")
+
+    def path_for(self, step: int) -> Path:
+        """The file a checkpoint of ``step`` is written to."""
+        return self.directory / f"{self.prefix}-{step:08d}.pt"
+
+    def save(self, state: dict, step: int) -> Path:
+        """Write the checkpoint of ``step`` atomically, then delete step checkpoints beyond the newest ``keep_last``
+        (never the one just written) and temp files left by interrupted writes."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        self._remove_stale_tmp()
+        path = save_checkpoint(state, self.path_for(step))
+        for old_step, old in self.list()[: -self.keep_last]:
+            if old != path:
+                logger.debug("removing old checkpoint %s (step %d)", old, old_step)
+                old.unlink(missing_ok=True)
+        return path
+
+    def save_named(self, state: dict, name: str) -> Path:
+        """Write ``<name>.pt`` (e.g. ``best``, ``last``) atomically; named checkpoints are not rotated."""
+        if not name or "/" in name or os.sep in name:
+            raise ValueError(f"checkpoint name {name!r} must be a plain file name such as 'best' or 'last'")
+        return save_checkpoint(state, self.directory / f"{name}.pt")
+
+    def list(self) -> list[tuple[int, Path]]:
+        """Step checkpoints as ``(step, path)``, oldest first. Nothing is loaded."""
+        if not self.directory.is_dir():
+            return []
+        found = []
+        for p in self.directory.iterdir():
+            m = self._pattern.fullmatch(p.name)
+            if m and p.is_file():
+                found.append((int(m.group(1)), p))
+        return sorted(found)
+
+    def latest_valid(self) -> tuple[Path, dict] | None:
+        """The newest step checkpoint that loads, with its state; ``None`` if there is none.
+
+        A newest file that is truncated or corrupt (a partial copy, a crash outside our atomic write) is skipped with
+        a warning and the one before it is used.
+        """
+        for step, path in reversed(self.list()):
+            try:
+                return path, load_checkpoint(path)
+            except (ValueError, FileNotFoundError) as e:  # FileNotFoundError: deleted since listing
+                logger.warning("skipping checkpoint of step %d: %s", step, e)
+        return None
+
+    def _remove_stale_tmp(self) -> None:
+        """Delete ``.*.tmp-*`` files left by writes that crashed (one process writes this directory)."""
+        if not self.directory.is_dir():
+            return
+        for p in self.directory.glob(".*.tmp-*"):
+            if p.is_file():
+                logger.info("removing temp file %s left by an interrupted checkpoint write", p)
+                p.unlink(missing_ok=True)
+
+
+def resolve_resume(resume: str | Path | None, output_dir: str | Path, prefix: str = "ckpt") -> Path | None:
+    """Turn the ``--resume`` value into a checkpoint path, or ``None`` to start fresh.
+
+    ``None``/``""``: no resume. ``"auto"``: the newest valid checkpoint in ``<output_dir>/checkpoints``, or ``None``
+    if there is none. A directory: its newest valid checkpoint. Anything else: a file that must exist.
+    """
+    if resume is None or str(resume) == "":
+        return None
+    ckpt_dir = Path(output_dir) / CHECKPOINT_DIRNAME
+    if str(resume) == "auto":
+        found = CheckpointManager(ckpt_dir, prefix=prefix).latest_valid()
+        if found is None:
+            logger.info("--resume auto: no valid checkpoint in %s, training starts fresh", ckpt_dir)
+            return None
+        logger.info("--resume auto: resuming from %s", found[0])
+        return found[0]
+    path = Path(resume).expanduser()
+    if path.is_dir():
+        found = CheckpointManager(path, prefix=prefix).latest_valid()
+        if found is None:
+            raise FileNotFoundError(f"resume directory {path} holds no valid {prefix}-<step>.pt checkpoint")
+        return found[0]
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"resume checkpoint {path} does not exist; pass --resume auto to continue from the newest checkpoint "
+            f"in {ckpt_dir} (or start fresh if there is none)"
+        )
+    return path
+
+
+def rng_state() -> dict:
+    """Python, numpy, torch (and CUDA, when available) RNG states as plain data, for a checkpoint."""
+    version, internal, gauss_next = random.getstate()
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python": {"version": int(version), "state": [int(v) for v in internal], "gauss_next": gauss_next},
+        "numpy": {
+            "kind": str(kind),
+            # uint32 key as int64: exact, and int64 tensors are supported everywhere
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),  # (624,)
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore RNG states captured by :func:`rng_state`. Missing parts are left as they are."""
+    if "python" in state:
+        py = state["python"]
+        random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+    if "numpy" in state:
+        npy = state["numpy"]
+        keys = np.asarray(npy["keys"].numpy(), dtype=np.uint32)
+        np.random.set_state((npy["kind"], keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"]))
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        if not torch.cuda.is_available():
+            logger.warning("checkpoint holds CUDA RNG states but CUDA is not available: not restoring them")
+        else:
+            cuda_states = state["cuda"]
+            if len(cuda_states) != torch.cuda.device_count():
+                logger.warning(
+                    "checkpoint holds CUDA RNG states for %d devices, %d are visible: restoring the first %d",
+                    len(cuda_states),
+                    torch.cuda.device_count(),
+                    min(len(cuda_states), torch.cuda.device_count()),
+                )
+            for i, s in enumerate(cuda_states[: torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(s, device=i)

@@ -1,0 +1,275 @@
+"""The training engine shared by pretraining and fine-tuning, on top of ``accelerate``.
+
+One optimizer step reads top to bottom: schedule -> forward (per micro-batch) -> backward -> finite check -> clip
+-> step -> log -> checkpoint. accelerate owns devices, processes, mixed precision and the TensorBoard tracker.
+
+Determinism: each micro-batch reseeds the global RNG from (seed, micro-batch index, rank), and the data pipeline
+draws every sample from (seed, epoch, index), so a resumed run repeats an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from torch import nn
+from tqdm.auto import tqdm
+
+from simmim.checkpoint import CheckpointManager, load_checkpoint
+from simmim.data import sample_seed
+
+log = logging.getLogger(__name__)
+
+
+class Task(Protocol):
+    """What the engine needs from a job (pretraining, fine-tuning)."""
+
+    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, Any]:
+        """Forward one micro-batch: (scalar loss, outputs for logging)."""
+
+    def log_images(self, step: int, batch: dict, outputs: Any) -> dict[str, torch.Tensor]:
+        """Image grids to log, name -> (3, H, W) float in [0, 1]; may be empty."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss was NaN/inf for too many steps in a row."""
+
+
+@dataclass
+class LoopSettings:
+    total_steps: int  # optimizer steps of the whole run
+    accumulation_steps: int = 1
+    clip_grad: float | None = None
+    log_every: int = 20
+    image_every: int = 1000
+    save_every: int = 1000
+    max_bad_steps: int = 5
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done (including skipped ones: their data was consumed)
+    skipped_steps: int = 0  # steps whose update was skipped for a non-finite loss or gradient
+    bad_in_a_row: int = 0
+    skipped_files: int = 0  # unreadable inputs replaced by the data pipeline
+    first_loss: float | None = None
+    last_loss: float | None = None
+
+
+class Engine:
+    """Runs ``task`` for ``settings.total_steps`` optimizer steps with checkpoints in ``checkpoints``.
+
+    ``model``, ``optimizer`` and ``loader`` are already passed through ``accelerator.prepare``; ``scheduler`` is a
+    timm scheduler stepped per iteration with ``step_update``. ``metadata`` is stored in every checkpoint.
+    """
+
+    def __init__(self, accelerator: Accelerator, task: Task, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: Any, loader: Any, checkpoints: CheckpointManager, settings: LoopSettings,
+                 metadata: dict, image_dir: Path | None = None,
+                 on_step: Callable[[int], None] | None = None) -> None:
+        self.acc, self.task, self.model, self.optimizer = accelerator, task, model, optimizer
+        self.scheduler, self.loader, self.checkpoints, self.settings = scheduler, loader, checkpoints, settings
+        self.metadata, self.image_dir, self.on_step = metadata, image_dir, on_step
+        self.state = TrainState()
+
+    # -- checkpoints -----------------------------------------------------------------------------------------
+
+    def _sharded(self) -> bool:
+        return self.acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+    def save(self, name: str | None = None) -> Path | None:
+        """Write a checkpoint (all processes must call; the main process writes). Returns its path on main."""
+        weights = self.acc.get_state_dict(self.model)  # a collective under FSDP/DeepSpeed
+        path = None
+        if self._sharded():  # optimizer shards live in accelerate's own state folder beside our file
+            self.acc.save_state(str(self.checkpoints.directory / f"accelerate-{self.state.step:08d}"))
+        if self.acc.is_main_process:
+            scaler = getattr(self.acc, "scaler", None)
+            state = {
+                "model": {k: v.detach().cpu() for k, v in weights.items()},
+                "optimizer": None if self._sharded() else self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "step": self.state.step,
+                "train_state": asdict(self.state),
+                "meta": self.metadata,
+            }
+            path = (self.checkpoints.save_named(state, name) if name
+                    else self.checkpoints.save(state, self.state.step))
+            log.info("saved checkpoint %s", path)
+        self.acc.wait_for_everyone()
+        return path
+
+    def resume(self, path: Path) -> None:
+        """Restore weights, optimizer, scheduler, scaler, counters and (through the step) the data position."""
+        ckpt = load_checkpoint(path)
+        self.acc.unwrap_model(self.model).load_state_dict(ckpt["model"])
+        accel_dir = self.checkpoints.directory / f"accelerate-{ckpt['step']:08d}"
+        if ckpt.get("optimizer") is not None:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        elif accel_dir.is_dir():
+            self.acc.load_state(str(accel_dir))
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        scaler = getattr(self.acc, "scaler", None)
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        self.state = TrainState(**ckpt["train_state"])
+        log.info("resumed from %s at step %d", path, self.state.step)
+
+    # -- data ------------------------------------------------------------------------------------------------
+
+    def _micro_batches(self) -> Iterator[dict]:
+        """Endless micro-batches, starting where ``state.step`` left off (epoch and offset inside it)."""
+        consumed = self.state.step * self.settings.accumulation_steps
+        try:
+            per_epoch = len(self.loader)
+        except TypeError:  # a stream: one long epoch
+            per_epoch = None
+        epoch, offset = divmod(consumed, per_epoch) if per_epoch else (0, consumed)
+        while True:
+            self._set_epoch(epoch)
+            loader = self.acc.skip_first_batches(self.loader, offset) if offset else self.loader
+            count = 0
+            for batch in loader:
+                count += 1
+                yield batch
+            if count == 0:
+                raise RuntimeError("the data loader produced no batches; check the data source and batch size")
+            epoch, offset = epoch + 1, 0
+
+    def _set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
+        for obj in (getattr(self.loader, "dataset", None), getattr(self.loader, "base_dataloader", None)):
+            if hasattr(obj, "set_epoch"):
+                obj.set_epoch(epoch)
+
+    # -- the loop --------------------------------------------------------------------------------------------
+
+    def train_step(self, batches: Iterator[dict]) -> tuple[float, float, bool, dict, Any]:
+        """One optimizer step over ``accumulation_steps`` micro-batches. Returns (loss, grad_norm, applied, last
+        batch, last outputs); a non-finite loss or gradient skips the update on every process alike."""
+        s = self.settings
+        self.scheduler.step_update(self.state.step)  # lr of this step: a pure function of the step
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.acc.device)
+        for i in range(s.accumulation_steps):
+            batch = next(batches)
+            micro = self.state.step * s.accumulation_steps + i
+            torch.manual_seed(sample_seed(s.seed, micro, self.acc.process_index))  # drop path etc.
+            last = i == s.accumulation_steps - 1
+            with contextlib.nullcontext() if last else self.acc.no_sync(self.model), self.acc.autocast():
+                loss, outputs = self.task.loss(self.model, batch)
+                self.acc.backward(loss / s.accumulation_steps)
+            total += loss.detach().float() / s.accumulation_steps
+            self.state.skipped_files += int(self.acc.reduce(batch["skipped"].sum(), "sum").item()) \
+                if "skipped" in batch else 0
+        loss_value = self.acc.reduce(total, "mean").item()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = self.acc.clip_grad_norm_(params, s.clip_grad or math.inf)
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        applied = math.isfinite(loss_value) and (math.isfinite(grad_norm) or self.acc.mixed_precision == "fp16")
+        if applied:  # under fp16 the grad scaler itself skips overflowing steps and lowers its scale
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_value, grad_norm, applied, batch, outputs
+
+    def fit(self) -> TrainState:
+        """Train to ``total_steps``; checkpoints every ``save_every`` steps and at the end."""
+        s, st = self.settings, self.state
+        batches = self._micro_batches()
+        bar = tqdm(total=s.total_steps, initial=st.step, disable=not (s.progress and self.acc.is_main_process),
+                   desc="train", dynamic_ncols=True)
+        window_loss, window_n, window_imgs, t0 = 0.0, 0, 0, time.perf_counter()
+        while st.step < s.total_steps:
+            loss, grad_norm, applied, batch, outputs = self.train_step(batches)
+            step = st.step = st.step + 1
+            if math.isfinite(loss):
+                st.bad_in_a_row = 0
+                st.first_loss = loss if st.first_loss is None else st.first_loss
+                st.last_loss = loss
+                window_loss, window_n = window_loss + loss, window_n + 1
+            else:
+                st.bad_in_a_row += 1
+            if not applied:
+                st.skipped_steps += 1
+                log.warning("step %d: non-finite loss %.4g / grad norm %.4g, update skipped (%d in a row)",
+                            step, loss, grad_norm, st.bad_in_a_row)
+            if st.bad_in_a_row >= s.max_bad_steps:
+                last = self.checkpoints.latest_valid()
+                raise NonFiniteLossError(
+                    f"the loss was non-finite for {st.bad_in_a_row} steps in a row (step {step}); the last good "
+                    f"checkpoint is {last[0] if last else 'none'}. Lower optim.base_lr, raise optim.warmup_epochs "
+                    f"or use run.mixed_precision=bf16/no, then resume with --resume auto")
+            window_imgs += len(next(iter(batch.values()))) * s.accumulation_steps * self.acc.num_processes
+            bar.update(1)
+            if step % s.log_every == 0 or step == s.total_steps:
+                elapsed = time.perf_counter() - t0
+                scalars = {
+                    "train/loss": window_loss / max(window_n, 1),
+                    "train/lr": max(g["lr"] for g in self.optimizer.param_groups),
+                    "train/grad_norm": grad_norm,
+                    "train/images_per_sec": window_imgs / max(elapsed, 1e-9),
+                    "train/skipped_steps": st.skipped_steps,
+                    "data/skipped_files": st.skipped_files,
+                }
+                self.acc.log(scalars, step=step)
+                bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", lr=f"{scalars['train/lr']:.2e}")
+                log.info("step %d/%d loss %.4f lr %.3e grad %.3f %.1f img/s skipped steps %d files %d", step,
+                         s.total_steps, scalars["train/loss"], scalars["train/lr"], grad_norm,
+                         scalars["train/images_per_sec"], st.skipped_steps, st.skipped_files)
+                window_loss, window_n, window_imgs, t0 = 0.0, 0, 0, time.perf_counter()
+            if (s.image_every and step % s.image_every == 0) or step == s.total_steps:
+                self._log_images(step, batch, outputs)
+            if self.on_step is not None:
+                self.on_step(step)
+            if step % s.save_every == 0 or step == s.total_steps:
+                self.save()
+        bar.close()
+        return st
+
+    def _log_images(self, step: int, batch: dict, outputs: Any) -> None:
+        if not self.acc.is_main_process:
+            return
+        from simmim.visualize import save_png
+
+        images = self.task.log_images(step, batch, outputs)
+        writer = _tensorboard_writer(self.acc)
+        for name, grid in images.items():
+            if writer is not None:
+                writer.add_image(name, grid, step)
+            if self.image_dir is not None:
+                save_png(grid, self.image_dir / f"{name.replace('/', '_')}_{step:08d}.png")
+
+
+def make_accelerator(output: Path, mixed_precision: str) -> Accelerator:
+    """An Accelerator logging to ``output/tensorboard``. On machines without a GPU it runs on the CPU, and under
+    ``torchrun`` its processes join one gloo group (accelerate only does this when told it is on the CPU)."""
+    from accelerate.utils import ProjectConfiguration
+
+    has_accelerator = torch.cuda.is_available() or torch.backends.mps.is_available() or (
+        hasattr(torch, "xpu") and torch.xpu.is_available())
+    return Accelerator(
+        cpu=not has_accelerator,
+        mixed_precision=mixed_precision,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output)),
+    )
+
+
+def _tensorboard_writer(acc: Accelerator) -> Any:
+    try:
+        return acc.get_tracker("tensorboard", unwrap=True)
+    except (ValueError, KeyError, AttributeError):
+        return None

@@ -1,0 +1,93 @@
+"""SimMIM (Xie et al., "SimMIM: A Simple Framework for Masked Image Modeling", arXiv 2111.09886).
+
+The encoder replaces masked patch tokens by a learned ``mask_token`` right after the patch embedding (and its
+LayerNorm); a one-layer decoder (1x1 conv to ``encoder_stride**2 * 3`` channels + PixelShuffle) predicts raw pixels
+from the final stage; the loss is L1 on masked pixels only.
+
+Letters: B batch, C channels, H W pixels, h w token grid of the patch embedding (H / patch_size).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from simmim.models import SwinTransformerV2
+
+log = logging.getLogger(__name__)
+
+
+class SimMIMOutput(NamedTuple):
+    loss: torch.Tensor  # scalar masked L1
+    pred: torch.Tensor  # (B, C, H, W) reconstruction in the (normalised) input space
+
+
+def masked_l1_loss(pred: torch.Tensor, target: torch.Tensor, pixel_mask: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error over masked pixels: ``sum(|pred - target| * m) / (sum(m) + 1e-5) / C``.
+
+    pred, target (B, C, H, W); pixel_mask (B, 1, H, W), 1 = masked. Counting the one-channel mask once per pixel
+    and dividing by C gives the per-value mean, as the official code does.
+    """
+    m = pixel_mask.to(pred.dtype)
+    return ((pred - target).abs() * m).sum() / (m.sum() + 1e-5) / pred.shape[1]
+
+
+def normalize_target(target: torch.Tensor, window: int = 47) -> torch.Tensor:
+    """Per-pixel, per-channel normalisation over a sliding ``window`` x ``window`` neighbourhood (odd).
+
+    (B, C, H, W) -> same shape: ``(t - mean) / sqrt(var + 1e-6)`` with the local mean and Bessel-corrected local
+    variance; neighbourhoods are cropped at the border (``count_include_pad=False``).
+    """
+    if window % 2 == 0 or window < 3:
+        raise ValueError(f"norm_target_window must be odd and >= 3, got {window} (simmim.norm_target_window)")
+    pool = dict(kernel_size=window, stride=1, padding=window // 2, count_include_pad=False)
+    t = target.float()
+    mean = F.avg_pool2d(t, **pool)
+    mean_sq = F.avg_pool2d(t * t, **pool)
+    count = F.avg_pool2d(torch.ones_like(t[:1, :1]), kernel_size=window, stride=1, padding=window // 2,
+                         count_include_pad=True) * window**2  # (1, 1, H, W): pixels inside each neighbourhood
+    var = ((mean_sq - mean**2) * count / (count - 1)).clamp(min=0)
+    return ((t - mean) / (var + 1e-6).sqrt()).to(target.dtype)
+
+
+class SimMIM(nn.Module):
+    """Masked image modeling around a :class:`SwinTransformerV2` encoder.
+
+    ``forward(images (B, C, H, W) normalised, mask (B, h, w) bool, True = masked) -> SimMIMOutput(loss, pred)``.
+    State dict: ``encoder.*`` (with ``encoder.mask_token``) and ``decoder.0.*``, the official layout.
+    """
+
+    def __init__(self, encoder: SwinTransformerV2, norm_target: bool = False, norm_target_window: int = 47) -> None:
+        super().__init__()
+        if encoder.num_classes:
+            log.info("SimMIM uses the encoder without its classifier: num_classes %d -> 0", encoder.num_classes)
+            encoder.reset_classifier(0)
+        if encoder.mask_token is None:
+            encoder.init_mask_token()
+        self.encoder = encoder
+        self.encoder_stride = encoder.encoder_stride
+        self.in_chans = encoder.in_chans
+        self.patch_size = encoder.patch_size
+        self.norm_target, self.norm_target_window = norm_target, norm_target_window
+        if norm_target and (norm_target_window % 2 == 0 or norm_target_window < 3):
+            raise ValueError(f"norm_target_window must be odd and >= 3, got {norm_target_window} "
+                             "(simmim.norm_target_window)")
+        self.decoder = nn.Sequential(
+            nn.Conv2d(encoder.num_features, self.encoder_stride**2 * self.in_chans, kernel_size=1),
+            nn.PixelShuffle(self.encoder_stride),
+        )
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> SimMIMOutput:
+        z = self.encoder.forward_features(images, mask)  # (B, H/32, W/32, C_enc)
+        pred = self.decoder(z.permute(0, 3, 1, 2))  # (B, C, H, W)
+        pixel_mask = mask.repeat_interleave(self.patch_size, 1).repeat_interleave(self.patch_size, 2)  # (B, H, W)
+        target = normalize_target(images, self.norm_target_window) if self.norm_target else images
+        loss = masked_l1_loss(pred.float(), target.float(), pixel_mask.unsqueeze(1))
+        return SimMIMOutput(loss, pred)
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}

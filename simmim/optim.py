@@ -1,0 +1,83 @@
+"""Optimizer parameter groups (weight decay, layer-wise lr decay) and the per-iteration lr schedule.
+
+Groups carry an ``lr_scale``; timm's schedulers multiply each group's lr by it, so the scale is applied exactly once
+(the group's own ``lr`` stays the unscaled base value).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import torch
+from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
+from timm.scheduler.scheduler import Scheduler
+from torch import nn
+
+_BLOCK = re.compile(r"layers\.(\d+)\.blocks\.(\d+)\.")
+_DOWNSAMPLE = re.compile(r"layers\.(\d+)\.downsample\.")
+
+
+def takes_weight_decay(name: str, param: torch.Tensor, no_decay_names: Iterable[str] = ()) -> bool:
+    """Biases, every 1-D parameter (norms, q/v biases) and the named exceptions (CPB MLP, logit scales, mask token,
+    position tables) take no weight decay."""
+    return not (param.ndim <= 1 or name.endswith(".bias") or name in set(no_decay_names))
+
+
+def layer_id(name: str, depths: tuple[int, ...]) -> int:
+    """Layer index for layer-wise lr decay: patch embedding / mask token 0; global block k -> k + 1; a stage's
+    downsample (timm layout: at the start of stage i) shares the id of the last block of stage i - 1; the final
+    norm, head and decoder N + 1."""
+    name = name.removeprefix("encoder.")
+    if name.startswith(("patch_embed.", "mask_token")):
+        return 0
+    if m := _BLOCK.match(name):
+        return sum(depths[: int(m[1])]) + int(m[2]) + 1
+    if m := _DOWNSAMPLE.match(name):
+        return sum(depths[: int(m[1])])
+    return sum(depths) + 1
+
+
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0,
+                 depths: tuple[int, ...] | None = None) -> list[dict]:
+    """AdamW groups keyed by (decay or not, layer id). ``layer_decay < 1`` gives layer ``i`` the scale
+    ``layer_decay ** (N + 1 - i)``; ``depths`` (the encoder's) is needed then."""
+    if layer_decay != 1.0 and not depths:
+        raise ValueError("layer-wise lr decay needs the encoder's depths (param_groups(..., depths=...))")
+    no_decay = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    num_layers = sum(depths) + 1 if depths else 0
+    groups: dict[tuple[bool, int], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = takes_weight_decay(name, p, no_decay)
+        lid = layer_id(name, depths) if (layer_decay != 1.0 and depths) else 0
+        group = groups.setdefault((decay, lid), {
+            "params": [], "names": [], "weight_decay": weight_decay if decay else 0.0,
+            "lr_scale": layer_decay ** (num_layers - lid) if (layer_decay != 1.0 and depths) else 1.0,
+        })
+        group["params"].append(p)
+        group["names"].append(name)
+    return list(groups.values())
+
+
+def build_optimizer(groups: list[dict], lr: float, betas: tuple[float, float], eps: float) -> torch.optim.AdamW:
+    """AdamW over ``groups`` (their ``names`` lists are kept for inspection, torch ignores them)."""
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, total_steps: int, warmup_steps: int,
+                    warmup_lr: float, min_lr: float, milestones: tuple[int, ...] = (), gamma: float = 0.1
+                    ) -> Scheduler:
+    """Per-iteration schedule (call ``step_update(step)``): linear warmup from ``warmup_lr``, then cosine to
+    ``min_lr`` or a multistep decay by ``gamma`` at ``milestones`` (in steps)."""
+    common = dict(warmup_t=warmup_steps, warmup_lr_init=warmup_lr, t_in_epochs=False)
+    if kind == "cosine":
+        return CosineLRScheduler(optimizer, t_initial=max(total_steps - warmup_steps, 1), lr_min=min_lr,
+                                 warmup_prefix=True, cycle_limit=1, **common)
+    if kind == "multistep":
+        # timm applies decay_t m at step m - 1 and, by default, counts from the end of warmup; the official
+        # schedule drops at the absolute milestone step, hence the + 1 and warmup_prefix=False
+        return MultiStepLRScheduler(optimizer, decay_t=[m + 1 for m in milestones], decay_rate=gamma,
+                                    warmup_prefix=False, **common)
+    raise ValueError(f"unknown schedule {kind!r}; use 'cosine' or 'multistep' (schedule.kind)")

@@ -1,0 +1,172 @@
+"""SimMIM pretraining: the ``build_*(cfg)`` layer that turns a :class:`PretrainConfig` into objects, and ``run``.
+
+Everything that can be wrong with the inputs (config, data source, sizes, resume path) is checked here before the
+first step; the loop itself lives in :mod:`simmim.engine`, shared with fine-tuning.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+
+from simmim.checkpoint import CheckpointManager, resolve_resume
+from simmim.config import PretrainConfig, save_config, scaled_lr, to_dict
+from simmim.data import (
+    MaskedImageDataset,
+    MaskedImageStream,
+    MaskGenerator,
+    open_source,
+    pretrain_transform,
+)
+from simmim.data.sampler import EpochSampler
+from simmim.engine import Engine, LoopSettings, TrainState, make_accelerator
+from simmim.model import SimMIM
+from simmim.models import SwinTransformerV2, create_model
+from simmim.optim import build_optimizer, build_scheduler, param_groups
+from simmim.run_dir import setup_logging
+from simmim.visualize import reconstruction_grid
+
+log = logging.getLogger(__name__)
+
+
+def build_encoder(cfg: PretrainConfig) -> SwinTransformerV2:
+    m = cfg.model
+    encoder = create_model(m.name, img_size=m.img_size, window_size=m.window_size, num_classes=0,
+                           pretrained_window_sizes=m.pretrained_window_sizes, drop_path_rate=m.drop_path_rate,
+                           in_chans=m.in_chans)
+    encoder.set_grad_checkpointing(m.grad_checkpointing)
+    encoder.set_sequential_attention(m.sequential_attention)
+    return encoder
+
+
+def build_dataset(cfg: PretrainConfig, patch_size: int) -> MaskedImageDataset | MaskedImageStream:
+    """The masked-image dataset; raises before training for a missing/empty source or bad mask geometry."""
+    d = cfg.data
+    if not d.path:
+        raise ValueError("no training data: pass --data PATH (a folder of images, a datasets save_to_disk folder, "
+                         "hf:NAME or embedded) or set data.path")
+    masks = MaskGenerator(cfg.model.img_size, d.mask_patch_size, patch_size, d.mask_ratio)
+    transform = pretrain_transform(cfg.model.img_size, scale=d.crop_scale, mean=d.mean, std=d.std)
+    source = open_source(d.path, split=d.split, streaming=d.streaming, image_column=d.image_column)
+    if getattr(source, "is_streaming", False):
+        return MaskedImageStream(source, transform, masks, seed=cfg.run.seed)
+    return MaskedImageDataset(source, transform, masks, seed=cfg.run.seed)
+
+
+def build_loader(cfg: PretrainConfig, dataset: Any, num_processes: int) -> DataLoader:
+    d = cfg.data
+    if isinstance(dataset, MaskedImageStream):
+        return DataLoader(dataset, batch_size=d.batch_size, num_workers=d.num_workers, drop_last=True)
+    global_batch = d.batch_size * num_processes
+    if len(dataset) < global_batch:
+        raise ValueError(f"the dataset has {len(dataset)} images, fewer than one global batch of {global_batch} "
+                         f"(data.batch_size {d.batch_size} x {num_processes} processes); lower data.batch_size")
+    sampler = EpochSampler(len(dataset), seed=cfg.run.seed)
+    return DataLoader(dataset, batch_size=d.batch_size, sampler=sampler, num_workers=d.num_workers, drop_last=True,
+                      persistent_workers=False)
+
+
+@dataclass
+class PretrainTask:
+    """The engine's view of SimMIM: loss and reconstruction grids."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, Any]:
+        out = model(batch["image"], batch["mask"])
+        return out.loss, out.pred
+
+    def log_images(self, step: int, batch: dict, outputs: Any) -> dict[str, torch.Tensor]:
+        grid = reconstruction_grid(batch["image"].float(), batch["mask"], outputs.detach().float(), self.mean,
+                                   self.std, max_images=4)
+        return {"reconstruction": grid}
+
+
+def checkpoint_metadata(cfg: PretrainConfig, encoder: SwinTransformerV2) -> dict:
+    """What fine-tuning and export need to know about the pretrained encoder (plain data)."""
+    return {
+        "kind": "simmim-pretrain",
+        "model": cfg.model.name,
+        "img_size": list(encoder.img_size),
+        "window_size": list(encoder.window_size),
+        "effective_window_sizes": [list(w) for w in encoder.effective_window_sizes],
+        "pretrained_window_sizes": [list(w) for w in encoder.pretrained_window_sizes],
+        "in_chans": encoder.in_chans,
+        "mean": list(cfg.data.mean),
+        "std": list(cfg.data.std),
+        "config": to_dict(cfg),
+    }
+
+
+def run(cfg: PretrainConfig) -> dict:
+    """Pretrain as configured. Returns a summary (steps, first/last loss, output paths)."""
+    out = Path(cfg.run.output)
+    accelerator = make_accelerator(out, cfg.run.mixed_precision)
+    setup_logging(out / "train.log", main_process=accelerator.is_main_process)
+
+    # everything that can fail on bad input, before any heavy work
+    resume = resolve_resume(cfg.run.resume, out)
+    set_seed(cfg.run.seed)  # the same initial weights on every process and every run with this seed
+    encoder = build_encoder(cfg)
+    dataset = build_dataset(cfg, encoder.patch_size)
+    loader = build_loader(cfg, dataset, accelerator.num_processes)
+
+    global_batch = cfg.data.batch_size * accelerator.num_processes * cfg.optim.accumulation_steps
+    if cfg.schedule.max_steps:  # the schedule's epochs are spread over max_steps
+        total_steps = cfg.schedule.max_steps
+        per_epoch = total_steps / cfg.schedule.epochs
+    elif isinstance(dataset, MaskedImageStream):
+        raise ValueError("a streaming dataset has no epoch length: set schedule.max_steps")
+    else:
+        per_epoch = max(len(loader) // (accelerator.num_processes * cfg.optim.accumulation_steps), 1)
+        total_steps = cfg.schedule.epochs * per_epoch
+
+    model = SimMIM(encoder, norm_target=cfg.simmim.norm_target, norm_target_window=cfg.simmim.norm_target_window)
+    o = cfg.optim
+    optimizer = build_optimizer(param_groups(model, o.weight_decay), scaled_lr(o.base_lr, global_batch),
+                                o.betas, o.eps)
+    scheduler = build_scheduler(
+        optimizer, cfg.schedule.kind, total_steps, warmup_steps=round(cfg.schedule.warmup_epochs * per_epoch),
+        warmup_lr=scaled_lr(o.warmup_lr, global_batch), min_lr=scaled_lr(o.min_lr, global_batch),
+        milestones=tuple(round(m * per_epoch) for m in cfg.schedule.milestones), gamma=cfg.schedule.gamma)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    accelerator.init_trackers("tensorboard")
+    log.info("pretraining %s at %dpx W%d: %d steps, global batch %d, lr %.3e, %d processes, %s precision",
+             cfg.model.name, cfg.model.img_size, cfg.model.window_size, total_steps, global_batch,
+             scaled_lr(o.base_lr, global_batch), accelerator.num_processes, cfg.run.mixed_precision)
+
+    r = cfg.run
+    engine = Engine(
+        accelerator, PretrainTask(cfg.data.mean, cfg.data.std), model, optimizer, scheduler, loader,
+        CheckpointManager(out / "checkpoints", keep_last=r.keep_last),
+        LoopSettings(total_steps=total_steps, accumulation_steps=o.accumulation_steps, clip_grad=o.clip_grad,
+                     log_every=r.log_every, image_every=r.image_every, save_every=r.save_every,
+                     max_bad_steps=r.max_bad_steps, seed=r.seed, progress=r.progress),
+        metadata=checkpoint_metadata(cfg, encoder), image_dir=out / "images")
+    if resume is not None:
+        engine.resume(resume)
+    state: TrainState = engine.fit()
+    accelerator.end_training()
+    return {
+        "steps": state.step,
+        "first_loss": state.first_loss,
+        "last_loss": state.last_loss,
+        "skipped_steps": state.skipped_steps,
+        "skipped_files": state.skipped_files,
+        "output": str(out),
+        "checkpoint": str(engine.checkpoints.path_for(state.step)),
+        "finite": state.last_loss is not None and math.isfinite(state.last_loss),
+        "main_process": accelerator.is_main_process,
+    }

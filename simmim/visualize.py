@@ -1,0 +1,112 @@
+"""SimMIM reconstruction grids for TensorBoard and PNG files.
+
+One row per sample, four columns: input | masked input (masked pixels gray) | prediction | prediction pasted into the
+visible pixels. The last column is what SimMIM is judged on: only masked pixels enter the loss, so the prediction on
+visible pixels is meaningless and is replaced by the input there.
+
+Shapes: ``B`` batch, ``C`` channels, ``H, W`` pixels, ``h, w`` token grid of the mask.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torchvision.utils import make_grid
+
+logger = logging.getLogger(__name__)
+
+MASK_GRAY = 0.5  # value shown on masked pixels in the "masked input" column
+GRID_PADDING = 2
+
+
+def _denormalize(x: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor) -> Tensor:
+    """Undo per-channel normalisation: ``x * std + mean``. x (B, C, H, W) -> (B, C, H, W)."""
+    mean_t = torch.as_tensor(mean, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)  # (1, C, 1, 1)
+    std_t = torch.as_tensor(std, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)  # (1, C, 1, 1)
+    if mean_t.shape[1] != x.shape[1] or std_t.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"mean/std have {mean_t.shape[1]}/{std_t.shape[1]} values but the images have {x.shape[1]} channels "
+            "(data.mean, data.std)"
+        )
+    return x * std_t + mean_t
+
+
+def reconstruction_grid(
+    images: Tensor,
+    mask: Tensor,
+    pred: Tensor,
+    mean: Sequence[float] | Tensor,
+    std: Sequence[float] | Tensor,
+    max_images: int = 8,
+) -> Tensor:
+    """Build a reconstruction grid: one row per sample (at most ``max_images``), four columns.
+
+    Args:
+        images: (B, C, H, W) normalised inputs.
+        mask: (B, h, w) on the token grid, True/1 = masked; upsampled to pixels by repeating each cell
+            (H // h, W // w) times (nearest).
+        pred: (B, C, H, W) normalised reconstruction, as ``SimMIM(...)(images, mask).pred``.
+        mean, std: per-channel normalisation used for ``images`` (C values each).
+        max_images: rows to show; the first ``min(B, max_images)`` samples are used.
+
+    Returns:
+        float32 CPU tensor in [0, 1] of shape (3, n * (H + 2) + 2, 4 * (W + 2) + 2), n = min(B, max_images),
+        ready for TensorBoard ``add_image`` (CHW). Columns: input, masked input (masked pixels 0.5 gray),
+        prediction, prediction on masked pixels pasted into the input. Everything is de-normalised and clamped.
+    """
+    if images.ndim != 4 or pred.shape != images.shape:
+        raise ValueError(
+            f"images and pred must both be (B, C, H, W), got {tuple(images.shape)} and {tuple(pred.shape)}"
+        )
+    B, C, H, W = images.shape
+    if mask.ndim != 3 or mask.shape[0] != B:
+        raise ValueError(f"mask must be (B, h, w) with B={B}, got {tuple(mask.shape)}")
+    h, w = mask.shape[1:]
+    if H % h or W % w:
+        raise ValueError(f"image size {H}x{W} is not a multiple of the mask grid {h}x{w}")
+    if max_images < 1:
+        raise ValueError(f"max_images must be >= 1, got {max_images}")
+
+    n = min(B, max_images)
+    images = images[:n].detach().float().cpu()
+    pred = pred[:n].detach().float().cpu()
+    m = mask[:n].detach().cpu().bool()
+    m = m.repeat_interleave(H // h, dim=1).repeat_interleave(W // w, dim=2).unsqueeze(1)  # (n, 1, H, W)
+
+    x = _denormalize(images, mean, std).clamp(0, 1)  # (n, C, H, W)
+    p = _denormalize(pred, mean, std).clamp(0, 1)  # (n, C, H, W)
+    masked = torch.where(m, torch.full_like(x, MASK_GRAY), x)
+    pasted = torch.where(m, p, x)
+
+    tiles = torch.stack([x, masked, p, pasted], dim=1).flatten(0, 1)  # (n * 4, C, H, W), row-major per sample
+    return make_grid(tiles, nrow=4, padding=GRID_PADDING)  # (3, n * (H + 2) + 2, 4 * (W + 2) + 2)
+
+
+def save_png(grid: Tensor, path: str | Path) -> Path:
+    """Write a (C, H, W) image (C = 1 or 3; float in [0, 1] or uint8) as PNG, atomically, creating parent dirs."""
+    if grid.ndim != 3 or grid.shape[0] not in (1, 3):
+        raise ValueError(f"grid must be (1 or 3, H, W), got {tuple(grid.shape)}")
+    grid = grid.detach().cpu()
+    if grid.dtype != torch.uint8:
+        grid = (grid.float().clamp(0, 1) * 255).round().to(torch.uint8)
+    array = np.ascontiguousarray(grid.permute(1, 2, 0).numpy())  # (H, W, C)
+    image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    logger.debug("wrote reconstruction grid %s", path)
+    return path

@@ -1,0 +1,196 @@
+"""End-to-end SimMIM pretraining: a real run on embedded photos, resume after SIGKILL, two-process data parallel,
+unreadable files, the non-finite guard and input errors."""
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from simmim.checkpoint import load_checkpoint
+from simmim.cli import main
+from simmim.config import PretrainConfig, load_config
+from simmim.configs import resolve
+from simmim.engine import NonFiniteLossError
+from simmim.pretrain import run
+
+# pico at 32 px: token grid 8x8, windows 4/4/4/2... clamped to 4, 4, 2, 1; masks on a 4x4 grid of 8 px cells
+TINY = ["model.img_size=32", "data.mask_patch_size=8", "simmim.norm_target_window=7", "data.batch_size=8",
+        "run.log_every=5", "run.image_every=0", "run.progress=false", "schedule.warmup_epochs=0.05"]
+
+
+def tiny_cfg(tmp_path: Path, *overrides: str) -> PretrainConfig:
+    return load_config(PretrainConfig, resolve("demo/pretrain"),
+                       [*TINY, f"run.output={tmp_path / 'run'}", *overrides])
+
+
+def final_weights(out: Path) -> dict:
+    ckpts = sorted((out / "checkpoints").glob("ckpt-*.pt"))
+    return load_checkpoint(ckpts[-1])["model"]
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0 if atol == 0 else 1e-5, msg=k)
+
+
+def test_pretraining_lowers_the_loss_and_fills_the_run_dir(tmp_path):
+    cfg = tiny_cfg(tmp_path, "schedule.max_steps=60", "run.save_every=20", "run.keep_last=2",
+                   "run.image_every=30", "model.img_size=64", "data.mask_patch_size=16",
+                   "simmim.norm_target_window=15", "data.batch_size=16")
+    summary = run(cfg)
+    out = Path(summary["output"])
+    assert summary["steps"] == 60 and summary["finite"]
+    log_lines = [line for line in (out / "train.log").read_text().splitlines() if " loss " in line]
+    losses = [float(line.split(" loss ")[1].split()[0]) for line in log_lines]
+    assert len(losses) == 12
+    assert np.mean(losses[-3:]) < np.mean(losses[:2]) - 0.05, losses  # a clear drop, not noise
+    assert (out / "config.yaml").is_file()
+    assert load_config(PretrainConfig, out / "config.yaml") == cfg  # the resolved config repeats the run
+    assert [p.name for p in sorted((out / "checkpoints").glob("ckpt-*.pt"))] == ["ckpt-00000040.pt",
+                                                                                  "ckpt-00000060.pt"]
+    pngs = sorted((out / "images").glob("*.png"))
+    assert len(pngs) == 2 and Image.open(pngs[0]).size[0] > 4 * 64
+    events = list((out / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(events[0].parent)).Reload()
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/images_per_sec"} <= set(acc.Tags()["scalars"])
+    assert "reconstruction" in acc.Tags()["images"]
+    ckpt = load_checkpoint(out / "checkpoints" / "ckpt-00000060.pt")
+    assert ckpt["meta"]["effective_window_sizes"] == [[4, 4], [4, 4], [4, 4], [2, 2]]
+    assert {"encoder.mask_token", "decoder.0.weight"} <= ckpt["model"].keys()
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from simmim.checkpoint import CheckpointManager
+    from simmim.cli import main
+
+    original = CheckpointManager.save
+
+    def save_then_hang(self, state, step):
+        path = original(self, state, step)
+        if step == {kill_at}:
+            print("CHECKPOINTED", flush=True)
+            time.sleep(600)  # the test kills the process here, mid-run
+        return path
+
+    CheckpointManager.save = save_then_hang
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
+    args = ["pretrain", "demo/pretrain", *TINY, "schedule.max_steps=24", "run.save_every=8"]
+    assert main([*args, f"run.output={tmp_path / 'straight'}"]) == 0
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT.format(kill_at=16), *args, f"run.output={killed}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in proc.stdout:
+            if "CHECKPOINTED" in line:
+                break
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert sorted(p.name for p in (killed / "checkpoints").glob("ckpt-*.pt"))[-1] == "ckpt-00000016.pt"
+
+    assert main([*args, f"run.output={killed}", "--resume", "auto"]) == 0
+    assert_same_weights(final_weights(killed), final_weights(tmp_path / "straight"))
+    straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / "ckpt-00000024.pt")
+    resumed = load_checkpoint(killed / "checkpoints" / "ckpt-00000024.pt")
+    assert resumed["train_state"]["last_loss"] == straight["train_state"]["last_loss"]
+
+
+def test_two_process_data_parallel_matches_one_process(tmp_path):
+    common = ["pretrain", "demo/pretrain", *TINY, "schedule.max_steps=6", "run.save_every=100"]
+    assert main([*common, "data.batch_size=8", f"run.output={tmp_path / 'one'}"]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "simmim", *common, "data.batch_size=4", f"run.output={tmp_path / 'two'}"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 processes" in (tmp_path / "two" / "train.log").read_text()
+    assert_same_weights(final_weights(tmp_path / "two"), final_weights(tmp_path / "one"), atol=1e-5)
+
+
+def _jpeg_bytes(seed: int) -> bytes:
+    rgb = np.random.default_rng(seed).integers(0, 255, (48, 48, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def test_unreadable_files_are_skipped_and_counted(tmp_path, capsys):
+    data = tmp_path / "images"
+    (data / "nested").mkdir(parents=True)
+    for i in range(14):
+        (data / ("nested" if i % 2 else "") / f"good_{i}.jpg").write_bytes(_jpeg_bytes(i))
+    (data / "truncated.jpg").write_bytes(_jpeg_bytes(99)[:200])
+    (data / "empty.png").write_bytes(b"")
+    (data / "notes.jpg").write_text("this is not an image")
+    code = main(["pretrain", "demo/pretrain", *TINY, "--data", str(data), "--output", str(tmp_path / "run"),
+                 "schedule.max_steps=6", "data.batch_size=4"])
+    assert code == 0
+    out = capsys.readouterr().out
+    skipped = int(out.split("skipped: ")[1].split()[0])
+    assert skipped >= 3  # each bad file is met at least once in 24 draws from 17 files
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "ckpt-00000006.pt")
+    assert ckpt["train_state"]["skipped_files"] == skipped
+
+
+def test_non_finite_losses_skip_steps_then_stop_with_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from simmim import model as model_module
+
+    original = model_module.SimMIM.forward
+    calls = {"n": 0}
+
+    def poisoned(self, images, mask):
+        calls["n"] += 1
+        out = original(self, images, mask)
+        if calls["n"] == 3 or calls["n"] > 10:  # one isolated bad step, then a streak
+            return out._replace(loss=out.loss * float("nan"))
+        return out
+
+    monkeypatch.setattr(model_module.SimMIM, "forward", poisoned)
+    cfg = tiny_cfg(tmp_path, "schedule.max_steps=40", "run.save_every=5", "run.max_bad_steps=4")
+    with pytest.raises(NonFiniteLossError, match="4 steps in a row.*ckpt-00000010.pt"):
+        run(cfg)
+    good = load_checkpoint(tmp_path / "run" / "checkpoints" / "ckpt-00000010.pt")
+    assert good["train_state"]["skipped_steps"] == 1
+    assert all(torch.isfinite(v).all() for v in good["model"].values() if v.is_floating_point())
+    assert not (tmp_path / "run" / "checkpoints" / "ckpt-00000015.pt").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--data", "/nonexistent/folder"], "does not exist"),
+    (["data.path="], "no training data"),
+    (["optim.base_lrr=1"], "did you mean 'base_lr'"),
+    (["model.img_size=40"], "not a multiple"),
+    (["data.batch_size=10000"], "fewer than one global batch"),
+    (["--resume", "/nonexistent/ckpt.pt"], "--resume auto"),
+])
+def test_bad_input_fails_before_training_with_exit_2(tmp_path, capsys, args, message):
+    code = main(["pretrain", "demo/pretrain", *TINY, "--output", str(tmp_path / "run"), *args])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_empty_folder_is_an_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["pretrain", "demo/pretrain", *TINY, "--data", str(tmp_path / "empty"),
+                 "--output", str(tmp_path / "run")]) == 2
+    assert "no image" in capsys.readouterr().err.lower()
