@@ -36,8 +36,8 @@ class Task(Protocol):
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, Any]:
         """Forward one micro-batch: (scalar loss, outputs for logging)."""
 
-    def log_images(self, step: int, batch: dict, outputs: Any) -> dict[str, torch.Tensor]:
-        """Image grids to log, name -> (3, H, W) float in [0, 1]; may be empty."""
+    def log_images(self, model: nn.Module, batch: dict, outputs: Any) -> dict[str, torch.Tensor]:
+        """Image grids to log (``model`` unwrapped), name -> (3, H, W) float in [0, 1]; may be empty."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -130,23 +130,31 @@ class Engine:
     # -- data ------------------------------------------------------------------------------------------------
 
     def _micro_batches(self) -> Iterator[dict]:
-        """Endless micro-batches, starting where ``state.step`` left off (epoch and offset inside it)."""
-        consumed = self.state.step * self.settings.accumulation_steps
+        """Endless micro-batches, starting where ``state.step`` left off (epoch and offset inside it). An epoch
+        holds whole optimizer steps: its last ``len % accumulation_steps`` micro-batches are dropped, so B x k
+        with accumulation k sees the same samples per step as one batch of k x B."""
+        accum = self.settings.accumulation_steps
         try:
-            per_epoch = len(self.loader)
+            steps_per_epoch = len(self.loader) // accum
         except TypeError:  # a stream: one long epoch
-            per_epoch = None
-        epoch, offset = divmod(consumed, per_epoch) if per_epoch else (0, consumed)
+            steps_per_epoch = None
+        if steps_per_epoch == 0:
+            raise RuntimeError(f"an epoch has {len(self.loader)} batches per process, fewer than "
+                               f"optim.accumulation_steps {accum}; lower it or data.batch_size")
+        epoch, step_in_epoch = divmod(self.state.step, steps_per_epoch) if steps_per_epoch else (0, self.state.step)
         while True:
             self._set_epoch(epoch)
+            offset = step_in_epoch * accum
             loader = self.acc.skip_first_batches(self.loader, offset) if offset else self.loader
-            count = 0
+            count = offset
             for batch in loader:
-                count += 1
                 yield batch
+                count += 1
+                if steps_per_epoch and count == steps_per_epoch * accum:
+                    break
             if count == 0:
                 raise RuntimeError("the data loader produced no batches; check the data source and batch size")
-            epoch, offset = epoch + 1, 0
+            epoch, step_in_epoch = epoch + 1, 0
 
     def _set_epoch(self, epoch: int) -> None:
         self.loader.set_epoch(epoch)
@@ -244,7 +252,7 @@ class Engine:
             return
         from simmim.visualize import save_png
 
-        images = self.task.log_images(step, batch, outputs)
+        images = self.task.log_images(self.acc.unwrap_model(self.model), batch, outputs)
         writer = _tensorboard_writer(self.acc)
         for name, grid in images.items():
             if writer is not None:
@@ -256,7 +264,11 @@ class Engine:
 def make_accelerator(output: Path, mixed_precision: str) -> Accelerator:
     """An Accelerator logging to ``output/tensorboard``. On machines without a GPU it runs on the CPU, and under
     ``torchrun`` its processes join one gloo group (accelerate only does this when told it is on the CPU)."""
+    from accelerate.state import AcceleratorState
     from accelerate.utils import ProjectConfiguration
+
+    if AcceleratorState._shared_state:  # a second run in one process (tests, the demo) may change precision
+        AcceleratorState._reset_state(reset_partial_state=False)
 
     has_accelerator = torch.cuda.is_available() or torch.backends.mps.is_available() or (
         hasattr(torch, "xpu") and torch.xpu.is_available())

@@ -36,22 +36,26 @@ def masked_l1_loss(pred: torch.Tensor, target: torch.Tensor, pixel_mask: torch.T
     return ((pred - target).abs() * m).sum() / (m.sum() + 1e-5) / pred.shape[1]
 
 
-def normalize_target(target: torch.Tensor, window: int = 47) -> torch.Tensor:
-    """Per-pixel, per-channel normalisation over a sliding ``window`` x ``window`` neighbourhood (odd).
-
-    (B, C, H, W) -> same shape: ``(t - mean) / sqrt(var + 1e-6)`` with the local mean and Bessel-corrected local
-    variance; neighbourhoods are cropped at the border (``count_include_pad=False``).
-    """
+def local_stats(target: torch.Tensor, window: int = 47) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pixel, per-channel mean and std over a sliding ``window`` x ``window`` neighbourhood (odd), cropped at
+    the border (``count_include_pad=False``); the variance is Bessel-corrected. (B, C, H, W) -> two float tensors
+    of that shape, the std including the 1e-6 of the official code: ``sqrt(var + 1e-6)``."""
     if window % 2 == 0 or window < 3:
         raise ValueError(f"norm_target_window must be odd and >= 3, got {window} (simmim.norm_target_window)")
-    pool = dict(kernel_size=window, stride=1, padding=window // 2, count_include_pad=False)
+    pool = dict(kernel_size=window, stride=1, padding=window // 2)
     t = target.float()
-    mean = F.avg_pool2d(t, **pool)
-    mean_sq = F.avg_pool2d(t * t, **pool)
-    count = F.avg_pool2d(torch.ones_like(t[:1, :1]), kernel_size=window, stride=1, padding=window // 2,
-                         count_include_pad=True) * window**2  # (1, 1, H, W): pixels inside each neighbourhood
+    mean = F.avg_pool2d(t, count_include_pad=False, **pool)
+    mean_sq = F.avg_pool2d(t * t, count_include_pad=False, **pool)
+    count = F.avg_pool2d(torch.ones_like(t[:1, :1]), count_include_pad=True, **pool) * window**2  # (1, 1, H, W)
     var = ((mean_sq - mean**2) * count / (count - 1)).clamp(min=0)
-    return ((t - mean) / (var + 1e-6).sqrt()).to(target.dtype)
+    return mean, (var + 1e-6).sqrt()
+
+
+def normalize_target(target: torch.Tensor, window: int = 47) -> torch.Tensor:
+    """SimMIM's normalised target: ``(t - local mean) / sqrt(local var + 1e-6)`` per pixel and channel over a
+    ``window`` x ``window`` neighbourhood (see :func:`local_stats`). (B, C, H, W) -> same shape."""
+    mean, std = local_stats(target, window)
+    return ((target.float() - mean) / std).to(target.dtype)
 
 
 class SimMIM(nn.Module):

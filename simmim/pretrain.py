@@ -27,7 +27,7 @@ from simmim.data import (
 )
 from simmim.data.sampler import EpochSampler
 from simmim.engine import Engine, LoopSettings, TrainState, make_accelerator
-from simmim.model import SimMIM
+from simmim.model import SimMIM, normalize_target
 from simmim.models import SwinTransformerV2, create_model
 from simmim.optim import build_optimizer, build_scheduler, param_groups
 from simmim.run_dir import setup_logging
@@ -84,10 +84,15 @@ class PretrainTask:
         out = model(batch["image"], batch["mask"])
         return out.loss, out.pred
 
-    def log_images(self, step: int, batch: dict, outputs: Any) -> dict[str, torch.Tensor]:
-        grid = reconstruction_grid(batch["image"].float(), batch["mask"], outputs.detach().float(), self.mean,
-                                   self.std, max_images=4)
-        return {"reconstruction": grid}
+    def log_images(self, model: torch.nn.Module, batch: dict, outputs: Any) -> dict[str, torch.Tensor]:
+        images, pred = batch["image"].float(), outputs.detach().float()
+        if not model.norm_target:  # the prediction is an image: show it de-normalised beside the input
+            return {"reconstruction": reconstruction_grid(images, batch["mask"], pred, self.mean, self.std, 4)}
+        # with a normalised target the model predicts local contrast, not pixels: show target and prediction in
+        # that space (0.5 + 0.25 * value) rather than borrowing the hidden pixels' statistics to fake an image
+        target = normalize_target(images, model.norm_target_window)
+        grid = reconstruction_grid(target, batch["mask"], pred, mean=(0.5,) * 3, std=(0.25,) * 3, max_images=4)
+        return {"reconstruction_normalized_target": grid}
 
 
 def checkpoint_metadata(cfg: PretrainConfig, encoder: SwinTransformerV2) -> dict:

@@ -22,7 +22,8 @@ from simmim.engine import NonFiniteLossError
 from simmim.pretrain import run
 
 # pico at 32 px: token grid 8x8, windows 4/4/4/2... clamped to 4, 4, 2, 1; masks on a 4x4 grid of 8 px cells
-TINY = ["model.img_size=32", "data.mask_patch_size=8", "simmim.norm_target_window=7", "data.batch_size=8",
+TINY = ["model.img_size=32", "data.mask_patch_size=8", "simmim.norm_target=true", "simmim.norm_target_window=7",
+        "data.batch_size=8",
         "run.log_every=5", "run.image_every=0", "run.progress=false", "schedule.warmup_epochs=0.05"]
 
 
@@ -45,7 +46,7 @@ def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
 def test_pretraining_lowers_the_loss_and_fills_the_run_dir(tmp_path):
     cfg = tiny_cfg(tmp_path, "schedule.max_steps=60", "run.save_every=20", "run.keep_last=2",
                    "run.image_every=30", "model.img_size=64", "data.mask_patch_size=16",
-                   "simmim.norm_target_window=15", "data.batch_size=16")
+                   "simmim.norm_target=false", "data.batch_size=16")
     summary = run(cfg)
     out = Path(summary["output"])
     assert summary["steps"] == 60 and summary["finite"]
@@ -112,6 +113,8 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / "ckpt-00000024.pt")
     resumed = load_checkpoint(killed / "checkpoints" / "ckpt-00000024.pt")
     assert resumed["train_state"]["last_loss"] == straight["train_state"]["last_loss"]
+    # with the normalised target the grid shows target and prediction in that space
+    assert (killed / "images" / "reconstruction_normalized_target_00000024.png").is_file()
 
 
 def test_two_process_data_parallel_matches_one_process(tmp_path):
@@ -194,3 +197,15 @@ def test_empty_folder_is_an_error(tmp_path, capsys):
     assert main(["pretrain", "demo/pretrain", *TINY, "--data", str(tmp_path / "empty"),
                  "--output", str(tmp_path / "run")]) == 2
     assert "no image" in capsys.readouterr().err.lower()
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path):
+    common = ["pretrain", "demo/pretrain", *TINY, "schedule.max_steps=4", "run.save_every=100"]
+    assert main([*common, "data.batch_size=8", f"run.output={tmp_path / 'full'}"]) == 0
+    assert main([*common, "data.batch_size=4", "optim.accumulation_steps=2", f"run.output={tmp_path / 'acc'}"]) == 0
+    assert_same_weights(final_weights(tmp_path / "acc"), final_weights(tmp_path / "full"), atol=1e-5)
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path):
+    summary = run(tiny_cfg(tmp_path, "schedule.max_steps=4", "run.mixed_precision=bf16"))
+    assert summary["finite"] and summary["skipped_steps"] == 0
