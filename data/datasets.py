@@ -113,6 +113,27 @@ def _looks_saved(path: Path) -> bool:
     return path.is_dir() and any((path / m).is_file() for m in SAVED_DATASET_MARKERS)
 
 
+def load_hf_dataset(name_or_path: str, split: str = "train", streaming: bool = False) -> Any:
+    """One split of a ``datasets`` dataset: a ``save_to_disk`` folder, a folder of images (``imagefolder``) or a
+    hub name. Returns a ``datasets.Dataset`` (or ``IterableDataset`` when ``streaming``)."""
+    import datasets
+
+    path = Path(name_or_path).expanduser()
+    if path.is_dir() and _looks_saved(path):
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict | datasets.IterableDatasetDict):
+            if split not in ds:
+                raise ValueError(f"split {split!r} not found in {path}; available splits: {list(ds)} (data.split)")
+            ds = ds[split]
+        if streaming and isinstance(ds, datasets.Dataset):
+            ds = ds.to_iterable_dataset()
+    elif path.is_dir():
+        ds = datasets.load_dataset("imagefolder", data_dir=str(path), split=split, streaming=streaming)
+    else:
+        ds = datasets.load_dataset(name_or_path, split=split, streaming=streaming)
+    return ds
+
+
 class HFImageSource:
     """Images from a Hugging Face ``datasets`` dataset: a ``save_to_disk`` folder, a folder of images (loaded with
     the ``imagefolder`` builder) or a hub name.
@@ -126,21 +147,7 @@ class HFImageSource:
     def __init__(
         self, name_or_path: str, split: str = "train", image_column: str | None = None, streaming: bool = False
     ) -> None:
-        import datasets
-
-        path = Path(name_or_path).expanduser()
-        if path.is_dir() and _looks_saved(path):
-            ds = datasets.load_from_disk(str(path))
-            if isinstance(ds, datasets.DatasetDict | datasets.IterableDatasetDict):
-                if split not in ds:
-                    raise ValueError(f"split {split!r} not found in {path}; available splits: {list(ds)} (data.split)")
-                ds = ds[split]
-            if streaming and isinstance(ds, datasets.Dataset):
-                ds = ds.to_iterable_dataset()
-        elif path.is_dir():
-            ds = datasets.load_dataset("imagefolder", data_dir=str(path), split=split, streaming=streaming)
-        else:
-            ds = datasets.load_dataset(name_or_path, split=split, streaming=streaming)
+        ds = load_hf_dataset(name_or_path, split=split, streaming=streaming)
         self._setup(ds, f"{name_or_path}[{split}]", image_column)
 
     @classmethod
@@ -308,16 +315,22 @@ def _transform_and_mask(
     img: Image.Image, transform: Transform, mask_generator: MaskGenerator, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded transform and mask: image (3, H, W), mask (h, w). Global RNG states are left untouched."""
-    py_state = random.getstate()  # some transforms (timm, user code) draw from Python's `random`
+    return seeded_transform(img, transform, seed), mask_generator(np.random.default_rng(seed))
+
+
+def seeded_transform(img: Image.Image, transform: Transform, seed: int) -> torch.Tensor:
+    """``transform(img)`` with torch, Python and NumPy global RNGs seeded from ``seed`` and restored afterwards
+    (timm's RandAugment and random erasing draw from all three)."""
+    py_state, np_state = random.getstate(), np.random.get_state()
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             random.seed(seed)
-            image = transform(img)
+            np.random.seed(seed % 2**32)
+            return transform(img)
     finally:
         random.setstate(py_state)
-    mask = mask_generator(np.random.default_rng(seed))
-    return image, mask
+        np.random.set_state(np_state)
 
 
 class _FailureLog:
@@ -331,6 +344,24 @@ class _FailureLog:
             return
         self.warned.add(index)
         logger.warning("skipping unreadable image %s (index %d): %s", _describe(source, index), index, err)
+
+
+def load_skipping(source: Any, index: int, failures: _FailureLog) -> tuple[Any, int]:
+    """``source[index]``, or when that item is unreadable the next readable one (``index+1, index+2, ...`` mod
+    ``len``), with the number of failures. Raises after MAX_CONSECUTIVE_FAILURES in a row."""
+    n = len(source)
+    skipped = 0
+    for attempt in range(min(MAX_CONSECUTIVE_FAILURES, n)):
+        j = (index + attempt) % n
+        try:
+            return source[j], skipped
+        except Exception as err:  # any reader error: the file is bad, not the program
+            skipped += 1
+            failures.warn(source, j, err)
+    raise RuntimeError(
+        f"{skipped} consecutive unreadable images starting at {_describe(source, index)} "
+        f"(index {index}); the data is likely broken or the format unsupported, see the warnings above"
+    )
 
 
 class MaskedImageDataset(Dataset):
@@ -360,19 +391,7 @@ class MaskedImageDataset(Dataset):
         return len(self.source)
 
     def _load(self, index: int) -> tuple[Image.Image, int]:
-        n = len(self.source)
-        skipped = 0
-        for attempt in range(min(MAX_CONSECUTIVE_FAILURES, n)):
-            j = (index + attempt) % n
-            try:
-                return self.source[j], skipped
-            except Exception as err:  # any reader error: the file is bad, not the program
-                skipped += 1
-                self._failures.warn(self.source, j, err)
-        raise RuntimeError(
-            f"{skipped} consecutive unreadable images starting at {_describe(self.source, index)} "
-            f"(index {index}); the data is likely broken or the format unsupported, see the warnings above"
-        )
+        return load_skipping(self.source, index, self._failures)
 
     def __getitem__(self, index: int) -> Sample:
         n = len(self.source)

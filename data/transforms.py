@@ -54,3 +54,40 @@ def denormalize(
     m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)  # (C, 1, 1)
     s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1)  # (C, 1, 1)
     return (x * s + m).clamp(0.0, 1.0)
+
+
+def finetune_transform(
+    img_size: int,
+    scale: tuple[float, float] = (0.08, 1.0),
+    hflip: float = 0.5,
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1",
+    color_jitter: float = 0.4,
+    re_prob: float = 0.25,
+    re_mode: str = "pixel",
+    re_count: int = 1,
+    interpolation: str = "bicubic",
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> Callable[[Image.Image], torch.Tensor]:
+    """The Swin fine-tuning recipe through timm's ``create_transform``: RandomResizedCrop (bicubic), flip,
+    RandAugment, colour jitter, normalisation and random erasing. PIL -> (3, img_size, img_size)."""
+    from timm.data import create_transform
+
+    return create_transform(img_size, is_training=True, scale=scale, hflip=hflip, auto_augment=auto_augment or None,
+                            color_jitter=color_jitter or None, re_prob=re_prob, re_mode=re_mode, re_count=re_count,
+                            interpolation=interpolation, mean=tuple(mean), std=tuple(std))
+
+
+def eval_transform(
+    img_size: int,
+    crop_pct: float = 224 / 256,
+    interpolation: str = "bicubic",
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> Callable[[Image.Image], torch.Tensor]:
+    """Resize the short side to ``img_size / crop_pct`` then center-crop ``img_size`` (Swin: 256 -> 224);
+    ``crop_pct=1`` resizes straight to ``img_size`` with no crop. PIL -> (3, img_size, img_size)."""
+    from timm.data import create_transform
+
+    return create_transform(img_size, is_training=False, crop_pct=crop_pct, interpolation=interpolation,
+                            mean=tuple(mean), std=tuple(std))

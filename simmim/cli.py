@@ -77,6 +77,65 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """Fine-tune a pretrained encoder as a classifier at a new size and window."""
+    from simmim.config import ConfigError, FinetuneConfig, load_config
+    from simmim.configs import resolve
+    from simmim.engine import NonFiniteLossError
+    from simmim.finetune import run
+    from simmim.models.convert import CheckpointMismatchError
+
+    overrides = list(args.overrides)
+    for flag, key in ((args.pretrained, "pretrained"), (args.data, "data.path"), (args.output, "run.output"),
+                      (args.resume, "run.resume")):
+        if flag is not None:
+            overrides.append(f"{key}={flag}")
+    try:
+        cfg = load_config(FinetuneConfig, resolve(args.config), overrides)
+        summary = run(cfg)
+    except (ConfigError, FileNotFoundError, ValueError, CheckpointMismatchError) as err:
+        return _fail(err)
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if summary["main_process"]:
+        print(f"fine-tuned {summary['steps']} steps: val top-1 {summary['last_top1']:.2f} "
+              f"(best {summary['best_top1']:.2f}), top-5 {summary['last_top5']:.2f}")
+        print(f"  checkpoint:  {summary['checkpoint']}  (best: {summary['best_checkpoint']})")
+        print(f"  tensorboard: tensorboard --logdir {summary['output']}/tensorboard")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Accuracy of a fine-tuned checkpoint (as trained, at another size, or a sweep), or k-NN / linear probes."""
+    from simmim.evaluate import evaluate_checkpoint, format_table, parse_sweep, probe_checkpoint
+    from simmim.models.convert import CheckpointMismatchError
+
+    try:
+        if args.knn or args.linear_probe:
+            scores = probe_checkpoint(args.checkpoint, args.data, stage=args.stage, k=args.k,
+                                      linear_probe=args.linear_probe, batch_size=args.batch_size,
+                                      num_workers=args.num_workers)
+            for name, value in scores.items():
+                if args.knn or "knn" not in name:
+                    print(f"{name.removeprefix('monitor/')}: {100 * value:.2f}")
+            return 0
+        if args.sweep:
+            sizes = parse_sweep(args.sweep)
+        elif args.img_size or args.window_size:
+            if not (args.img_size and args.window_size):
+                return _fail(ValueError("--img-size and --window-size go together"))
+            sizes = [(args.img_size, args.window_size)]
+        else:
+            sizes = None
+        rows = evaluate_checkpoint(args.checkpoint, args.data, sizes, split=args.split,
+                                   batch_size=args.batch_size, num_workers=args.num_workers)
+    except (FileNotFoundError, ValueError, CheckpointMismatchError) as err:
+        return _fail(err)
+    print(format_table(rows))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="simmim", description="SimMIM pretraining, fine-tuning and export for Swin Transformer V2.")
@@ -97,6 +156,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", help="'auto' (newest valid checkpoint in the run directory) or a checkpoint path")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("finetune", help="fine-tune a pretrained encoder as a classifier at a new size and window",
+                       description="Fine-tuning. The pretrained windows of the log-CPB come from the checkpoint "
+                       "(override with model.pretrained_window_sizes=[12,12,12,6]).")
+    p.add_argument("config", help="YAML file, or a bundled recipe such as finetune/swinv2_base_224_w14_100ep")
+    p.add_argument("--pretrained", help="checkpoint: a simmim run, an exported .safetensors, official or timm")
+    p.add_argument("--data", help="ImageNet-style folder (train/<class>, val/<class>), save_to_disk folder, hf:NAME, "
+                   "or embedded:digits")
+    p.add_argument("--output", help="run directory")
+    p.add_argument("--resume", help="'auto' or a checkpoint path")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("eval", help="accuracy of a fine-tuned checkpoint, at other sizes too; k-NN / linear probes",
+                       description="Evaluate a fine-tuned checkpoint on a labelled split as trained, at another "
+                       "(img size, window) (--img-size/--window-size) or over several (--sweep 256:8,384:12), "
+                       "or probe any checkpoint's frozen encoder (--knn, --linear-probe).")
+    p.add_argument("checkpoint")
+    p.add_argument("--data", required=True, help="labelled data (same forms as finetune --data)")
+    p.add_argument("--split", default="val")
+    p.add_argument("--img-size", type=int)
+    p.add_argument("--window-size", type=int)
+    p.add_argument("--sweep", help="IMG:WINDOW pairs, e.g. 256:8,384:12,512:16")
+    p.add_argument("--knn", action="store_true", help="k-NN accuracy of pooled features (train split -> --split)")
+    p.add_argument("--linear-probe", action="store_true", help="logistic-regression accuracy of pooled features")
+    p.add_argument("--stage", type=int, default=-1, help="encoder stage probed (-1 = last)")
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

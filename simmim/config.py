@@ -89,6 +89,15 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class MonitorConfig:
+    data: str = ""  # labelled data for k-NN / linear-probe monitoring (e.g. embedded:digits); "" = off
+    every: int = 0  # steps between evaluations during pretraining; 0 = only at the end (when data is set)
+    stage: int = -1  # encoder stage whose pooled features are probed (-1 = the last, normed)
+    knn_k: int = 20
+    img_size: int | None = None  # defaults to model.img_size
+
+
+@dataclass(frozen=True)
 class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -96,6 +105,88 @@ class PretrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     simmim: SimMIMConfig = field(default_factory=SimMIMConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fine-tuning: the official SwinV2-B recipe (224 px, W14, 100 epochs) as defaults
+
+
+@dataclass(frozen=True)
+class FinetuneModelConfig(ModelConfig):
+    img_size: int = 224
+    window_size: int = 14
+    pretrained_window_sizes: tuple[int, ...] | None = None  # None: the windows the checkpoint was trained at
+    num_classes: int | None = None  # None: the number of classes in the data
+
+
+@dataclass(frozen=True)
+class FinetuneDataConfig:
+    path: str = ""  # ImageNet-style folder (train/<class>/, val/<class>/), save_to_disk dir, hf:NAME, embedded:digits
+    train_split: str = "train"
+    val_split: str = "val"  # "validation" etc. are found too
+    image_column: str | None = None
+    label_column: str | None = None
+    batch_size: int = 128  # per device
+    num_workers: int = 8
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop scale
+    hflip: float = 0.5  # horizontal flip probability
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec
+    color_jitter: float = 0.4
+    re_prob: float = 0.25  # random erasing
+    interpolation: str = "bicubic"
+    crop_pct: float = 0.875  # eval: resize to img_size / crop_pct (256 for 224), center-crop; 1.0 = plain resize
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class MixupConfig:
+    mixup: float = 0.8  # alpha; 0 = off
+    cutmix: float = 1.0  # alpha; 0 = off
+    prob: float = 1.0
+    switch_prob: float = 0.5
+    label_smoothing: float = 0.1
+
+
+@dataclass(frozen=True)
+class FinetuneOptimConfig(OptimConfig):
+    base_lr: float = 1.25e-3  # per 512 images
+    warmup_lr: float = 2.5e-7
+    min_lr: float = 2.5e-7
+    layer_decay: float = 0.75
+
+
+@dataclass(frozen=True)
+class FinetuneScheduleConfig(ScheduleConfig):
+    epochs: int = 100
+    warmup_epochs: float = 20
+    kind: Literal["cosine", "multistep"] = "cosine"
+    milestones: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class EMAConfig:
+    enabled: bool = False  # keep an exponential moving average of the weights (timm ModelEmaV3), evaluated too
+    decay: float = 0.9999
+
+
+@dataclass(frozen=True)
+class FinetuneRunConfig(RunConfig):
+    output: str = "runs/finetune"
+    eval_every: int = 0  # steps between evaluations; 0 = every epoch
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    pretrained: str = ""  # checkpoint to start from: ours, an exported encoder, official or timm; "" = from scratch
+    model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    mixup: MixupConfig = field(default_factory=MixupConfig)
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
+    schedule: FinetuneScheduleConfig = field(default_factory=FinetuneScheduleConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    run: FinetuneRunConfig = field(default_factory=FinetuneRunConfig)
 
 
 class ConfigError(ValueError):

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -38,6 +38,12 @@ class Task(Protocol):
 
     def log_images(self, model: nn.Module, batch: dict, outputs: Any) -> dict[str, torch.Tensor]:
         """Image grids to log (``model`` unwrapped), name -> (3, H, W) float in [0, 1]; may be empty."""
+
+    def extra_state(self) -> dict:
+        """Task state saved in checkpoints beside the model (e.g. EMA weights, best accuracy); plain data."""
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore :meth:`extra_state` on resume."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -103,6 +109,7 @@ class Engine:
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "step": self.state.step,
                 "train_state": asdict(self.state),
+                "extra": self.task.extra_state(),
                 "meta": self.metadata,
             }
             path = (self.checkpoints.save_named(state, name) if name
@@ -125,6 +132,7 @@ class Engine:
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         self.state = TrainState(**ckpt["train_state"])
+        self.task.load_extra_state(ckpt.get("extra") or {})
         log.info("resumed from %s at step %d", path, self.state.step)
 
     # -- data ------------------------------------------------------------------------------------------------
@@ -175,7 +183,7 @@ class Engine:
         for i in range(s.accumulation_steps):
             batch = next(batches)
             micro = self.state.step * s.accumulation_steps + i
-            torch.manual_seed(sample_seed(s.seed, micro, self.acc.process_index))  # drop path etc.
+            set_seed(sample_seed(s.seed, micro, self.acc.process_index) % 2**32)  # drop path, mixup, ...
             last = i == s.accumulation_steps - 1
             with contextlib.nullcontext() if last else self.acc.no_sync(self.model), self.acc.autocast():
                 loss, outputs = self.task.loss(self.model, batch)

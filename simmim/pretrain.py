@@ -95,6 +95,13 @@ class PretrainTask:
         return {"reconstruction_normalized_target": grid}
 
 
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+
 def checkpoint_metadata(cfg: PretrainConfig, encoder: SwinTransformerV2) -> dict:
     """What fine-tuning and export need to know about the pretrained encoder (plain data)."""
     return {
