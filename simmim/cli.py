@@ -72,6 +72,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     print(f"  checkpoint:  {summary['checkpoint']}")
     print(f"  tensorboard: tensorboard --logdir {summary['output']}/tensorboard")
     print(f"  images:      {summary['output']}/images")
+    for name, value in summary["monitor"].items():
+        print(f"  {name.removeprefix('monitor/')}: {100 * value:.2f}%")
     if summary["skipped_files"] or summary["skipped_steps"]:
         print(f"  skipped: {summary['skipped_files']} unreadable inputs, {summary['skipped_steps']} steps")
     return 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from simmim.data.sampler import EpochSampler
 from simmim.engine import Engine, LoopSettings, TrainState, make_accelerator
 from simmim.model import SimMIM, normalize_target
 from simmim.models import SwinTransformerV2, create_model
+from simmim.monitor import FeatureMonitor
 from simmim.optim import build_optimizer, build_scheduler, param_groups
 from simmim.run_dir import setup_logging
 from simmim.visualize import reconstruction_grid
@@ -75,10 +76,26 @@ def build_loader(cfg: PretrainConfig, dataset: Any, num_processes: int) -> DataL
 
 @dataclass
 class PretrainTask:
-    """The engine's view of SimMIM: loss and reconstruction grids."""
+    """The engine's view of SimMIM: loss, reconstruction grids and (optionally) k-NN / linear-probe monitoring."""
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    monitor: FeatureMonitor | None = None
+    monitor_every: int = 0
+    total_steps: int = 0
+    accelerator: Any = None
+    model: Any = None
+    last_monitor: dict = field(default_factory=dict)
+
+    def on_step(self, step: int) -> None:
+        """Probe the encoder's frozen features every ``monitor_every`` steps and at the end (main process)."""
+        due = (self.monitor_every and step % self.monitor_every == 0) or step == self.total_steps
+        if self.monitor is None or not due or not self.accelerator.is_main_process:
+            return
+        self.last_monitor = self.monitor(self.accelerator.unwrap_model(self.model).encoder)
+        self.accelerator.log(self.last_monitor, step=step)
+        log.info("step %d: %s", step, ", ".join(f"{k.split('/')[1]} {100 * v:.2f}" for k, v in
+                                                self.last_monitor.items()))
 
     def loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, Any]:
         out = model(batch["image"], batch["mask"])
@@ -130,6 +147,10 @@ def run(cfg: PretrainConfig) -> dict:
     encoder = build_encoder(cfg)
     dataset = build_dataset(cfg, encoder.patch_size)
     loader = build_loader(cfg, dataset, accelerator.num_processes)
+    monitor = None
+    if cfg.monitor.data:  # labelled data for k-NN / linear-probe monitoring, opened now so a bad path fails early
+        monitor = FeatureMonitor(cfg.monitor.data, cfg.monitor.img_size or cfg.model.img_size, cfg.data.mean,
+                                 cfg.data.std, stage=cfg.monitor.stage, k=cfg.monitor.knn_k)
 
     global_batch = cfg.data.batch_size * accelerator.num_processes * cfg.optim.accumulation_steps
     if cfg.schedule.max_steps:  # the schedule's epochs are spread over max_steps
@@ -160,13 +181,16 @@ def run(cfg: PretrainConfig) -> dict:
              scaled_lr(o.base_lr, global_batch), accelerator.num_processes, cfg.run.mixed_precision)
 
     r = cfg.run
+    mon = cfg.monitor
+    task = PretrainTask(cfg.data.mean, cfg.data.std, monitor=monitor, monitor_every=mon.every,
+                        total_steps=total_steps, accelerator=accelerator, model=model)
     engine = Engine(
-        accelerator, PretrainTask(cfg.data.mean, cfg.data.std), model, optimizer, scheduler, loader,
+        accelerator, task, model, optimizer, scheduler, loader,
         CheckpointManager(out / "checkpoints", keep_last=r.keep_last),
         LoopSettings(total_steps=total_steps, accumulation_steps=o.accumulation_steps, clip_grad=o.clip_grad,
                      log_every=r.log_every, image_every=r.image_every, save_every=r.save_every,
                      max_bad_steps=r.max_bad_steps, seed=r.seed, progress=r.progress),
-        metadata=checkpoint_metadata(cfg, encoder), image_dir=out / "images")
+        metadata=checkpoint_metadata(cfg, encoder), image_dir=out / "images", on_step=task.on_step)
     if resume is not None:
         engine.resume(resume)
     state: TrainState = engine.fit()
@@ -181,4 +205,5 @@ def run(cfg: PretrainConfig) -> dict:
         "checkpoint": str(engine.checkpoints.path_for(state.step)),
         "finite": state.last_loss is not None and math.isfinite(state.last_loss),
         "main_process": accelerator.is_main_process,
+        "monitor": task.last_monitor,
     }

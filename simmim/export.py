@@ -1,0 +1,382 @@
+"""Export a run checkpoint (``simmim pretrain``/``finetune``) as safetensors, timm, Hugging Face or ONNX weights.
+
+Every export writes a JSON card beside the weights: the architecture, the geometry the model was trained at (image
+size, window, per-stage effective windows, and the ``pretrained_window_sizes`` to fine-tune from it), the input
+normalisation, the training recipe, the sha256 of the source checkpoint and copy-pasteable code that loads it.
+
+Formats (default output beside the checkpoint ``<stem>.pt``):
+
+* ``safetensors`` -> ``<stem>.safetensors``: our state dict, which is also timm's layout;
+* ``timm`` -> ``<stem>-timm.safetensors`` (or ``.pth`` if ``out`` says so): loads with ``timm.create_model`` and
+  ``pretrained_cfg_overlay=dict(file=...)``, the card names the exact call;
+* ``hf`` -> ``<stem>-hf/``: ``config.json`` + ``model.safetensors`` + ``preprocessor_config.json`` for
+  ``Swinv2Model`` (encoder) / ``Swinv2ForImageClassification`` (classifier) and ``AutoImageProcessor``;
+* ``onnx`` -> ``<stem>.onnx``: pooled features (encoder) or logits (classifier) at the trained size, dynamic batch,
+  verified against onnxruntime before returning.
+
+timm and HF have no extra main-branch norms, so SwinV2-H/G (``extra_norm_period=6``) export only as safetensors/ONNX.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from simmim.models import VARIANTS, SwinTransformerV2
+from simmim.models.convert import CheckpointMismatchError, detect_format, read_checkpoint, unwrap
+from simmim.models.hf import hf_config, ours_to_hf
+from simmim.weights import WrongCheckpointError, model_from_checkpoint
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("safetensors", "timm", "hf", "onnx")
+ONNX_ATOL = 1e-4  # onnxruntime vs PyTorch, float32: op reordering alone gives ~1e-6 on these models
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+HF_CARD = "simmim_card.json"
+# the timm entry point each variant loads through; window and image size are overridden in the call anyway.
+# pico/nano are not timm models: their embed_dim/depths/num_heads are passed explicitly
+TIMM_ARCH = {
+    "swinv2_pico": "swinv2_tiny_window8_256",
+    "swinv2_nano": "swinv2_tiny_window8_256",
+    "swinv2_tiny": "swinv2_tiny_window8_256",
+    "swinv2_small": "swinv2_small_window8_256",
+    "swinv2_base": "swinv2_base_window8_256",
+    "swinv2_large": "swinv2_large_window12_192",
+}
+_TIMM_OWN_SIZES = {"swinv2_tiny", "swinv2_small", "swinv2_base", "swinv2_large"}
+
+
+class ExportMismatchError(RuntimeError):
+    """The exported graph does not reproduce the PyTorch model's outputs."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reading the checkpoint
+
+
+def _describe(path: Path) -> str | None:
+    """What a checkpoint that is not a run checkpoint holds, in words; None if it is a run checkpoint."""
+    raw = read_checkpoint(path)  # safe: pickled classes (official yacs configs) are stubbed, no code runs
+    meta = raw.get("meta") if isinstance(raw, dict) else None
+    if isinstance(meta, dict) and meta.get("kind"):
+        return None if meta["kind"] in ("simmim-pretrain", "simmim-finetune") else f"a {meta['kind']!r} checkpoint"
+    try:
+        sd = unwrap(raw)
+    except ValueError:
+        return "a dict without model weights"
+    simmim = any(k.startswith("encoder.") for k in sd)
+    if detect_format(sd) == "official":
+        return f"an official Swin-Transformer {'SimMIM pretraining' if simmim else 'classification'} checkpoint"
+    return "a plain state dict" + (" of a SimMIM model" if simmim else " (timm / simmim.models layout)")
+
+
+def _peek_variant(path: Path) -> str | None:
+    """``meta.model`` of a checkpoint without reading its tensors (memory-mapped); None if there is none."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a (weights-only, zip) torch file: load_run names what it is
+        return None
+    meta = ckpt.get("meta") if isinstance(ckpt, dict) else None
+    return meta.get("model") if isinstance(meta, dict) else None
+
+
+def load_run(checkpoint: str | Path, fmt: str | None = None) -> tuple[SwinTransformerV2, dict]:
+    """The model (eval mode, trained geometry) and metadata of a run checkpoint; one-line errors otherwise.
+
+    With ``fmt``, a variant that format cannot represent is refused before the weights are read (SwinV2-G is 12 GB).
+    """
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; pass the .pt file written by `simmim pretrain` "
+                                "or `simmim finetune` (e.g. OUTPUT/checkpoints/last.pt)")
+    if fmt is not None and (variant := _peek_variant(path)) is not None:
+        check_foreign(variant, fmt)
+    try:
+        return model_from_checkpoint(path)
+    except CheckpointMismatchError:
+        raise
+    except ValueError as err:  # WrongCheckpointError, or a file torch cannot read without pickled classes
+        try:
+            what = _describe(path)
+        except ValueError:
+            raise err from None  # unreadable: the original message says so
+        if what is None:
+            raise
+        raise WrongCheckpointError(
+            f"{path} is {what}, not a simmim run checkpoint (no meta.kind): export converts checkpoints written by "
+            f"`simmim pretrain` or `simmim finetune`; fine-tune from these weights (`simmim finetune CONFIG "
+            f"--pretrained {path}`) and export that run, or load them with simmim.models.load_pretrained") from err
+
+
+def sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# load calls written into the card
+
+
+def _size(pair: tuple[int, int]) -> int | tuple[int, int]:
+    """``(6, 6) -> 6`` for readable calls; rectangles stay pairs."""
+    return pair[0] if pair[0] == pair[1] else tuple(pair)
+
+
+def _variant(meta: dict) -> str:
+    return meta["model"]
+
+
+LIBRARIES = {"timm": "timm", "hf": "Hugging Face transformers"}
+
+
+def check_foreign(variant: str, fmt: str) -> None:
+    """timm/HF have no extra main-branch norm: refuse SwinV2-H/G rather than write weights that compute otherwise."""
+    if fmt in LIBRARIES and (VARIANTS.get(variant, {}).get("extra_norm_period") or variant not in TIMM_ARCH):
+        raise ValueError(
+            f"{variant} cannot be exported to {LIBRARIES[fmt]}: it adds a LayerNorm on the main branch every 6 blocks "
+            f"(extra_norm_period=6, SwinV2 paper §3.2), which {LIBRARIES[fmt]}'s SwinV2 does not have, so its "
+            "outputs would differ; export it as safetensors or onnx instead")
+
+
+def timm_call(model: SwinTransformerV2, meta: dict, file: Path) -> str:
+    """The ``timm.create_model(...)`` expression that rebuilds ``model`` from ``file`` (needs ``import timm``).
+
+    ``pretrained_cfg_overlay`` points timm at the file and declares its ``num_classes`` and input size, so timm's
+    loader neither drops the classifier (it does when ``num_classes`` differs from the pretrained cfg) nor adapts
+    the stem; timm's ``checkpoint_filter_fn`` leaves our keys as they are (they are timm's native layout).
+    """
+    h, w = model.img_size
+    mean, std = tuple(meta.get("mean") or IMAGENET_MEAN), tuple(meta.get("std") or IMAGENET_STD)
+    overlay = (f"dict(file={str(file.resolve())!r}, num_classes={model.num_classes}, "
+               f"input_size={(model.in_chans, h, w)!r}, mean={mean!r}, std={std!r})")
+    pretrained = tuple(_size(p) for p in model.pretrained_window_sizes)
+    args = [f"{TIMM_ARCH[_variant(meta)]!r}", "pretrained=True", f"pretrained_cfg_overlay={overlay}",
+            f"img_size={_size(model.img_size)!r}", f"window_size={_size(model.window_size)!r}",
+            f"pretrained_window_sizes={pretrained!r}", f"num_classes={model.num_classes}",
+            f"in_chans={model.in_chans}"]
+    if _variant(meta) not in _TIMM_OWN_SIZES:
+        args += [f"embed_dim={model.embed_dim}", f"depths={model.depths!r}", f"num_heads={model.num_heads!r}"]
+    return f"timm.create_model({', '.join(args)})"
+
+
+def simmim_code(model: SwinTransformerV2, meta: dict, file: Path) -> str:
+    """Python that rebuilds ``model`` with this package from a safetensors ``file``."""
+    pretrained = [_size(p) for p in model.pretrained_window_sizes]
+    return ("from safetensors.torch import load_file\nfrom simmim.models import create_model\n"
+            f"model = create_model({_variant(meta)!r}, img_size={_size(model.img_size)!r}, "
+            f"window_size={_size(model.window_size)!r}, pretrained_window_sizes={pretrained!r}, "
+            f"num_classes={model.num_classes}, in_chans={model.in_chans})\n"
+            f"model.load_state_dict(load_file({str(file.resolve())!r}))\nmodel.eval()")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# writers: each returns the files it wrote (main file first) and format-specific card entries
+
+
+def _state_dict(model: SwinTransformerV2) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+
+
+def _save_safetensors(sd: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path), metadata={"format": "pt", **(metadata or {})})  # "format" is what HF/timm check
+
+
+def _geometry_metadata(model: SwinTransformerV2, meta: dict) -> dict[str, str]:
+    """String metadata stored in the safetensors header (readable without the card)."""
+    return {"simmim.variant": _variant(meta), "simmim.img_size": json.dumps(list(model.img_size)),
+            "simmim.window_size": json.dumps(list(model.window_size)),
+            "simmim.pretrained_window_sizes": json.dumps([list(p) for p in model.pretrained_window_sizes]),
+            "simmim.num_classes": str(model.num_classes)}
+
+
+def write_safetensors(model: SwinTransformerV2, meta: dict, out: Path, opset: int | None) -> tuple[list[Path], dict]:
+    _save_safetensors(_state_dict(model), out, _geometry_metadata(model, meta))
+    load = {"simmim": simmim_code(model, meta, out)}
+    if _variant(meta) in TIMM_ARCH:
+        load["timm"] = timm_call(model, meta, out)
+    return [out], {"load": load}
+
+
+def write_timm(model: SwinTransformerV2, meta: dict, out: Path, opset: int | None) -> tuple[list[Path], dict]:
+    check_foreign(_variant(meta), "timm")
+    sd = _state_dict(model)  # our keys are timm's; its checkpoint_filter_fn keeps them as they are
+    if out.suffix in (".pth", ".pt", ".bin"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(sd, out)
+    else:
+        _save_safetensors(sd, out, _geometry_metadata(model, meta))
+    return [out], {"load": {"timm": timm_call(model, meta, out)}}
+
+
+def write_hf(model: SwinTransformerV2, meta: dict, out: Path, opset: int | None) -> tuple[list[Path], dict]:
+    check_foreign(_variant(meta), "hf")
+    names = meta.get("class_names")
+    id2label = dict(enumerate(names)) if isinstance(names, list) and len(names) == model.num_classes else None
+    config = hf_config(model, id2label)  # validates square windows etc. before anything is written
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"hf export writes a directory, but {out} is a file; pass --out DIR")
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / "config.json", out / "model.safetensors", out / "preprocessor_config.json"]
+    files[0].write_text(json.dumps(config, indent=2) + "\n")
+    _save_safetensors(ours_to_hf(_state_dict(model)), files[1])
+    h, w = model.img_size
+    processor = {  # swinv2's AutoImageProcessor is ViTImageProcessor: resize to the trained size, then normalise
+        "image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": h, "width": w},
+        "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": list(meta.get("mean") or IMAGENET_MEAN), "image_std": list(meta.get("std") or IMAGENET_STD)}
+    files[2].write_text(json.dumps(processor, indent=2) + "\n")
+    cls = "Swinv2ForImageClassification" if model.num_classes > 0 else "Swinv2Model"
+    return files, {"load": {"transformers": f"transformers.{cls}.from_pretrained({str(out.resolve())!r})",
+                            "image_processor": f"transformers.AutoImageProcessor.from_pretrained("
+                                               f"{str(out.resolve())!r})"},
+                   "outputs": "logits" if model.num_classes > 0 else "pooler_output (= simmim pooled features)"}
+
+
+def write_onnx(model: SwinTransformerV2, meta: dict, out: Path, opset: int | None) -> tuple[list[Path], dict]:
+    for blk in model.blocks():
+        blk.attn.cache_bias = False  # the inference cache keys on data pointers, which tracing cannot follow
+    h, w = model.img_size
+    example = torch.randn(2, model.in_chans, h, w, generator=torch.Generator().manual_seed(0))
+    output = "logits" if model.num_classes > 0 else "features"
+    # a protobuf file holds at most 2 GiB: larger models keep their weights in <out>.data
+    external = sum(p.numel() * p.element_size() for p in model.parameters()) > 1_800_000_000
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import onnxscript  # noqa: F401  (the torch.export-based exporter needs it)
+        dynamo = True
+    except ImportError:
+        dynamo = False
+        log.warning("onnxscript is not installed: using the legacy TorchScript ONNX exporter")
+    with torch.no_grad():
+        if dynamo:
+            torch.onnx.export(model, (example,), str(out), dynamo=True, input_names=["pixel_values"],
+                              output_names=[output], dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+                              opset_version=opset, external_data=external, verbose=False)
+        else:
+            torch.onnx.export(model, (example,), str(out), dynamo=False, input_names=["pixel_values"],
+                              output_names=[output], dynamic_axes={"pixel_values": {0: "batch"}, output: {0: "batch"}},
+                              opset_version=opset or 17)
+    diff = check_onnx(model, out)
+    files = [out] + ([Path(f"{out}.data")] if Path(f"{out}.data").is_file() else [])
+    return files, {"onnx": {"input": f"pixel_values float32 (batch, {model.in_chans}, {h}, {w}), normalised",
+                            "output": f"{output} float32 (batch, {model.num_classes or model.num_features})",
+                            "opset": _opset(out), "exporter": "dynamo" if dynamo else "torchscript",
+                            "max_abs_diff_vs_pytorch": diff},
+                   "load": {"onnxruntime": f"onnxruntime.InferenceSession({str(out.resolve())!r})"}}
+
+
+def _opset(path: Path) -> int | None:
+    try:
+        import onnx
+    except ImportError:
+        return None
+    graph = onnx.load(str(path), load_external_data=False)
+    return next((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def check_onnx(model: SwinTransformerV2, path: Path, batch: int = 3, atol: float = ONNX_ATOL) -> float:
+    """Run the graph in onnxruntime on a random (batch, C, H, W) input; return the max abs difference to PyTorch,
+    raising :class:`ExportMismatchError` above ``atol``. ``batch`` differs from the export's 2 to check that the
+    batch axis is dynamic."""
+    try:
+        import onnxruntime as ort
+    except ImportError as err:
+        raise ImportError("the onnx export verifies its graph with onnxruntime: pip install onnxruntime") from err
+    x = torch.randn(batch, model.in_chans, *model.img_size, generator=torch.Generator().manual_seed(1))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        expected = model(x).numpy()
+    diff = float(abs(got - expected).max())
+    if not diff <= atol:  # also catches NaN
+        raise ExportMismatchError(f"{path}: onnxruntime output differs from PyTorch by {diff:.3g} (> {atol}); "
+                                  "try another opset (--opset) or report it")
+    log.info("onnxruntime check of %s: max abs diff %.3g", path, diff)
+    return diff
+
+
+WRITERS: dict[str, Callable[[SwinTransformerV2, dict, Path, int | None], tuple[list[Path], dict]]] = {
+    "safetensors": write_safetensors, "timm": write_timm, "hf": write_hf, "onnx": write_onnx,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# card and entry point
+
+
+def default_out(checkpoint: Path, fmt: str) -> Path:
+    """Where ``fmt`` goes when no ``out`` is given: beside the checkpoint, named after its stem."""
+    stem = checkpoint.with_suffix("").name
+    name = {"safetensors": f"{stem}.safetensors", "timm": f"{stem}-timm.safetensors", "hf": f"{stem}-hf",
+            "onnx": f"{stem}.onnx"}[fmt]
+    return checkpoint.parent / name
+
+
+def model_card(model: SwinTransformerV2, meta: dict, checkpoint: Path, fmt: str, files: list[Path],
+               extra: dict) -> dict[str, Any]:
+    """The JSON card: what the weights are, the geometry and normalisation they expect, where they came from."""
+    first = model.blocks()[0]
+    effective = [list(w) for w in model.effective_window_sizes]
+    return {
+        "format": fmt,
+        "files": [f.name for f in files],
+        "source": {"checkpoint": str(checkpoint.resolve()), "sha256": sha256(checkpoint), "kind": meta["kind"]},
+        "architecture": {
+            "variant": _variant(meta), "embed_dim": model.embed_dim, "depths": list(model.depths),
+            "num_heads": list(model.num_heads), "num_classes": model.num_classes,
+            "num_features": model.num_features, "in_chans": model.in_chans, "patch_size": model.patch_size,
+            "mlp_ratio": first.mlp.fc1.out_features / first.mlp.fc1.in_features,
+            "extra_norm_period": VARIANTS[_variant(meta)].get("extra_norm_period", 0),
+        },
+        "img_size": list(model.img_size),
+        "window_size": list(model.window_size),
+        "effective_window_sizes": effective,
+        # the windows this model's log-CPB is normalised by now (needed to reproduce its outputs) ...
+        "pretrained_window_sizes": [list(p) for p in model.pretrained_window_sizes],
+        # ... and what to pass as pretrained_window_sizes when fine-tuning from it: the windows it was trained at
+        "finetune_pretrained_window_sizes": effective,
+        "mean": list(meta.get("mean") or IMAGENET_MEAN),
+        "std": list(meta.get("std") or IMAGENET_STD),
+        "recipe": meta.get("config", {}),
+        **extra,
+    }
+
+
+def export(checkpoint: str | Path, fmt: str = "safetensors", out: str | Path | None = None,
+           opset: int | None = None) -> list[Path]:
+    """Export a run checkpoint to ``fmt`` (one of :data:`FORMATS`); returns the written files, card last.
+
+    ``out`` defaults to a name beside the checkpoint (:func:`default_out`); an existing directory receives that
+    default name inside it (for ``hf``, ``out`` is the directory itself). ``opset`` applies to ``onnx`` only.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    if opset is not None and fmt != "onnx":
+        raise ValueError(f"opset applies to the onnx format only, not {fmt!r}")
+    path = Path(checkpoint)
+    model, meta = load_run(path, fmt)
+    if out is None:
+        target = default_out(path, fmt)
+    else:
+        target = Path(out)
+        if fmt != "hf" and target.is_dir():
+            target = target / default_out(path, fmt).name
+    files, extra = WRITERS[fmt](model, meta, target, opset)
+    card_path = target / HF_CARD if fmt == "hf" else Path(f"{target}.json")
+    card = model_card(model, meta, path, fmt, files, extra)
+    card_path.write_text(json.dumps(card, indent=2, default=str) + "\n")
+    log.info("exported %s (%s) to %s", path, fmt, ", ".join(str(f) for f in files))
+    return [*files, card_path]
