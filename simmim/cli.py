@@ -138,6 +138,57 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    """Images/s (and CUDA peak memory) of our SwinV2 vs timm's, measured side by side in interleaved rounds."""
+    import torch
+
+    from simmim.benchmark import format_results, run_benchmark
+
+    try:
+        results = run_benchmark(args.model, args.img_size, args.window_size, args.batch_size,
+                                train=not args.inference, rounds=args.rounds, iters=args.iters, device=args.device,
+                                dtype=args.dtype)
+    except ValueError as err:
+        return _fail(err)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    what = "inference" if args.inference else "forward+backward"
+    print(f"{args.model} {args.img_size}px W{args.window_size}, batch {args.batch_size}, {what}, {args.dtype}, "
+          f"{device} ({torch.get_num_threads()} threads), median of {args.rounds} rounds x {args.iters} iterations")
+    print(format_results(results))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The whole pipeline on embedded real images, in minutes on a CPU."""
+    from simmim.demo import run_demo, summary
+
+    steps, epochs = (40, 1) if args.quick else (args.pretrain_steps, args.finetune_epochs)
+    extra = [] if args.progress else ["progress=false"]
+    result = run_demo(args.output, pretrain_steps=steps, finetune_epochs=epochs, compare=args.compare, extra=extra)
+    if result.pretrain["main_process"]:
+        print(summary(result))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a run checkpoint's encoder or classifier for use elsewhere."""
+    from simmim.export import FORMATS, ExportMismatchError, export
+
+    if args.format not in FORMATS:
+        return _fail(ValueError(f"unknown format {args.format!r}; choose one of {', '.join(FORMATS)}"))
+    try:
+        files = export(args.checkpoint, args.format, args.out)
+    except (FileNotFoundError, ValueError, ImportError) as err:
+        return _fail(err)
+    except ExportMismatchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"exported {args.checkpoint} as {args.format}:")
+    for path in files:
+        print(f"  {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="simmim", description="SimMIM pretraining, fine-tuning and export for Swin Transformer V2.")
@@ -188,6 +239,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=0)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="export an encoder or classifier: safetensors, timm, hf, onnx",
+                       description="Export the encoder (pretraining checkpoint) or classifier (fine-tuning "
+                       "checkpoint) with a JSON card (architecture, sizes, windows, normalisation, recipe, source "
+                       "hash, the exact timm/transformers call that loads it).")
+    p.add_argument("checkpoint")
+    p.add_argument("--format", default="safetensors", help="safetensors (default), timm, hf or onnx")
+    p.add_argument("--out", help="output file (directory for hf); default: beside the checkpoint")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("benchmark", help="throughput (and GPU memory) of our SwinV2 vs timm, side by side")
+    p.add_argument("--model", default="swinv2_tiny")
+    p.add_argument("--img-size", type=int, default=192)
+    p.add_argument("--window-size", type=int, default=12)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--inference", action="store_true", help="forward only (default: forward + backward)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="autocast dtype")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.set_defaults(func=cmd_benchmark)
+
+    p = sub.add_parser("demo", help="the whole pipeline on images shipped in scikit-image/scikit-learn (CPU, minutes)")
+    p.add_argument("--output", default="runs/demo")
+    p.add_argument("--pretrain-steps", type=int, default=300)
+    p.add_argument("--finetune-epochs", type=int, default=4)
+    p.add_argument("--compare", action="store_true", help="also fine-tune from scratch with the same budget")
+    p.add_argument("--quick", action="store_true", help="a much shorter run (40 pretraining steps, 1 epoch)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

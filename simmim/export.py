@@ -50,6 +50,7 @@ TIMM_ARCH = {
     "swinv2_large": "swinv2_large_window12_192",
 }
 _TIMM_OWN_SIZES = {"swinv2_tiny", "swinv2_small", "swinv2_base", "swinv2_large"}
+LIBRARIES = {"timm": "timm", "hf": "Hugging Face transformers"}  # formats that load into another library's SwinV2
 
 
 class ExportMismatchError(RuntimeError):
@@ -109,8 +110,8 @@ def load_run(checkpoint: str | Path, fmt: str | None = None) -> tuple[SwinTransf
         if what is None:
             raise
         raise WrongCheckpointError(
-            f"{path} is {what}, not a simmim run checkpoint (no meta.kind): export converts checkpoints written by "
-            f"`simmim pretrain` or `simmim finetune`; fine-tune from these weights (`simmim finetune CONFIG "
+            f"{path} is {what}, not a simmim run checkpoint: export converts the checkpoints written by "
+            "`simmim pretrain` and `simmim finetune`; fine-tune from these weights (`simmim finetune CONFIG "
             f"--pretrained {path}`) and export that run, or load them with simmim.models.load_pretrained") from err
 
 
@@ -136,16 +137,17 @@ def _variant(meta: dict) -> str:
     return meta["model"]
 
 
-LIBRARIES = {"timm": "timm", "hf": "Hugging Face transformers"}
-
-
 def check_foreign(variant: str, fmt: str) -> None:
     """timm/HF have no extra main-branch norm: refuse SwinV2-H/G rather than write weights that compute otherwise."""
-    if fmt in LIBRARIES and (VARIANTS.get(variant, {}).get("extra_norm_period") or variant not in TIMM_ARCH):
+    if fmt not in LIBRARIES:
+        return
+    if VARIANTS.get(variant, {}).get("extra_norm_period"):
         raise ValueError(
             f"{variant} cannot be exported to {LIBRARIES[fmt]}: it adds a LayerNorm on the main branch every 6 blocks "
             f"(extra_norm_period=6, SwinV2 paper §3.2), which {LIBRARIES[fmt]}'s SwinV2 does not have, so its "
             "outputs would differ; export it as safetensors or onnx instead")
+    if variant not in TIMM_ARCH:
+        raise ValueError(f"{variant} has no {LIBRARIES[fmt]} counterpart; export it as safetensors or onnx instead")
 
 
 def timm_call(model: SwinTransformerV2, meta: dict, file: Path) -> str:
@@ -203,6 +205,7 @@ def _geometry_metadata(model: SwinTransformerV2, meta: dict) -> dict[str, str]:
 
 
 def write_safetensors(model: SwinTransformerV2, meta: dict, out: Path, opset: int | None) -> tuple[list[Path], dict]:
+    """Our state dict (= timm's keys) with the geometry in the safetensors header."""
     _save_safetensors(_state_dict(model), out, _geometry_metadata(model, meta))
     load = {"simmim": simmim_code(model, meta, out)}
     if _variant(meta) in TIMM_ARCH:
@@ -211,6 +214,7 @@ def write_safetensors(model: SwinTransformerV2, meta: dict, out: Path, opset: in
 
 
 def write_timm(model: SwinTransformerV2, meta: dict, out: Path, opset: int | None) -> tuple[list[Path], dict]:
+    """The state dict for ``timm.create_model(..., pretrained_cfg_overlay=dict(file=out))``; .pth if ``out`` says."""
     check_foreign(_variant(meta), "timm")
     sd = _state_dict(model)  # our keys are timm's; its checkpoint_filter_fn keeps them as they are
     if out.suffix in (".pth", ".pt", ".bin"):
@@ -222,6 +226,7 @@ def write_timm(model: SwinTransformerV2, meta: dict, out: Path, opset: int | Non
 
 
 def write_hf(model: SwinTransformerV2, meta: dict, out: Path, opset: int | None) -> tuple[list[Path], dict]:
+    """A ``from_pretrained`` directory: config.json, model.safetensors (HF keys), preprocessor_config.json."""
     check_foreign(_variant(meta), "hf")
     names = meta.get("class_names")
     id2label = dict(enumerate(names)) if isinstance(names, list) and len(names) == model.num_classes else None
@@ -246,6 +251,7 @@ def write_hf(model: SwinTransformerV2, meta: dict, out: Path, opset: int | None)
 
 
 def write_onnx(model: SwinTransformerV2, meta: dict, out: Path, opset: int | None) -> tuple[list[Path], dict]:
+    """pixel_values (batch, C, H, W) -> logits / pooled features (batch, D), dynamic batch, checked in onnxruntime."""
     for blk in model.blocks():
         blk.attn.cache_bias = False  # the inference cache keys on data pointers, which tracing cannot follow
     h, w = model.img_size

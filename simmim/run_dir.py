@@ -41,4 +41,3 @@ def setup_logging(log_file: str | Path | None, main_process: bool = True, level:
     for h in handlers:
         h._simmim = True  # type: ignore[attr-defined]
         logger.addHandler(h)
-    logger.propagate = False

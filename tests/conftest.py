@@ -1,6 +1,10 @@
 import pytest
 import torch
 
+# Tiny models gain nothing from intra-op threads, and on a busy 2-core machine two threads per op make them up to
+# 100x slower; one thread also keeps results independent of the machine's core count.
+torch.set_num_threads(1)
+
 # A SwinV2 small enough for CPU tests: 4 stages, one shifted block per stage, head dim 16.
 PICO = dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8))
 

@@ -25,3 +25,24 @@ def test_models_bad_input_exits_2(capsys):
     assert "unknown model" in capsys.readouterr().err
     assert main(["models", "swinv2_tiny", "--img-size", "200"]) == 2
     assert "not a multiple of 32" in capsys.readouterr().err
+
+
+def test_benchmark_compares_with_timm_side_by_side(capsys):
+    assert main(["benchmark", "--model", "swinv2_pico", "--img-size", "64", "--window-size", "4",
+                 "--batch-size", "2", "--rounds", "2", "--iters", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split("  ")[0].strip(): line for line in lines[2:]}
+    assert set(rows) == {"simmim (fused)", "simmim (explicit)", "timm"}
+    assert rows["timm"].split()[2] == "1.00x"
+    assert main(["benchmark", "--model", "swinv2_giant"]) == 2  # timm has no extra-norm SwinV2
+
+
+def test_demo_runs_the_whole_pipeline(tmp_path, capsys):
+    assert main(["demo", "--quick", "--no-progress", "--output", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "masked L1" in out and "val top-1" in out
+    table = out[out.index("img_size"):].splitlines()
+    assert table[1].split()[:2] == ["96", "W6"] and table[2].split()[:2] == ["128", "W8"]
+    assert (tmp_path / "demo" / "export" / "swinv2_pico_digits.safetensors").is_file()
+    assert list((tmp_path / "demo" / "pretrain" / "images").glob("*.png"))
+    assert list((tmp_path / "demo").rglob("events.out.tfevents.*"))

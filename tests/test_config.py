@@ -11,6 +11,7 @@ import yaml
 
 from simmim.config import (
     ConfigError,
+    FinetuneConfig,
     PretrainConfig,
     apply_overrides,
     from_dict,
@@ -22,6 +23,7 @@ from simmim.config import (
 )
 from simmim.configs import CONFIG_DIR
 from simmim.models import VARIANTS
+from simmim.models.swin_transformer_v2 import stage_geometry, to_pair
 
 
 def write(path: Path, data: dict | str) -> Path:
@@ -235,7 +237,13 @@ def test_scaled_lr_is_linear_in_the_global_batch():
 # ----------------------------------------------------------------------------------------------------------------
 # bundled recipes
 
-BUNDLED = sorted([*(CONFIG_DIR / "pretrain").glob("*.yaml"), *(CONFIG_DIR / "demo").glob("*.yaml")])
+BUNDLED = sorted([*(CONFIG_DIR / "pretrain").glob("*.yaml"), *(CONFIG_DIR / "finetune").glob("*.yaml"),
+                  *(CONFIG_DIR / "demo").glob("*.yaml")])
+
+
+def config_class(path: Path) -> type:
+    """Fine-tuning recipes live in finetune/ or are named finetune; the rest are pretraining recipes."""
+    return FinetuneConfig if "finetune" in path.relative_to(CONFIG_DIR).as_posix() else PretrainConfig
 
 
 def test_bundled_recipes_are_found():
@@ -246,11 +254,14 @@ def test_bundled_recipes_are_found():
 
 @pytest.mark.parametrize("path", BUNDLED, ids=lambda p: p.relative_to(CONFIG_DIR).as_posix())
 def test_every_bundled_recipe_loads(path):
-    cfg = load(path=path)
-    assert isinstance(cfg, PretrainConfig)
+    cfg = load_config(config_class(path), path)
+    assert isinstance(cfg, config_class(path))
     assert cfg.model.name in VARIANTS
-    assert cfg.model.img_size % cfg.data.mask_patch_size == 0
-    assert cfg.simmim.norm_target_window % 2 == 1
+    if isinstance(cfg, PretrainConfig):
+        assert cfg.model.img_size % cfg.data.mask_patch_size == 0
+        assert cfg.simmim.norm_target_window % 2 == 1
+    # the image must tile into windows at every stage (raises otherwise)
+    stage_geometry(to_pair(cfg.model.img_size), 4, 4, to_pair(cfg.model.window_size))
 
 
 def test_base_800ep_recipe_is_the_defaults():
@@ -271,3 +282,13 @@ def test_100ep_recipe_is_short_and_cosine():
     assert cfg.schedule.epochs == 100 and cfg.schedule.kind == "cosine"
     assert cfg.model.name == "swinv2_base"  # inherited through base:
     assert type(cfg.optim.base_lr) is float and cfg.optim.base_lr == 2e-4
+
+
+def test_finetune_recipe_defaults_are_the_official_swinv2_b_recipe():
+    cfg = load_config(FinetuneConfig, CONFIG_DIR / "finetune" / "swinv2_base_224_w14_100ep.yaml")
+    assert (cfg.model.img_size, cfg.model.window_size, cfg.model.pretrained_window_sizes) == (224, 14, None)
+    assert (cfg.schedule.epochs, cfg.schedule.warmup_epochs, cfg.schedule.kind) == (100, 20, "cosine")
+    assert (cfg.optim.base_lr, cfg.optim.layer_decay, cfg.optim.weight_decay) == (1.25e-3, 0.75, 0.05)
+    assert (cfg.mixup.mixup, cfg.mixup.cutmix, cfg.mixup.label_smoothing) == (0.8, 1.0, 0.1)
+    assert (cfg.data.auto_augment, cfg.data.re_prob, cfg.data.interpolation) == ("rand-m9-mstd0.5-inc1", 0.25,
+                                                                                "bicubic")

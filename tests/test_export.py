@@ -5,9 +5,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort  # dev extra: the ONNX and HF checks run, never skip
 import pytest
 import timm
 import torch
+import transformers
 from conftest import PICO, perturb_
 from PIL import Image
 
@@ -17,18 +19,6 @@ from simmim.models import create_model
 from simmim.models.convert import to_official
 from simmim.models.hf import hf_config, hf_to_ours, ours_to_hf
 from simmim.weights import WrongCheckpointError, model_from_checkpoint
-
-try:  # dev extras: without them the HF / ONNX checks are skipped, the rest still runs
-    import transformers
-except ImportError:
-    transformers = None
-try:
-    import onnxruntime as ort
-except ImportError:
-    ort = None
-needs_hf = pytest.mark.skipif(transformers is None, reason="pip install transformers (dev extra)")
-needs_ort = pytest.mark.skipif(ort is None, reason="pip install onnxruntime onnxscript (dev extra)")
-MARKS = {"hf": needs_hf, "onnx": needs_ort}
 
 MEAN, STD = [0.5, 0.45, 0.4], [0.25, 0.2, 0.22]
 RECIPE = {"model": {"name": "swinv2_pico"}, "optim": {"lr": 1e-4, "weight_decay": 0.05}, "data": {"img_size": 64}}
@@ -120,7 +110,7 @@ def load_exported(fmt: str, files: list[Path], x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(session.run(None, {"pixel_values": x.numpy()})[0])
 
 
-@pytest.mark.parametrize("fmt", [pytest.param(f, marks=MARKS.get(f, ())) for f in FORMATS])
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("kind", ["pretrain", "finetune"])
 def test_export_reproduces_the_model(exported, reference, kind, fmt):
     files = exported(kind, fmt)
@@ -131,8 +121,6 @@ def test_export_reproduces_the_model(exported, reference, kind, fmt):
     torch.testing.assert_close(got, expected, atol=TOLERANCE[fmt], rtol=0)
 
 
-@needs_hf
-@needs_ort
 def test_default_outputs_sit_beside_the_checkpoint(checkpoints, exported):
     stem = checkpoints["finetune"].parent / "finetune"
     assert exported("finetune", "safetensors") == [Path(f"{stem}.safetensors"), Path(f"{stem}.safetensors.json")]
@@ -188,7 +176,6 @@ def test_out_directory_receives_the_default_name(checkpoints, tmp_path):
     assert files[0] == tmp_path / "pretrain.safetensors"
 
 
-@needs_hf
 def test_hf_directory_config_and_image_processor(exported):
     files = exported("finetune", "hf")
     directory = files[0].parent
@@ -205,7 +192,6 @@ def test_hf_directory_config_and_image_processor(exported):
     assert encoder["architectures"] == ["Swinv2Model"] and "id2label" not in encoder
 
 
-@needs_ort
 def test_onnx_card_records_the_check(exported):
     card = json.loads(exported("finetune", "onnx")[-1].read_text())
     assert card["onnx"]["max_abs_diff_vs_pytorch"] <= 1e-4
@@ -231,7 +217,6 @@ def test_hf_key_round_trip(kind):
     assert all(torch.equal(back[k], sd[k]) for k in sd)
 
 
-@needs_hf
 def test_hf_checkpoint_imports_into_our_model():
     """An HF model's own state dict (with its saved geometry buffers) loads into ours and gives the same logits."""
     ours = perturb_(create_model("swinv2_pico", **GEOMETRY["finetune"])).eval()
