@@ -113,17 +113,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from simmim.evaluate import evaluate_checkpoint, format_table, parse_sweep, probe_checkpoint
     from simmim.models.convert import CheckpointMismatchError
 
+    foreign = dict(model_name=args.model, build_size=(args.img_size, args.window_size)) if args.model else {}
     try:
         if args.knn or args.linear_probe:
             scores = probe_checkpoint(args.checkpoint, args.data, stage=args.stage, k=args.k,
                                       linear_probe=args.linear_probe, batch_size=args.batch_size,
-                                      num_workers=args.num_workers)
+                                      num_workers=args.num_workers, **foreign)
             for name, value in scores.items():
                 if args.knn or "knn" not in name:
                     print(f"{name.removeprefix('monitor/')}: {100 * value:.2f}")
             return 0
         if args.sweep:
             sizes = parse_sweep(args.sweep)
+        elif args.model:  # official/timm weights: --img-size/--window-size are the geometry they are built at
+            sizes = None
         elif args.img_size or args.window_size:
             if not (args.img_size and args.window_size):
                 return _fail(ValueError("--img-size and --window-size go together"))
@@ -131,7 +134,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         else:
             sizes = None
         rows = evaluate_checkpoint(args.checkpoint, args.data, sizes, split=args.split,
-                                   batch_size=args.batch_size, num_workers=args.num_workers)
+                                   batch_size=args.batch_size, num_workers=args.num_workers, **foreign)
     except (FileNotFoundError, ValueError, CheckpointMismatchError) as err:
         return _fail(err)
     print(format_table(rows))
@@ -234,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", help="IMG:WINDOW pairs, e.g. 256:8,384:12,512:16")
     p.add_argument("--knn", action="store_true", help="k-NN accuracy of pooled features (train split -> --split)")
     p.add_argument("--linear-probe", action="store_true", help="logistic-regression accuracy of pooled features")
+    p.add_argument("--model", help="variant of an official/timm checkpoint (built at --img-size/--window-size)")
     p.add_argument("--stage", type=int, default=-1, help="encoder stage probed (-1 = last)")
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=64)

@@ -14,11 +14,12 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 
 from simmim.data.labeled import LabeledDataset, open_labeled
-from simmim.data.transforms import eval_transform
-from simmim.finetune import evaluate
-from simmim.models import SwinTransformerV2
+from simmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from simmim.finetune import evaluate, windows_from_coords_tables
+from simmim.models import SwinTransformerV2, create_model
+from simmim.models.convert import convert_state_dict, load_pretrained, read_checkpoint, unwrap
 from simmim.monitor import FeatureMonitor
-from simmim.weights import model_from_checkpoint
+from simmim.weights import WrongCheckpointError, model_from_checkpoint
 
 
 def parse_sweep(spec: str) -> list[tuple[int, int]]:
@@ -39,13 +40,37 @@ def at_size(model: SwinTransformerV2, img_size: int, window_size: int) -> SwinTr
     return moved
 
 
+def load_for_eval(checkpoint: str | Path, model_name: str | None = None, img_size: int | None = None,
+                  window_size: int | None = None) -> tuple[SwinTransformerV2, dict]:
+    """A run checkpoint of ours as trained, or official / timm weights built as ``model_name`` at
+    (``img_size``, ``window_size``) (ImageNet normalisation; the class count comes from the head)."""
+    try:
+        return model_from_checkpoint(checkpoint)
+    except WrongCheckpointError:
+        if not (model_name and img_size and window_size):
+            raise ValueError(f"{checkpoint} is not a simmim run checkpoint; to evaluate official or timm weights "
+                             "pass --model NAME --img-size N --window-size W (e.g. --model swinv2_tiny "
+                             "--img-size 256 --window-size 8)") from None
+    sd = unwrap(read_checkpoint(checkpoint))
+    windows = windows_from_coords_tables(sd)  # official files record the CPB windows; timm files train at their own
+    sd = convert_state_dict(sd)
+    num_classes = sd["head.fc.weight"].shape[0] if "head.fc.weight" in sd else 0
+    model = create_model(model_name, img_size=img_size, window_size=window_size, num_classes=num_classes,
+                         pretrained_window_sizes=windows, drop_path_rate=0.0)
+    load_pretrained(model, sd, source="timm")
+    kind = "simmim-finetune" if num_classes else "simmim-pretrain"
+    return model.eval(), {"kind": kind, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "classes": None}
+
+
 def evaluate_checkpoint(checkpoint: str | Path, data: str, sizes: Sequence[tuple[int, int]] | None = None,
-                        split: str = "val", batch_size: int = 64, num_workers: int = 0) -> list[dict]:
-    """Top-1/top-5 of a fine-tuned checkpoint on ``data``'s ``split``, one row per (img_size, window); ``sizes``
-    None evaluates at the trained geometry only."""
-    model, meta = model_from_checkpoint(checkpoint)
+                        split: str = "val", batch_size: int = 64, num_workers: int = 0,
+                        model_name: str | None = None, build_size: tuple[int, int] | None = None) -> list[dict]:
+    """Top-1/top-5 of a classifier checkpoint on ``data``'s ``split``, one row per (img_size, window); ``sizes``
+    None evaluates at the trained geometry only. Official/timm files need ``model_name`` and ``build_size``
+    (their img_size, window)."""
+    model, meta = load_for_eval(checkpoint, model_name, *(build_size or (None, None)))
     if meta["kind"] != "simmim-finetune":
-        raise ValueError(f"{checkpoint} is a pretraining checkpoint (no classifier); use --knn/--linear-probe, or "
+        raise ValueError(f"{checkpoint} holds an encoder without a classifier; use --knn/--linear-probe, or "
                          "fine-tune it first with simmim finetune")
     source = open_labeled(data, split, classes=meta.get("classes"))
     if sizes is None:
@@ -64,9 +89,10 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, sizes: Sequence[tuple
 
 
 def probe_checkpoint(checkpoint: str | Path, data: str, stage: int = -1, k: int = 20, linear_probe: bool = True,
-                     batch_size: int = 64, num_workers: int = 0) -> dict[str, float]:
+                     batch_size: int = 64, num_workers: int = 0, model_name: str | None = None,
+                     build_size: tuple[int, int] | None = None) -> dict[str, float]:
     """k-NN (and linear-probe) top-1 of a checkpoint's frozen encoder on ``data`` (train split fits, val scores)."""
-    model, meta = model_from_checkpoint(checkpoint)
+    model, meta = load_for_eval(checkpoint, model_name, *(build_size or (None, None)))
     monitor = FeatureMonitor(data, model.img_size[0], meta["mean"], meta["std"], stage=stage, k=k,
                              batch_size=batch_size, num_workers=num_workers)
     return monitor(model, linear_probe=linear_probe)

@@ -65,3 +65,19 @@ def test_export_of_a_missing_checkpoint(tmp_path, capsys):
     assert main(["export", str(tmp_path / "nope.pt")]) == 2
     err = capsys.readouterr().err.strip()
     assert "nope.pt" in err and len(err.splitlines()) == 1
+
+
+def test_eval_reads_official_classification_weights(tmp_path, capsys):
+    from test_finetune import _write_class_tree
+
+    ref = perturb_(TimmSwinV2(img_size=64, window_size=4, num_classes=3, **PICO)).eval()
+    official = to_official(ref.state_dict())
+    official.update({k: v for k, v in ref.named_buffers() if k.endswith("relative_coords_table")})
+    torch.save({"model": official}, tmp_path / "official_cls.pth")
+    _write_class_tree(tmp_path / "data" / "val", ["a", "b", "c"], 4, 0)
+    assert main(["eval", str(tmp_path / "official_cls.pth"), "--data", str(tmp_path / "data")]) == 2
+    assert "--model NAME" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "official_cls.pth"), "--data", str(tmp_path / "data"), "--model",
+                 "swinv2_pico", "--img-size", "64", "--window-size", "4", "--sweep", "64:4,96:6"]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()[1:]
+    assert [r.split()[:2] for r in rows] == [["64", "W4"], ["96", "W6"]] and all(r.split()[-1] == "12" for r in rows)

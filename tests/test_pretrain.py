@@ -212,3 +212,23 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
 def test_bf16_autocast_trains_on_cpu(tmp_path):
     summary = run(tiny_cfg(tmp_path, "schedule.max_steps=4", "run.mixed_precision=bf16"))
     assert summary["finite"] and summary["skipped_steps"] == 0
+
+
+def test_streaming_datasets_source_trains_across_the_end_of_the_stream(tmp_path):
+    import datasets
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)) for _ in range(10)]
+    datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()})
+                               ).save_to_disk(str(tmp_path / "hf"))
+    summary = run(tiny_cfg(tmp_path, f"data.path={tmp_path / 'hf'}", "data.streaming=true", "data.batch_size=4",
+                           "schedule.max_steps=5"))  # 20 samples from a 10-image stream: it restarts
+    assert summary["steps"] == 5 and summary["finite"]
+
+
+def test_knn_and_linear_probe_monitor_during_pretraining(tmp_path):
+    summary = run(tiny_cfg(tmp_path, "schedule.max_steps=4", "monitor.data=embedded:digits", "monitor.every=2"))
+    assert set(summary["monitor"]) == {"monitor/knn_top1", "monitor/linear_probe_top1"}
+    assert all(0.1 < v <= 1.0 for v in summary["monitor"].values())  # above chance on 10 digit classes
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert log.count("knn_top1") == 2  # at steps 2 and 4
