@@ -137,7 +137,7 @@ class WindowAttention(nn.Module):
         proj_drop: float = 0.0,
         attention: AttentionKind = "cosine",
         position_bias: PositionBias = "log_cpb",
-        fused: bool = True,
+        fused: bool | None = None,
     ) -> None:
         super().__init__()
         if attention not in ("cosine", "dot"):
@@ -240,7 +240,9 @@ class WindowAttention(nn.Module):
         B_, nH, N, d = q.shape
         G = bias.shape[0]
         drop = self.attn_drop if self.training else 0.0
-        if self.fused:
+        # None = auto: the fused kernel on GPUs (it never stores the (N, N) attention maps), the explicit path on
+        # CPUs, where it measured faster (docs/benchmarks.md)
+        if self.fused if self.fused is not None else q.is_cuda:
             q, k, v = (t.reshape(B_ // G, G * nH, N, d) for t in (q, k, v))
             mask = bias.reshape(G * nH, N, N).to(q.dtype)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=1.0)
@@ -312,7 +314,7 @@ class SwinTransformerV2Block(nn.Module):
         attention: AttentionKind = "cosine",
         position_bias: PositionBias = "log_cpb",
         extra_norm: bool = False,
-        fused_attn: bool = True,
+        fused_attn: bool | None = None,
     ) -> None:
         super().__init__()
         if norm_placement not in ("res_post", "pre"):
@@ -502,7 +504,7 @@ class SwinTransformerV2(nn.Module):
         attention: AttentionKind = "cosine",
         position_bias: PositionBias = "log_cpb",
         extra_norm_period: int = 0,
-        fused_attn: bool = True,
+        fused_attn: bool | None = None,
         global_pool: str = "avg",
     ) -> None:
         super().__init__()
@@ -626,8 +628,9 @@ class SwinTransformerV2(nn.Module):
         for blk in self.blocks():
             blk.attn.chunk_windows = chunk_windows
 
-    def set_fused_attn(self, enable: bool = True) -> None:
-        """Use ``F.scaled_dot_product_attention`` (True) or the explicit softmax(QK^T + B)V path (False)."""
+    def set_fused_attn(self, enable: bool | None = True) -> None:
+        """Use ``F.scaled_dot_product_attention`` (True), the explicit softmax(QK^T + B)V path (False), or pick
+        per device (None, the default: fused on CUDA, explicit on CPU)."""
         for blk in self.blocks():
             blk.attn.fused = enable
 

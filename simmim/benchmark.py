@@ -54,7 +54,8 @@ def run_benchmark(name: str = "swinv2_tiny", img_size: int = 192, window_size: i
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     amp_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     torch.manual_seed(0)
-    ours = create_model(name, img_size=img_size, window_size=window_size, num_classes=1000, drop_path_rate=0.0)
+    ours = create_model(name, img_size=img_size, window_size=window_size, num_classes=1000, drop_path_rate=0.0,
+                        fused_attn=True)
     ref = _timm_model(name, img_size, window_size, 1000)
     ref.load_state_dict(ours.state_dict())
     contenders: dict[str, nn.Module] = {"simmim (fused)": ours}

@@ -31,10 +31,13 @@ def test_parity_with_timm(geometry, num_classes):
     assert sorted(ref.state_dict()) == sorted(ours.state_dict())
     x = torch.randn(2, 3, geometry["img_size"], geometry["img_size"])
     with torch.no_grad():
-        expected, got = ref(x), ours(x)
-        torch.testing.assert_close(ours.forward_features(x), ref.forward_features(x), atol=1e-5, rtol=1e-5)
+        expected = ref(x)
+        for fused in (True, False):  # the SDPA kernel and the explicit softmax path
+            ours.set_fused_attn(fused)
+            got = ours(x)
+            torch.testing.assert_close(ours.forward_features(x), ref.forward_features(x), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert got.shape == (2, num_classes or ours.num_features)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert expected.std() > 0.1  # the comparison is on non-trivial outputs
 
 
