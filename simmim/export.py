@@ -228,7 +228,7 @@ def write_timm(model: SwinTransformerV2, meta: dict, out: Path, opset: int | Non
 def write_hf(model: SwinTransformerV2, meta: dict, out: Path, opset: int | None) -> tuple[list[Path], dict]:
     """A ``from_pretrained`` directory: config.json, model.safetensors (HF keys), preprocessor_config.json."""
     check_foreign(_variant(meta), "hf")
-    names = meta.get("class_names")
+    names = meta.get("classes")
     id2label = dict(enumerate(names)) if isinstance(names, list) and len(names) == model.num_classes else None
     config = hf_config(model, id2label)  # validates square windows etc. before anything is written
     if out.exists() and not out.is_dir():

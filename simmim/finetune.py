@@ -21,15 +21,17 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from simmim.checkpoint import CheckpointManager, resolve_resume
-from simmim.config import FinetuneConfig, save_config, scaled_lr, to_dict
+from simmim.config import FinetuneConfig, save_config, to_dict
 from simmim.data.labeled import LabeledDataset, open_labeled
 from simmim.data.sampler import EpochSampler
 from simmim.data.transforms import eval_transform, finetune_transform
 from simmim.engine import Engine, LoopSettings, make_accelerator
 from simmim.models import SwinTransformerV2, create_model
 from simmim.models.convert import convert_state_dict, load_pretrained, read_checkpoint, unwrap
-from simmim.optim import build_optimizer, build_scheduler, param_groups
+from simmim.optim import param_groups
+from simmim.plan import build_optimization, plan_training
 from simmim.run_dir import setup_logging
+from simmim.weights import geometry_metadata
 
 log = logging.getLogger(__name__)
 
@@ -247,14 +249,9 @@ def finetune_metadata(cfg: FinetuneConfig, model: SwinTransformerV2, classes: li
                       weights: PretrainedWeights | None) -> dict:
     return {
         "kind": "simmim-finetune",
-        "model": cfg.model.name,
-        "img_size": list(model.img_size),
-        "window_size": list(model.window_size),
-        "effective_window_sizes": [list(w) for w in model.effective_window_sizes],
-        "pretrained_window_sizes": [list(w) for w in model.pretrained_window_sizes],
+        **geometry_metadata(model, cfg.model.name),
         "num_classes": model.num_classes,
         "classes": classes,
-        "in_chans": model.in_chans,
         "mean": list(cfg.data.mean),
         "std": list(cfg.data.std),
         "crop_pct": cfg.data.crop_pct,
@@ -277,27 +274,18 @@ def run(cfg: FinetuneConfig) -> dict:
     model, weights = build_classifier(cfg, num_classes)
 
     d, o = cfg.data, cfg.optim
-    global_batch = d.batch_size * accelerator.num_processes * o.accumulation_steps
     if len(train_ds) < d.batch_size * accelerator.num_processes:
         raise ValueError(f"the training split has {len(train_ds)} images, fewer than one global batch of "
                          f"{d.batch_size * accelerator.num_processes}; lower data.batch_size")
     train_loader = DataLoader(train_ds, batch_size=d.batch_size, sampler=EpochSampler(len(train_ds), cfg.run.seed),
                               num_workers=d.num_workers, drop_last=True)
     val_loader = DataLoader(val_ds, batch_size=d.batch_size, num_workers=d.num_workers)
-    if cfg.schedule.max_steps:
-        total_steps = cfg.schedule.max_steps
-        per_epoch: float = total_steps / cfg.schedule.epochs
-    else:
-        per_epoch = max(len(train_loader) // (accelerator.num_processes * o.accumulation_steps), 1)
-        total_steps = cfg.schedule.epochs * int(per_epoch)
-    eval_every = cfg.run.eval_every or max(round(per_epoch), 1)
-
+    plan = plan_training(cfg.schedule, o, d.batch_size, accelerator.num_processes,
+                         len(train_loader) // accelerator.num_processes)
+    total_steps = plan.total_steps
+    eval_every = cfg.run.eval_every or max(round(plan.steps_per_epoch), 1)
     groups = param_groups(model, o.weight_decay, o.layer_decay, depths=model.depths)
-    optimizer = build_optimizer(groups, scaled_lr(o.base_lr, global_batch), o.betas, o.eps)
-    scheduler = build_scheduler(
-        optimizer, cfg.schedule.kind, total_steps, warmup_steps=round(cfg.schedule.warmup_epochs * per_epoch),
-        warmup_lr=scaled_lr(o.warmup_lr, global_batch), min_lr=scaled_lr(o.min_lr, global_batch),
-        milestones=tuple(round(m * per_epoch) for m in cfg.schedule.milestones), gamma=cfg.schedule.gamma)
+    optimizer, scheduler = build_optimization(groups, cfg.schedule, o, plan)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
 
     if accelerator.is_main_process:
@@ -306,7 +294,7 @@ def run(cfg: FinetuneConfig) -> dict:
     accelerator.init_trackers("tensorboard")
     log.info("fine-tuning %s at %dpx W%d on %d classes (%d train / %d val images): %d steps, global batch %d, "
              "lr %.3e, layer decay %.2f", cfg.model.name, cfg.model.img_size, cfg.model.window_size, num_classes,
-             len(train_ds), len(val_ds), total_steps, global_batch, scaled_lr(o.base_lr, global_batch),
+             len(train_ds), len(val_ds), total_steps, plan.global_batch, plan.lr,
              o.layer_decay)
 
     r = cfg.run

@@ -17,7 +17,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from simmim.checkpoint import CheckpointManager, resolve_resume
-from simmim.config import PretrainConfig, save_config, scaled_lr, to_dict
+from simmim.config import PretrainConfig, save_config, to_dict
 from simmim.data import (
     MaskedImageDataset,
     MaskedImageStream,
@@ -30,9 +30,11 @@ from simmim.engine import Engine, LoopSettings, TrainState, make_accelerator
 from simmim.model import SimMIM, normalize_target
 from simmim.models import SwinTransformerV2, create_model
 from simmim.monitor import FeatureMonitor
-from simmim.optim import build_optimizer, build_scheduler, param_groups
+from simmim.optim import param_groups
+from simmim.plan import build_optimization, plan_training
 from simmim.run_dir import setup_logging
 from simmim.visualize import reconstruction_grid
+from simmim.weights import geometry_metadata
 
 log = logging.getLogger(__name__)
 
@@ -123,12 +125,7 @@ def checkpoint_metadata(cfg: PretrainConfig, encoder: SwinTransformerV2) -> dict
     """What fine-tuning and export need to know about the pretrained encoder (plain data)."""
     return {
         "kind": "simmim-pretrain",
-        "model": cfg.model.name,
-        "img_size": list(encoder.img_size),
-        "window_size": list(encoder.window_size),
-        "effective_window_sizes": [list(w) for w in encoder.effective_window_sizes],
-        "pretrained_window_sizes": [list(w) for w in encoder.pretrained_window_sizes],
-        "in_chans": encoder.in_chans,
+        **geometry_metadata(encoder, cfg.model.name),
         "mean": list(cfg.data.mean),
         "std": list(cfg.data.std),
         "config": to_dict(cfg),
@@ -152,24 +149,13 @@ def run(cfg: PretrainConfig) -> dict:
         monitor = FeatureMonitor(cfg.monitor.data, cfg.monitor.img_size or cfg.model.img_size, cfg.data.mean,
                                  cfg.data.std, stage=cfg.monitor.stage, k=cfg.monitor.knn_k)
 
-    global_batch = cfg.data.batch_size * accelerator.num_processes * cfg.optim.accumulation_steps
-    if cfg.schedule.max_steps:  # the schedule's epochs are spread over max_steps
-        total_steps = cfg.schedule.max_steps
-        per_epoch = total_steps / cfg.schedule.epochs
-    elif isinstance(dataset, MaskedImageStream):
-        raise ValueError("a streaming dataset has no epoch length: set schedule.max_steps")
-    else:
-        per_epoch = max(len(loader) // (accelerator.num_processes * cfg.optim.accumulation_steps), 1)
-        total_steps = cfg.schedule.epochs * per_epoch
+    batches = None if isinstance(dataset, MaskedImageStream) else len(loader) // accelerator.num_processes
+    plan = plan_training(cfg.schedule, cfg.optim, cfg.data.batch_size, accelerator.num_processes, batches)
+    total_steps = plan.total_steps
 
     model = SimMIM(encoder, norm_target=cfg.simmim.norm_target, norm_target_window=cfg.simmim.norm_target_window)
     o = cfg.optim
-    optimizer = build_optimizer(param_groups(model, o.weight_decay), scaled_lr(o.base_lr, global_batch),
-                                o.betas, o.eps)
-    scheduler = build_scheduler(
-        optimizer, cfg.schedule.kind, total_steps, warmup_steps=round(cfg.schedule.warmup_epochs * per_epoch),
-        warmup_lr=scaled_lr(o.warmup_lr, global_batch), min_lr=scaled_lr(o.min_lr, global_batch),
-        milestones=tuple(round(m * per_epoch) for m in cfg.schedule.milestones), gamma=cfg.schedule.gamma)
+    optimizer, scheduler = build_optimization(param_groups(model, o.weight_decay), cfg.schedule, o, plan)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 
     if accelerator.is_main_process:
@@ -177,8 +163,8 @@ def run(cfg: PretrainConfig) -> dict:
         save_config(cfg, out / "config.yaml")
     accelerator.init_trackers("tensorboard")
     log.info("pretraining %s at %dpx W%d: %d steps, global batch %d, lr %.3e, %d processes, %s precision",
-             cfg.model.name, cfg.model.img_size, cfg.model.window_size, total_steps, global_batch,
-             scaled_lr(o.base_lr, global_batch), accelerator.num_processes, cfg.run.mixed_precision)
+             cfg.model.name, cfg.model.img_size, cfg.model.window_size, total_steps, plan.global_batch, plan.lr,
+             accelerator.num_processes, cfg.run.mixed_precision)
 
     r = cfg.run
     mon = cfg.monitor

@@ -15,6 +15,18 @@ class WrongCheckpointError(ValueError):
     """The file is a checkpoint, but not one this command can use."""
 
 
+def geometry_metadata(model: SwinTransformerV2, name: str) -> dict:
+    """What :func:`model_from_checkpoint` needs to rebuild ``model`` (variant, sizes, per-stage windows)."""
+    return {
+        "model": name,
+        "img_size": list(model.img_size),
+        "window_size": list(model.window_size),
+        "effective_window_sizes": [list(w) for w in model.effective_window_sizes],
+        "pretrained_window_sizes": [list(w) for w in model.pretrained_window_sizes],
+        "in_chans": model.in_chans,
+    }
+
+
 def read_run_checkpoint(path: str | Path) -> dict:
     """A checkpoint written by ``simmim pretrain``/``finetune`` (``model``, ``meta``, ...); a clear error otherwise."""
     ckpt = load_checkpoint(path)

@@ -40,6 +40,7 @@ def run_meta(kind: str, model) -> dict:
             "in_chans": 3, "mean": MEAN, "std": STD, "config": RECIPE}
     if kind == "simmim-finetune":
         meta["num_classes"] = model.num_classes
+        meta["classes"] = [f"class_{i}" for i in range(model.num_classes)]  # as fine-tuning records them
     return meta
 
 
@@ -182,7 +183,7 @@ def test_hf_directory_config_and_image_processor(exported):
     config = json.loads((directory / "config.json").read_text())
     assert config["architectures"] == ["Swinv2ForImageClassification"]
     assert config["pretrained_window_sizes"] == [4, 4, 4, 2] and config["window_size"] == 6
-    assert config["id2label"] == {str(i): f"LABEL_{i}" for i in range(5)}
+    assert config["id2label"] == {str(i): f"class_{i}" for i in range(5)}
     processor = transformers.AutoImageProcessor.from_pretrained(directory)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (120, 80, 3), dtype=np.uint8))
     pixels = processor(images=image, return_tensors="pt")["pixel_values"]
