@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from . import __version__
 
@@ -47,27 +48,34 @@ def _fail(err: BaseException) -> int:
     return 2
 
 
-def cmd_pretrain(args: argparse.Namespace) -> int:
-    """SimMIM pretraining from a config, with --data/--output/--resume and key=value overrides."""
-    from simmim.config import ConfigError, PretrainConfig, load_config
+def _run_job(args: argparse.Namespace, config_cls: type, run: Callable[[Any], dict],
+             flags: dict[str, str]) -> tuple[int, dict | None]:
+    """Load CONFIG with the command's flags (``flags``: argument -> config key) and overrides, then run it.
+    Bad input exits 2 before training; a run stopped by non-finite losses exits 1."""
+    from simmim.config import ConfigError, load_config
     from simmim.configs import resolve
     from simmim.engine import NonFiniteLossError
-    from simmim.pretrain import run
 
     overrides = list(args.overrides)
-    for flag, key in ((args.data, "data.path"), (args.output, "run.output"), (args.resume, "run.resume")):
-        if flag is not None:
-            overrides.append(f"{key}={flag}")
+    overrides += [f"{key}={getattr(args, arg)}" for arg, key in flags.items() if getattr(args, arg) is not None]
     try:
-        cfg = load_config(PretrainConfig, resolve(args.config), overrides)
-        summary = run(cfg)
+        return 0, run(load_config(config_cls, resolve(args.config), overrides))
     except (ConfigError, FileNotFoundError, ValueError) as err:
-        return _fail(err)
+        return _fail(err), None
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
-    if not summary["main_process"]:
-        return 0
+        return 1, None
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    """SimMIM pretraining from a config, with --data/--output/--resume and key=value overrides."""
+    from simmim.config import PretrainConfig
+    from simmim.pretrain import run
+
+    code, summary = _run_job(args, PretrainConfig, run,
+                             {"data": "data.path", "output": "run.output", "resume": "run.resume"})
+    if summary is None or not summary["main_process"]:
+        return code
     print(f"pretrained {summary['steps']} steps: loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}")
     print(f"  checkpoint:  {summary['checkpoint']}")
     print(f"  tensorboard: tensorboard --logdir {summary['output']}/tensorboard")
@@ -81,30 +89,17 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     """Fine-tune a pretrained encoder as a classifier at a new size and window."""
-    from simmim.config import ConfigError, FinetuneConfig, load_config
-    from simmim.configs import resolve
-    from simmim.engine import NonFiniteLossError
+    from simmim.config import FinetuneConfig
     from simmim.finetune import run
-    from simmim.models.convert import CheckpointMismatchError
 
-    overrides = list(args.overrides)
-    for flag, key in ((args.pretrained, "pretrained"), (args.data, "data.path"), (args.output, "run.output"),
-                      (args.resume, "run.resume")):
-        if flag is not None:
-            overrides.append(f"{key}={flag}")
-    try:
-        cfg = load_config(FinetuneConfig, resolve(args.config), overrides)
-        summary = run(cfg)
-    except (ConfigError, FileNotFoundError, ValueError, CheckpointMismatchError) as err:
-        return _fail(err)
-    except NonFiniteLossError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    if summary["main_process"]:
-        print(f"fine-tuned {summary['steps']} steps: val top-1 {summary['last_top1']:.2f} "
-              f"(best {summary['best_top1']:.2f}), top-5 {summary['last_top5']:.2f}")
-        print(f"  checkpoint:  {summary['checkpoint']}  (best: {summary['best_checkpoint']})")
-        print(f"  tensorboard: tensorboard --logdir {summary['output']}/tensorboard")
+    code, summary = _run_job(args, FinetuneConfig, run, {"pretrained": "pretrained", "data": "data.path",
+                                                         "output": "run.output", "resume": "run.resume"})
+    if summary is None or not summary["main_process"]:
+        return code
+    print(f"fine-tuned {summary['steps']} steps: val top-1 {summary['last_top1']:.2f} "
+          f"(best {summary['best_top1']:.2f}), top-5 {summary['last_top5']:.2f}")
+    print(f"  checkpoint:  {summary['checkpoint']}  (best: {summary['best_checkpoint']})")
+    print(f"  tensorboard: tensorboard --logdir {summary['output']}/tensorboard")
     return 0
 
 
