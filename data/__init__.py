@@ -1,16 +1,10 @@
 """Data pipeline for SimMIM (installed as ``simmim.data``): mask generation, transforms and datasets."""
 
-from .datasets import (
-    EmbeddedSource,
-    HFImageSource,
-    ImageFolderSource,
-    MaskedImageDataset,
-    MaskedImageStream,
-    open_source,
-)
+from .datasets import MaskedImageDataset, MaskedImageStream
 from .images import IMAGE_EXTENSIONS, load_rgb
 from .mask import MaskGenerator, sample_seed
 from .samples import sample_digits, sample_photos
+from .sources import EmbeddedSource, HFImageSource, ImageFolderSource, open_source
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize, pretrain_transform
 
 __all__ = [

@@ -16,19 +16,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .datasets import (
-    HFImageSource,
-    Transform,
-    _FailureLog,
-    _looks_saved,
-    _scan_images,
-    load_hf_dataset,
-    load_rgb,
-    load_skipping,
-    seeded_transform,
-)
+from .datasets import Transform, _FailureLog, load_skipping, seeded_transform
+from .images import load_rgb
 from .mask import sample_seed
 from .samples import sample_digits
+from .sources import HFImageSource, _looks_saved, _scan_images, load_hf_dataset
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,288 @@
+"""Image sources: ``len(source)`` and ``source[i] -> PIL RGB`` (map-style), or iteration for streaming ``datasets``.
+
+A folder of images (flat or nested), a Hugging Face ``datasets`` dataset (``save_to_disk`` folder, ``imagefolder``
+folder or hub name), or the real images that ship inside scikit-image / scikit-learn. ``open_source`` turns a user
+string into one. Sources only read and convert images to RGB; the datasets in :mod:`data.datasets` transform them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image
+
+from .images import IMAGE_EXTENSIONS, finish_decode, is_image_file, load_rgb
+from .samples import photo_names, sample_digits, sample_photos
+
+logger = logging.getLogger(__name__)
+
+SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")  # written by save_to_disk
+EMBEDDED_KINDS = ("photos", "digits", "all")
+
+
+class MapSource(Protocol):
+    """What :class:`MaskedImageDataset` needs from a source."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Image.Image: ...
+
+
+def _describe(source: Any, index: int) -> str:
+    """A human name for item ``index`` of ``source`` (its file path when it has one)."""
+    describe = getattr(source, "describe", None)
+    return describe(index) if describe is not None else f"item {index}"
+
+
+
+
+def _scan_images(root: Path) -> list[Path]:
+    """Every image file under ``root`` (recursive, symlinks followed once, hidden entries skipped), sorted."""
+    found: list[Path] = []
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a symlink loop or a second link to the same folder
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found.extend(Path(dirpath) / f for f in filenames if not f.startswith(".") and is_image_file(f))
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+class ImageFolderSource:
+    """All images under a folder, flat or nested (class sub-folders allowed, not required), in sorted order.
+
+    The scan happens here, so an empty or mistyped folder fails before training starts.
+    """
+
+    is_streaming = False
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser()
+        if not self.root.exists():
+            raise FileNotFoundError(f"image folder {self.root} does not exist")
+        if not self.root.is_dir():
+            raise NotADirectoryError(f"image folder {self.root} is a file, not a folder")
+        self.paths: list[Path] = _scan_images(self.root)
+        if not self.paths:
+            raise ValueError(
+                f"no image files under {self.root} (searched recursively for "
+                f"{' '.join(sorted(IMAGE_EXTENSIONS))}, any case; hidden files and folders are ignored)"
+            )
+        logger.info("found %d images under %s", len(self.paths), self.root)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> Image.Image:
+        """The RGB image at ``index``; raises ``OSError`` naming the file when it cannot be read."""
+        return load_rgb(self.paths[index])
+
+    def describe(self, index: int) -> str:
+        return str(self.paths[index])
+
+
+def _looks_saved(path: Path) -> bool:
+    return path.is_dir() and any((path / m).is_file() for m in SAVED_DATASET_MARKERS)
+
+
+def load_hf_dataset(name_or_path: str, split: str = "train", streaming: bool = False) -> Any:
+    """One split of a ``datasets`` dataset: a ``save_to_disk`` folder, a folder of images (``imagefolder``) or a
+    hub name. Returns a ``datasets.Dataset`` (or ``IterableDataset`` when ``streaming``)."""
+    import datasets
+
+    path = Path(name_or_path).expanduser()
+    if path.is_dir() and _looks_saved(path):
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict | datasets.IterableDatasetDict):
+            if split not in ds:
+                raise ValueError(f"split {split!r} not found in {path}; available splits: {list(ds)} (data.split)")
+            ds = ds[split]
+        if streaming and isinstance(ds, datasets.Dataset):
+            ds = ds.to_iterable_dataset()
+    elif path.is_dir():
+        ds = datasets.load_dataset("imagefolder", data_dir=str(path), split=split, streaming=streaming)
+    else:
+        ds = datasets.load_dataset(name_or_path, split=split, streaming=streaming)
+    return ds
+
+
+class HFImageSource:
+    """Images from a Hugging Face ``datasets`` dataset: a ``save_to_disk`` folder, a folder of images (loaded with
+    the ``imagefolder`` builder) or a hub name.
+
+    Image bytes are decoded here, not by ``datasets`` (the image column is cast to ``Image(decode=False)``), so a
+    corrupt image raises in :meth:`decode` for that item only; inside a streaming iterator it would end the stream.
+
+    Map-style: ``len`` and ``source[i]``. Streaming (``is_streaming``): iterate it. Both give PIL RGB images.
+    """
+
+    def __init__(
+        self, name_or_path: str, split: str = "train", image_column: str | None = None, streaming: bool = False
+    ) -> None:
+        ds = load_hf_dataset(name_or_path, split=split, streaming=streaming)
+        self._setup(ds, f"{name_or_path}[{split}]", image_column)
+
+    @classmethod
+    def from_dataset(cls, dataset: Any, image_column: str | None = None, name: str = "in-memory") -> HFImageSource:
+        """Wrap an already loaded ``datasets.Dataset`` or ``datasets.IterableDataset``."""
+        self = cls.__new__(cls)
+        self._setup(dataset, name, image_column)
+        return self
+
+    def _setup(self, ds: Any, name: str, image_column: str | None) -> None:
+        import datasets
+
+        if not isinstance(ds, datasets.Dataset | datasets.IterableDataset):
+            raise TypeError(f"expected a datasets.Dataset or IterableDataset for {name}, got {type(ds).__name__}")
+        self.name = name
+        self.is_streaming = isinstance(ds, datasets.IterableDataset)
+        features = ds.features
+        columns = list(features) if features is not None else list(ds.column_names or [])
+        self.image_column = _pick_image_column(features, columns, image_column, name)
+        ds = ds.select_columns([self.image_column])  # never decode or copy the other columns
+        if features is not None and isinstance(features[self.image_column], datasets.Image):
+            ds = ds.cast_column(self.image_column, datasets.Image(decode=False))
+        self.dataset = ds
+        if not self.is_streaming and len(ds) == 0:
+            raise ValueError(f"dataset {name} is empty (0 rows)")
+
+    def __len__(self) -> int:
+        if self.is_streaming:
+            raise TypeError(f"streaming dataset {self.name} has no length; iterate it (MaskedImageStream)")
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Image.Image:
+        if self.is_streaming:
+            raise TypeError(f"streaming dataset {self.name} cannot be indexed; iterate it (MaskedImageStream)")
+        return self.decode(self.dataset[int(index)][self.image_column])
+
+    def iter_raw(self) -> Iterator[Any]:
+        """The undecoded image values in order (bytes/path dicts, paths, arrays or PIL images); see :meth:`decode`.
+
+        Iterates with ``.iter(batch_size=1)``, which (unlike ``iter(dataset)``) does not split the stream across
+        DataLoader workers behind our back: :class:`MaskedImageStream` does that split itself.
+        """
+        if not self.is_streaming:
+            for i in range(len(self.dataset)):
+                yield self.dataset[i][self.image_column]
+            return
+        for batch in self.dataset.iter(batch_size=1):
+            yield batch[self.image_column][0]
+
+    def decode(self, raw: Any) -> Image.Image:
+        """One raw value from :meth:`iter_raw` -> PIL RGB (the conversion rules of :func:`data.images.to_rgb`)."""
+        if isinstance(raw, Image.Image):
+            return finish_decode(raw)
+        if isinstance(raw, str | os.PathLike):
+            return load_rgb(raw)
+        if isinstance(raw, dict):
+            if raw.get("bytes") is None and raw.get("path") and Path(raw["path"]).is_file():
+                return load_rgb(raw["path"])
+            import datasets
+
+            try:
+                return finish_decode(datasets.Image().decode_example(raw))
+            except Exception as err:
+                where = raw.get("path") or "embedded bytes"
+                raise OSError(f"cannot read image ({where}) in {self.name}: {type(err).__name__}: {err}") from err
+        if isinstance(raw, np.ndarray | list):
+            return finish_decode(Image.fromarray(np.asarray(raw)))
+        raise TypeError(f"column {self.image_column!r} of {self.name} holds {type(raw).__name__}, not images")
+
+    def __iter__(self) -> Iterator[Image.Image]:
+        for raw in self.iter_raw():
+            yield self.decode(raw)
+
+    def describe(self, index: int) -> str:
+        return f"{self.name} row {index}"
+
+
+def _pick_image_column(features: Any, columns: list[str], image_column: str | None, name: str) -> str:
+    """The requested column, else the first ``datasets.Image`` column, else one named ``image`` or ``img``."""
+    import datasets
+
+    if image_column is not None:
+        if image_column not in columns:
+            raise ValueError(f"image_column {image_column!r} is not a column of {name}; columns: {columns}")
+        return image_column
+    if features is not None:
+        for col, feature in features.items():
+            if isinstance(feature, datasets.Image):
+                return col
+    for col in ("image", "img"):
+        if col in columns:
+            return col
+    raise ValueError(
+        f"{name} has no image column (no column of type datasets.Image, none named 'image' or 'img'); "
+        f"columns: {columns}. Pass image_column=NAME (data.image_column)"
+    )
+
+
+class EmbeddedSource:
+    """The images shipped inside scikit-image / scikit-learn: ``photos`` (21 photos), ``digits`` (1797 labelled
+    digits, ``digit_size`` px) or ``all`` (both). ``labels`` holds the digit labels for ``digits``, else None.
+    """
+
+    is_streaming = False
+
+    def __init__(self, kind: str = "photos", digit_size: int = 32) -> None:
+        if kind not in EMBEDDED_KINDS:
+            raise ValueError(f"unknown embedded kind {kind!r}; choose one of {', '.join(EMBEDDED_KINDS)}")
+        self.kind = kind
+        self.images: list[Image.Image] = []
+        self.names: list[str] = []
+        self.labels: list[int] | None = None
+        if kind in ("photos", "all"):
+            self.images += sample_photos()
+            self.names += photo_names()
+        if kind in ("digits", "all"):
+            digits, labels = sample_digits(digit_size)
+            self.images += digits
+            self.names += [f"digits:{i}" for i in range(len(digits))]
+            if kind == "digits":
+                self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> Image.Image:
+        return self.images[index].copy()  # a copy: callers may draw on it without changing the source
+
+    def describe(self, index: int) -> str:
+        return self.names[index]
+
+
+Source = ImageFolderSource | HFImageSource | EmbeddedSource
+
+
+def open_source(spec: str, split: str = "train", streaming: bool = False, image_column: str | None = None) -> Source:
+    """Resolve a user string to a source.
+
+    ``embedded`` / ``embedded:photos|digits|all`` -> :class:`EmbeddedSource`; ``hf:NAME`` -> hub dataset; a folder
+    written by ``save_to_disk`` -> :class:`HFImageSource`; any other folder -> :class:`ImageFolderSource`.
+    ``split``, ``streaming`` and ``image_column`` apply to ``datasets`` sources only.
+    """
+    if spec == "embedded" or spec.startswith("embedded:"):
+        return EmbeddedSource(spec.partition(":")[2] or "photos")
+    if spec.startswith("hf:"):
+        name = spec[len("hf:") :]
+        if not name:
+            raise ValueError("hf: needs a dataset name, e.g. hf:user/dataset")
+        return HFImageSource(name, split=split, image_column=image_column, streaming=streaming)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if _looks_saved(path):
+            return HFImageSource(str(path), split=split, image_column=image_column, streaming=streaming)
+        return ImageFolderSource(path)
+    what = "is not a folder" if path.exists() else "does not exist"
+    raise FileNotFoundError(
+        f"data path {spec} {what}; pass a folder of images, a datasets save_to_disk folder, hf:NAME or embedded"
+    )
