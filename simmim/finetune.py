@@ -78,10 +78,31 @@ class PretrainedWeights:
     meta: dict = field(default_factory=dict)
 
 
+def _read_hf_directory(path: Path) -> PretrainedWeights:
+    """A transformers ``Swinv2*`` directory (``config.json`` + ``model.safetensors``), e.g. our hf export."""
+    from safetensors.torch import load_file
+
+    from simmim.models.hf import hf_to_ours
+    from simmim.models.swin_transformer_v2 import stage_geometry, to_pair
+
+    config = json.loads((path / "config.json").read_text())
+    if config.get("model_type") != "swinv2":
+        raise ValueError(f"{path} holds a {config.get('model_type')!r} model, not swinv2")
+    sd = hf_to_ours(load_file(str(path / "model.safetensors")))
+    geometry = stage_geometry(to_pair(config["image_size"]), config["patch_size"], len(config["depths"]),
+                              to_pair(config["window_size"]))
+    windows = [to_pair(p) if p else win for p, (_, win) in zip(config["pretrained_window_sizes"], geometry,
+                                                               strict=True)]
+    return PretrainedWeights({k: v for k, v in sd.items() if not k.startswith(_DROP)}, windows,
+                             f"{path} (transformers Swinv2)", {})
+
+
 def read_pretrained(path: str | Path) -> PretrainedWeights:
-    """Read encoder weights from one of our run checkpoints, an exported ``.safetensors`` (+ card), an official
-    SimMIM / classification checkpoint or a timm file."""
+    """Read encoder weights from one of our run checkpoints, an exported ``.safetensors`` (+ card), a transformers
+    ``Swinv2`` directory, an official SimMIM / classification checkpoint or a timm file."""
     path = Path(path)
+    if path.is_dir() and (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        return _read_hf_directory(path)
     raw = read_checkpoint(path)
     meta = raw.get("meta") if isinstance(raw.get("meta"), dict) else {}
     card = path.with_suffix(".json")

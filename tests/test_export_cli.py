@@ -81,3 +81,19 @@ def test_eval_reads_official_classification_weights(tmp_path, capsys):
                  "swinv2_pico", "--img-size", "64", "--window-size", "4", "--sweep", "64:4,96:6"]) == 0
     rows = capsys.readouterr().out.strip().splitlines()[1:]
     assert [r.split()[:2] for r in rows] == [["64", "W4"], ["96", "W6"]] and all(r.split()[-1] == "12" for r in rows)
+
+
+def test_a_transformers_directory_is_a_pretrained_source(tmp_path):
+    from test_finetune import finetune_cfg, pretrain_checkpoint
+
+    from simmim.finetune import build_classifier, read_pretrained
+
+    ckpt = pretrain_checkpoint(tmp_path)  # 64 px / W4 encoder
+    assert main(["export", str(ckpt), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    weights = read_pretrained(tmp_path / "hf")
+    assert weights.windows == [(4, 4), (4, 4), (4, 4), (2, 2)]
+    encoder, _ = model_from_checkpoint(ckpt)
+    for k, v in encoder.state_dict().items():
+        torch.testing.assert_close(weights.state_dict[k], v, rtol=0, atol=0, msg=k)
+    model, _ = build_classifier(finetune_cfg(f"pretrained={tmp_path / 'hf'}"), num_classes=10)
+    assert model.pretrained_window_sizes == [(4, 4), (4, 4), (4, 4), (2, 2)]
