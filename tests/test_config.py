@@ -292,3 +292,17 @@ def test_finetune_recipe_defaults_are_the_official_swinv2_b_recipe():
     assert (cfg.mixup.mixup, cfg.mixup.cutmix, cfg.mixup.label_smoothing) == (0.8, 1.0, 0.1)
     assert (cfg.data.auto_augment, cfg.data.re_prob, cfg.data.interpolation) == ("rand-m9-mstd0.5-inc1", 0.25,
                                                                                 "bicubic")
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "deepspeed_zero1", "deepspeed_zero2"])
+def test_accelerate_configs_parse(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from simmim.models import swin_transformer_v2
+
+    cfg = load_config_from_file(str(CONFIG_DIR / "accelerate" / f"{name}.yaml"))
+    assert cfg.distributed_type.value == {"ddp": "MULTI_GPU", "fsdp": "FSDP"}.get(name, "DEEPSPEED")
+    if name == "fsdp":  # the wrap unit must name a real class
+        assert hasattr(swin_transformer_v2, cfg.fsdp_config["fsdp_transformer_layer_cls_to_wrap"])
+    if name.startswith("deepspeed"):
+        assert cfg.deepspeed_config["zero_stage"] == int(name[-1])
