@@ -88,6 +88,9 @@ class Engine:
         self.scheduler, self.loader, self.checkpoints, self.settings = scheduler, loader, checkpoints, settings
         self.metadata, self.image_dir, self.on_step = metadata, image_dir, on_step
         self.state = TrainState()
+        if accelerator.distributed_type == DistributedType.DEEPSPEED and settings.accumulation_steps > 1:
+            raise ValueError("under DeepSpeed keep optim.accumulation_steps=1: DeepSpeed steps the optimizer inside "
+                             "backward, so accumulate with a larger data.batch_size or more processes")
 
     # -- checkpoints -----------------------------------------------------------------------------------------
 
