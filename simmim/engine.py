@@ -196,9 +196,10 @@ class Engine:
                 if "skipped" in batch else 0
         loss_value = self.acc.reduce(total, "mean").item()
         params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = self.acc.clip_grad_norm_(params, s.clip_grad or math.inf)
-        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        applied = math.isfinite(loss_value) and (math.isfinite(grad_norm) or self.acc.mixed_precision == "fp16")
+        norm = self.acc.clip_grad_norm_(params, s.clip_grad or math.inf)  # None under DeepSpeed: it clips itself
+        grad_norm = float(norm) if norm is not None else float("nan")
+        grads_ok = norm is None or math.isfinite(grad_norm) or self.acc.mixed_precision == "fp16"
+        applied = math.isfinite(loss_value) and grads_ok
         if applied:  # under fp16 the grad scaler itself skips overflowing steps and lowers its scale
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
