@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from simmim.checkpoint import CheckpointManager, load_checkpoint
 from simmim.data import sample_seed
+from simmim.models.convert import check_compatible
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,9 @@ class Engine:
     def resume(self, path: Path) -> None:
         """Restore weights, optimizer, scheduler, scaler, counters and (through the step) the data position."""
         ckpt = load_checkpoint(path)
-        self.acc.unwrap_model(self.model).load_state_dict(ckpt["model"])
+        model = self.acc.unwrap_model(self.model)
+        check_compatible(model, ckpt["model"], what=f"resume checkpoint {path} (was the model config changed?)")
+        model.load_state_dict(ckpt["model"])
         accel_dir = self.checkpoints.directory / f"accelerate-{ckpt['step']:08d}"
         if ckpt.get("optimizer") is not None:
             self.optimizer.load_state_dict(ckpt["optimizer"])

@@ -232,3 +232,11 @@ def test_knn_and_linear_probe_monitor_during_pretraining(tmp_path):
     assert all(0.1 < v <= 1.0 for v in summary["monitor"].values())  # above chance on 10 digit classes
     log = (tmp_path / "run" / "train.log").read_text()
     assert log.count("knn_top1") == 2  # at steps 2 and 4
+
+
+def test_resuming_with_a_different_model_is_a_clear_error(tmp_path, capsys):
+    args = ["pretrain", "demo/pretrain", *TINY, "schedule.max_steps=2", f"run.output={tmp_path / 'run'}"]
+    assert main(args) == 0
+    assert main([*args, "model.name=swinv2_nano", "schedule.max_steps=4", "--resume", "auto"]) == 2
+    assert "was the model config changed?" in capsys.readouterr().err
+    assert (tmp_path / "run" / "checkpoints" / "ckpt-00000002.pt").is_file()  # nothing saved is lost
