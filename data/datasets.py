@@ -91,7 +91,23 @@ def load_skipping(source: Any, index: int, failures: _FailureLog) -> tuple[Any, 
     )
 
 
-class MaskedImageDataset(Dataset):
+class _SeededSamples:
+    """What both SimMIM datasets hold: a source, the transform, the mask generator, the seed and the epoch."""
+
+    def __init__(self, source: Any, transform: Transform, mask_generator: MaskGenerator, seed: int = 0) -> None:
+        self.source = source
+        self.transform = transform
+        self.mask_generator = mask_generator
+        self.seed = seed
+        self.epoch = 0
+        self._failures = _FailureLog()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose crops and masks come next (samples are functions of (seed, epoch, index))."""
+        self.epoch = int(epoch)
+
+
+class MaskedImageDataset(_SeededSamples, Dataset):
     """Map-style SimMIM dataset: ``ds[i] -> {image (3, H, W) float, mask (h, w) bool, index i, skipped k}``.
 
     ``ds[i]`` is a pure function of ``(seed, epoch, i)``. When item ``i`` is unreadable, items ``i+1, i+2, ...``
@@ -103,16 +119,7 @@ class MaskedImageDataset(Dataset):
             raise TypeError("MaskedImageDataset needs a map-style source; use MaskedImageStream for streaming")
         if len(source) == 0:
             raise ValueError("MaskedImageDataset got an empty source")
-        self.source = source
-        self.transform = transform
-        self.mask_generator = mask_generator
-        self.seed = seed
-        self.epoch = 0
-        self._failures = _FailureLog()
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose crops and masks ``__getitem__`` returns."""
-        self.epoch = int(epoch)
+        _SeededSamples.__init__(self, source, transform, mask_generator, seed)
 
     def __len__(self) -> int:
         return len(self.source)
@@ -145,7 +152,7 @@ def _lazy_items(source: Any) -> Iterator[Callable[[], Image.Image]]:
     return (partial(_identity, img) for img in source)
 
 
-class MaskedImageStream(IterableDataset):
+class MaskedImageStream(_SeededSamples, IterableDataset):
     """Iterable SimMIM dataset for streaming sources; yields the same dicts as :class:`MaskedImageDataset`.
 
     ``index`` is the item's position in the stream and seeds it with ``(seed, epoch, index)``. DataLoader worker
@@ -153,18 +160,6 @@ class MaskedImageStream(IterableDataset):
     worker count. Every worker reads the whole stream but decodes only its own items. Unreadable items are dropped;
     ``skipped`` on the next sample of the same worker counts them.
     """
-
-    def __init__(self, source: Any, transform: Transform, mask_generator: MaskGenerator, seed: int = 0) -> None:
-        self.source = source
-        self.transform = transform
-        self.mask_generator = mask_generator
-        self.seed = seed
-        self.epoch = 0
-        self._failures = _FailureLog()
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose crops and masks the next iteration yields."""
-        self.epoch = int(epoch)
 
     def __iter__(self) -> Iterator[Sample]:
         info = get_worker_info()

@@ -295,6 +295,21 @@ def make_accelerator(output: Path, mixed_precision: str) -> Accelerator:
     )
 
 
+def start_run(output: str | Path, mixed_precision: str, resume: str | None, seed: int
+              ) -> tuple[Path, Accelerator, Path | None]:
+    """The opening every run shares: the accelerator, logging to ``output/train.log``, the checkpoint to resume
+    from (checked before any heavy work) and the seed of the initial weights (equal on every process)."""
+    from simmim.checkpoint import resolve_resume
+    from simmim.run_dir import setup_logging
+
+    out = Path(output)
+    accelerator = make_accelerator(out, mixed_precision)
+    setup_logging(out / "train.log", main_process=accelerator.is_main_process)
+    resume_path = resolve_resume(resume, out)
+    set_seed(seed)
+    return out, accelerator, resume_path
+
+
 def _tensorboard_writer(acc: Accelerator) -> Any:
     try:
         return acc.get_tracker("tensorboard", unwrap=True)

@@ -16,21 +16,19 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import DataLoader
 
-from simmim.checkpoint import CheckpointManager, resolve_resume
+from simmim.checkpoint import CheckpointManager
 from simmim.config import FinetuneConfig, save_config, to_dict
 from simmim.data.labeled import LabeledDataset, open_labeled
 from simmim.data.sampler import EpochSampler
 from simmim.data.transforms import eval_transform, finetune_transform
-from simmim.engine import Engine, LoopSettings, make_accelerator
+from simmim.engine import Engine, LoopSettings, start_run
 from simmim.models import SwinTransformerV2, create_model
 from simmim.models.convert import convert_state_dict, load_pretrained, read_checkpoint, unwrap
 from simmim.optim import param_groups
 from simmim.plan import build_optimization, plan_training
-from simmim.run_dir import setup_logging
 from simmim.weights import geometry_metadata
 
 log = logging.getLogger(__name__)
@@ -284,12 +282,7 @@ def finetune_metadata(cfg: FinetuneConfig, model: SwinTransformerV2, classes: li
 
 def run(cfg: FinetuneConfig) -> dict:
     """Fine-tune as configured. Returns a summary (steps, best/last top-1, output paths)."""
-    out = Path(cfg.run.output)
-    accelerator = make_accelerator(out, cfg.run.mixed_precision)
-    setup_logging(out / "train.log", main_process=accelerator.is_main_process)
-
-    resume = resolve_resume(cfg.run.resume, out)
-    set_seed(cfg.run.seed)
+    out, accelerator, resume = start_run(cfg.run.output, cfg.run.mixed_precision, cfg.run.resume, cfg.run.seed)
     train_ds, val_ds, classes = build_data(cfg, cfg.run.seed)
     num_classes = cfg.model.num_classes or len(classes)
     model, weights = build_classifier(cfg, num_classes)

@@ -9,14 +9,12 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
-from simmim.checkpoint import CheckpointManager, resolve_resume
+from simmim.checkpoint import CheckpointManager
 from simmim.config import PretrainConfig, save_config, to_dict
 from simmim.data import (
     MaskedImageDataset,
@@ -26,13 +24,12 @@ from simmim.data import (
     pretrain_transform,
 )
 from simmim.data.sampler import EpochSampler
-from simmim.engine import Engine, LoopSettings, TrainState, make_accelerator
+from simmim.engine import Engine, LoopSettings, TrainState, start_run
 from simmim.model import SimMIM, normalize_target
 from simmim.models import SwinTransformerV2, create_model
 from simmim.monitor import FeatureMonitor
 from simmim.optim import param_groups
 from simmim.plan import build_optimization, plan_training
-from simmim.run_dir import setup_logging
 from simmim.visualize import reconstruction_grid
 from simmim.weights import geometry_metadata
 
@@ -134,13 +131,8 @@ def checkpoint_metadata(cfg: PretrainConfig, encoder: SwinTransformerV2) -> dict
 
 def run(cfg: PretrainConfig) -> dict:
     """Pretrain as configured. Returns a summary (steps, first/last loss, output paths)."""
-    out = Path(cfg.run.output)
-    accelerator = make_accelerator(out, cfg.run.mixed_precision)
-    setup_logging(out / "train.log", main_process=accelerator.is_main_process)
-
     # everything that can fail on bad input, before any heavy work
-    resume = resolve_resume(cfg.run.resume, out)
-    set_seed(cfg.run.seed)  # the same initial weights on every process and every run with this seed
+    out, accelerator, resume = start_run(cfg.run.output, cfg.run.mixed_precision, cfg.run.resume, cfg.run.seed)
     encoder = build_encoder(cfg)
     dataset = build_dataset(cfg, encoder.patch_size)
     loader = build_loader(cfg, dataset, accelerator.num_processes)
