@@ -24,7 +24,7 @@ from accelerate.utils import DistributedType, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
-from simmim.checkpoint import CheckpointManager, load_checkpoint
+from simmim.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
 from simmim.data import sample_seed
 from simmim.models.convert import check_compatible
 
@@ -114,6 +114,8 @@ class Engine:
                 "step": self.state.step,
                 "train_state": asdict(self.state),
                 "extra": self.task.extra_state(),
+                # exactness comes from reseeding every micro-batch; the global RNG state is kept for user code
+                "rng": rng_state(),
                 "meta": self.metadata,
             }
             path = (self.checkpoints.save_named(state, name) if name
@@ -138,6 +140,8 @@ class Engine:
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         self.state = TrainState(**ckpt["train_state"])
+        if ckpt.get("rng"):
+            set_rng_state(ckpt["rng"])
         self.task.load_extra_state(ckpt.get("extra") or {})
         log.info("resumed from %s at step %d", path, self.state.step)
 

@@ -116,6 +116,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / "ckpt-00000024.pt")
     resumed = load_checkpoint(killed / "checkpoints" / "ckpt-00000024.pt")
     assert resumed["train_state"]["last_loss"] == straight["train_state"]["last_loss"]
+    assert {"python", "numpy", "torch"} <= resumed["rng"].keys()  # RNG states travel with the checkpoint
     # with the normalised target the grid shows target and prediction in that space
     assert (killed / "images" / "reconstruction_normalized_target_00000024.png").is_file()
 
