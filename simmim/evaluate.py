@@ -19,7 +19,7 @@ from simmim.finetune import evaluate, windows_from_coords_tables
 from simmim.models import SwinTransformerV2, create_model
 from simmim.models.convert import convert_state_dict, load_pretrained, read_checkpoint, unwrap
 from simmim.monitor import FeatureMonitor
-from simmim.weights import WrongCheckpointError, model_from_checkpoint
+from simmim.weights import is_run_checkpoint, model_from_run
 
 
 def parse_sweep(spec: str) -> list[tuple[int, int]]:
@@ -44,14 +44,14 @@ def load_for_eval(checkpoint: str | Path, model_name: str | None = None, img_siz
                   window_size: int | None = None) -> tuple[SwinTransformerV2, dict]:
     """A run checkpoint of ours as trained, or official / timm weights built as ``model_name`` at
     (``img_size``, ``window_size``) (ImageNet normalisation; the class count comes from the head)."""
-    try:
-        return model_from_checkpoint(checkpoint)
-    except WrongCheckpointError:
-        if not (model_name and img_size and window_size):
-            raise ValueError(f"{checkpoint} is not a simmim run checkpoint; to evaluate official or timm weights "
-                             "pass --model NAME --img-size N --window-size W (e.g. --model swinv2_tiny "
-                             "--img-size 256 --window-size 8)") from None
-    sd = unwrap(read_checkpoint(checkpoint))
+    raw = read_checkpoint(checkpoint)  # read once: official files can be gigabytes
+    if is_run_checkpoint(raw):
+        return model_from_run(raw, str(checkpoint))
+    if not (model_name and img_size and window_size):
+        raise ValueError(f"{checkpoint} is not a simmim run checkpoint; to evaluate official or timm weights "
+                         "pass --model NAME --img-size N --window-size W (e.g. --model swinv2_tiny "
+                         "--img-size 256 --window-size 8)")
+    sd = unwrap(raw)
     windows = windows_from_coords_tables(sd)  # official files record the CPB windows; timm files train at their own
     sd = convert_state_dict(sd)
     num_classes = sd["head.fc.weight"].shape[0] if "head.fc.weight" in sd else 0

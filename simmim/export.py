@@ -95,7 +95,7 @@ def load_run(checkpoint: str | Path, fmt: str | None = None) -> tuple[SwinTransf
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; pass the .pt file written by `simmim pretrain` "
-                                "or `simmim finetune` (e.g. OUTPUT/checkpoints/last.pt)")
+                                "or `simmim finetune` (e.g. OUTPUT/checkpoints/best.pt)")
     if fmt is not None and (variant := _peek_variant(path)) is not None:
         check_foreign(variant, fmt)
     try:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from simmim.checkpoint import load_checkpoint
 from simmim.models import SwinTransformerV2, create_model
-from simmim.models.convert import check_compatible
+from simmim.models.convert import check_compatible, read_checkpoint
 
 KINDS = ("simmim-pretrain", "simmim-finetune")
 
@@ -27,11 +26,17 @@ def geometry_metadata(model: SwinTransformerV2, name: str) -> dict:
     }
 
 
+def is_run_checkpoint(ckpt: object) -> bool:
+    """Whether a loaded checkpoint was written by ``simmim pretrain``/``finetune``."""
+    return isinstance(ckpt, dict) and isinstance(ckpt.get("meta"), dict) and ckpt["meta"].get("kind") in KINDS
+
+
 def read_run_checkpoint(path: str | Path) -> dict:
-    """A checkpoint written by ``simmim pretrain``/``finetune`` (``model``, ``meta``, ...); a clear error otherwise."""
-    ckpt = load_checkpoint(path)
-    kind = (ckpt.get("meta") or {}).get("kind") if isinstance(ckpt, dict) else None
-    if kind not in KINDS:
+    """A checkpoint written by ``simmim pretrain``/``finetune`` (``model``, ``meta``, ...); a clear error otherwise.
+    Other checkpoints (official ones pickle a config object) are read safely only to say what they are not."""
+    ckpt = read_checkpoint(path)
+    if not is_run_checkpoint(ckpt):
+        kind = (ckpt.get("meta") or {}).get("kind") if isinstance(ckpt.get("meta"), dict) else None
         raise WrongCheckpointError(
             f"{path} is not a simmim run checkpoint (meta.kind is {kind!r}, expected one of {', '.join(KINDS)}); "
             "official and timm weights are read by `simmim finetune --pretrained`")
@@ -44,7 +49,11 @@ def model_from_checkpoint(path: str | Path) -> tuple[SwinTransformerV2, dict]:
     A pretraining checkpoint gives its encoder (``num_classes=0``, no mask token); a fine-tuning checkpoint gives
     the classifier.
     """
-    ckpt = read_run_checkpoint(path)
+    return model_from_run(read_run_checkpoint(path), str(path))
+
+
+def model_from_run(ckpt: dict, what: str = "checkpoint") -> tuple[SwinTransformerV2, dict]:
+    """:func:`model_from_checkpoint` for a run checkpoint already in memory."""
     meta = ckpt["meta"]
     state = ckpt["model"]
     if meta["kind"] == "simmim-pretrain":
@@ -54,6 +63,6 @@ def model_from_checkpoint(path: str | Path) -> tuple[SwinTransformerV2, dict]:
         meta["model"], img_size=tuple(meta["img_size"]), window_size=tuple(meta["window_size"]),
         pretrained_window_sizes=[tuple(w) for w in meta["pretrained_window_sizes"]],
         num_classes=meta.get("num_classes", 0), in_chans=meta.get("in_chans", 3), drop_path_rate=0.0)
-    check_compatible(model, state, what=str(path))
+    check_compatible(model, state, what=what)
     model.load_state_dict(state)
     return model.eval(), meta

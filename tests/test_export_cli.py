@@ -12,6 +12,13 @@ from simmim.models import create_model, to_official
 from simmim.weights import model_from_checkpoint
 
 
+class PickledConfig:
+    """Stands in for the yacs CfgNode the official code pickles into its checkpoints."""
+
+    def __init__(self):
+        self.MODEL = {"TYPE": "swinv2"}
+
+
 def official_simmim_checkpoint(path):
     ref = perturb_(TimmSwinV2(img_size=64, window_size=4, num_classes=0, **PICO))
     sd = {f"encoder.{k}": v for k, v in to_official(ref.state_dict(), rpe_mlp=True).items()}
@@ -73,13 +80,14 @@ def test_eval_reads_official_classification_weights(tmp_path, capsys):
     ref = perturb_(TimmSwinV2(img_size=64, window_size=4, num_classes=3, **PICO)).eval()
     official = to_official(ref.state_dict())
     official.update({k: v for k, v in ref.named_buffers() if k.endswith("relative_coords_table")})
-    torch.save({"model": official}, tmp_path / "official_cls.pth")
+    torch.save({"model": official, "config": PickledConfig()}, tmp_path / "official_cls.pth")  # as the official code
     _write_class_tree(tmp_path / "data" / "val", ["a", "b", "c"], 4, 0)
     assert main(["eval", str(tmp_path / "official_cls.pth"), "--data", str(tmp_path / "data")]) == 2
     assert "--model NAME" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "official_cls.pth"), "--data", str(tmp_path / "data"), "--model",
                  "swinv2_pico", "--img-size", "64", "--window-size", "4", "--sweep", "64:4,96:6"]) == 0
-    rows = capsys.readouterr().out.strip().splitlines()[1:]
+    out = capsys.readouterr().out
+    rows = out[out.index("img_size"):].strip().splitlines()[1:]  # the table, after any log lines
     assert [r.split()[:2] for r in rows] == [["64", "W4"], ["96", "W6"]] and all(r.split()[-1] == "12" for r in rows)
 
 
