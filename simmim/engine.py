@@ -189,7 +189,7 @@ class Engine:
         self.scheduler.step_update(self.state.step)  # lr of this step: a pure function of the step
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        total = torch.zeros((), device=self.acc.device)
+        totals = torch.zeros(2, device=self.acc.device)  # (loss, unreadable files): reduced once per step
         for i in range(s.accumulation_steps):
             batch = next(batches)
             micro = self.state.step * s.accumulation_steps + i
@@ -198,10 +198,12 @@ class Engine:
             with contextlib.nullcontext() if last else self.acc.no_sync(self.model), self.acc.autocast():
                 loss, outputs = self.task.loss(self.model, batch)
                 self.acc.backward(loss / s.accumulation_steps)
-            total += loss.detach().float() / s.accumulation_steps
-            self.state.skipped_files += int(self.acc.reduce(batch["skipped"].sum(), "sum").item()) \
-                if "skipped" in batch else 0
-        loss_value = self.acc.reduce(total, "mean").item()
+            totals[0] += loss.detach().float() / s.accumulation_steps
+            if "skipped" in batch:
+                totals[1] += batch["skipped"].sum()
+        loss_sum, skipped = self.acc.reduce(totals, "sum").tolist()
+        loss_value = loss_sum / self.acc.num_processes
+        self.state.skipped_files += int(skipped)
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = self.acc.clip_grad_norm_(params, s.clip_grad or math.inf)  # None under DeepSpeed: it clips itself
         grad_norm = float(norm) if norm is not None else float("nan")
