@@ -31,7 +31,7 @@ import torch
 from simmim.models import VARIANTS, SwinTransformerV2
 from simmim.models.convert import CheckpointMismatchError, detect_format, read_checkpoint, unwrap
 from simmim.models.hf import hf_config, ours_to_hf
-from simmim.weights import WrongCheckpointError, model_from_checkpoint
+from simmim.weights import WrongCheckpointError, model_from_checkpoint, trained_windows
 
 log = logging.getLogger(__name__)
 
@@ -352,8 +352,9 @@ def model_card(model: SwinTransformerV2, meta: dict, checkpoint: Path, fmt: str,
         "effective_window_sizes": effective,
         # the windows this model's log-CPB is normalised by now (needed to reproduce its outputs) ...
         "pretrained_window_sizes": [list(p) for p in model.pretrained_window_sizes],
-        # ... and what to pass as pretrained_window_sizes when fine-tuning from it: the windows it was trained at
-        "finetune_pretrained_window_sizes": effective,
+        # ... and what to pass as pretrained_window_sizes when fine-tuning from it: the windows its log-CPB was
+        # trained at (pretrained windows where set, else the effective ones)
+        "finetune_pretrained_window_sizes": [list(w) for w in trained_windows(meta)],
         "mean": list(meta.get("mean") or IMAGENET_MEAN),
         "std": list(meta.get("std") or IMAGENET_STD),
         "recipe": meta.get("config", {}),

@@ -29,7 +29,7 @@ from simmim.models import SwinTransformerV2, create_model
 from simmim.models.convert import convert_state_dict, load_pretrained, read_checkpoint, unwrap
 from simmim.optim import param_groups
 from simmim.plan import build_optimization, plan_training
-from simmim.weights import geometry_metadata
+from simmim.weights import geometry_metadata, trained_windows
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +39,6 @@ _DROP = ("mask_token", "decoder.", "head.")
 
 # ----------------------------------------------------------------------------------------------------------------
 # pretrained weights and the windows they were trained at
-
-
-def trained_windows(meta: dict) -> list[Pair]:
-    """The windows a checkpoint's CPB MLP normalises by: its pretrained windows where set, else its effective
-    windows (192 px / W12 pretraining -> 12/12/12/6)."""
-    return [tuple(p) if p[0] > 0 else tuple(e)
-            for p, e in zip(meta["pretrained_window_sizes"], meta["effective_window_sizes"], strict=True)]
 
 
 def windows_from_coords_tables(state_dict: dict[str, torch.Tensor]) -> list[Pair] | None:
@@ -103,7 +96,7 @@ def read_pretrained(path: str | Path) -> PretrainedWeights:
         return _read_hf_directory(path)
     raw = read_checkpoint(path)
     meta = raw.get("meta") if isinstance(raw.get("meta"), dict) else {}
-    card = path.with_suffix(".json")
+    card = path.with_name(path.name + ".json")  # simmim export writes x.safetensors.json
     if not meta and card.is_file():
         meta = json.loads(card.read_text())
     sd = unwrap(raw)

@@ -14,6 +14,13 @@ class WrongCheckpointError(ValueError):
     """The file is a checkpoint, but not one this command can use."""
 
 
+def trained_windows(meta: dict) -> list[tuple[int, int]]:
+    """The windows a checkpoint's CPB MLP normalises by: its pretrained windows where set, else its effective
+    windows (192 px / W12 pretraining -> 12/12/12/6)."""
+    return [tuple(p) if p[0] > 0 else tuple(e)
+            for p, e in zip(meta["pretrained_window_sizes"], meta["effective_window_sizes"], strict=True)]
+
+
 def geometry_metadata(model: SwinTransformerV2, name: str) -> dict:
     """What :func:`model_from_checkpoint` needs to rebuild ``model`` (variant, sizes, per-stage windows)."""
     return {

@@ -151,8 +151,10 @@ def test_card_describes_geometry_source_and_recipe(checkpoints, exported, kind):
         assert card["img_size"] == [96, 96] and card["window_size"] == [6, 6]
         assert card["effective_window_sizes"] == [[6, 6]] * 3 + [[3, 3]]
         assert card["pretrained_window_sizes"] == [[4, 4]] * 3 + [[2, 2]]
-    # fine-tuning from these weights normalises log-CPB by the windows they were trained at
-    assert card["finetune_pretrained_window_sizes"] == card["effective_window_sizes"]
+    # fine-tuning from these weights normalises log-CPB by the windows it was trained at: the pretrained windows a
+    # fine-tuned model already uses, else the effective windows of pretraining
+    trained = card["pretrained_window_sizes"] if kind == "finetune" else card["effective_window_sizes"]
+    assert card["finetune_pretrained_window_sizes"] == trained
 
 
 def test_safetensors_card_timm_call_builds_the_same_model(exported, reference):

@@ -1,6 +1,8 @@
 """simmim export on the command line, and an official-format SimMIM checkpoint going through fine-tuning and
 export (built from random weights in the official key layout, with rpe_mlp names and saved buffers)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import PICO, perturb_
@@ -8,6 +10,7 @@ from safetensors.torch import load_file
 from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmSwinV2
 
 from simmim.cli import main
+from simmim.export import export
 from simmim.models import create_model, to_official
 from simmim.weights import model_from_checkpoint
 
@@ -105,3 +108,15 @@ def test_a_transformers_directory_is_a_pretrained_source(tmp_path):
         torch.testing.assert_close(weights.state_dict[k], v, rtol=0, atol=0, msg=k)
     model, _ = build_classifier(finetune_cfg(f"pretrained={tmp_path / 'hf'}"), num_classes=10)
     assert model.pretrained_window_sizes == [(4, 4), (4, 4), (4, 4), (2, 2)]
+
+
+def test_an_exported_safetensors_with_its_card_is_a_pretrained_source(tmp_path):
+    from test_finetune import finetune_cfg, pretrain_checkpoint
+
+    from simmim.finetune import build_classifier
+
+    ckpt = pretrain_checkpoint(tmp_path)  # 64 px / W4 encoder: windows 4/4/4/2
+    files = [Path(p) for p in export(ckpt, "safetensors", tmp_path / "enc.safetensors")]
+    assert files[-1].name == "enc.safetensors.json"
+    model, weights = build_classifier(finetune_cfg(f"pretrained={files[0]}"), num_classes=10)
+    assert weights.windows == [(4, 4), (4, 4), (4, 4), (2, 2)] == model.pretrained_window_sizes
