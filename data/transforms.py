@@ -49,8 +49,9 @@ def denormalize(
     x: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
 ) -> torch.Tensor:
     """Undo ``Normalize``: (3, H, W) or (B, 3, H, W) -> same shape, values clamped to [0, 1]."""
-    if x.dim() not in (3, 4) or x.shape[-3] != len(mean):
-        raise ValueError(f"expected (C, H, W) or (B, C, H, W) with C={len(mean)}, got {tuple(x.shape)}")
+    if x.dim() not in (3, 4) or x.shape[-3] != len(mean) or len(std) != len(mean):
+        raise ValueError(f"expected (C, H, W) or (B, C, H, W) images with as many channels as mean/std values "
+                         f"({len(mean)}/{len(std)}), got {tuple(x.shape)} (data.mean, data.std)")
     m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)  # (C, 1, 1)
     s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1)  # (C, 1, 1)
     return (x * s + m).clamp(0.0, 1.0)

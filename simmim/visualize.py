@@ -20,22 +20,12 @@ from PIL import Image
 from torch import Tensor
 from torchvision.utils import make_grid
 
+from simmim.data.transforms import denormalize
+
 logger = logging.getLogger(__name__)
 
 MASK_GRAY = 0.5  # value shown on masked pixels in the "masked input" column
 GRID_PADDING = 2
-
-
-def _denormalize(x: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor) -> Tensor:
-    """Undo per-channel normalisation: ``x * std + mean``. x (B, C, H, W) -> (B, C, H, W)."""
-    mean_t = torch.as_tensor(mean, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)  # (1, C, 1, 1)
-    std_t = torch.as_tensor(std, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)  # (1, C, 1, 1)
-    if mean_t.shape[1] != x.shape[1] or std_t.shape[1] != x.shape[1]:
-        raise ValueError(
-            f"mean/std have {mean_t.shape[1]}/{std_t.shape[1]} values but the images have {x.shape[1]} channels "
-            "(data.mean, data.std)"
-        )
-    return x * std_t + mean_t
 
 
 def reconstruction_grid(
@@ -80,8 +70,8 @@ def reconstruction_grid(
     m = mask[:n].detach().cpu().bool()
     m = m.repeat_interleave(H // h, dim=1).repeat_interleave(W // w, dim=2).unsqueeze(1)  # (n, 1, H, W)
 
-    x = _denormalize(images, mean, std).clamp(0, 1)  # (n, C, H, W)
-    p = _denormalize(pred, mean, std).clamp(0, 1)  # (n, C, H, W)
+    x = denormalize(images, mean, std)  # (n, C, H, W) in [0, 1]
+    p = denormalize(pred, mean, std)  # (n, C, H, W) in [0, 1]
     masked = torch.where(m, torch.full_like(x, MASK_GRAY), x)
     pasted = torch.where(m, p, x)
 
