@@ -1,3 +1,7 @@
+import os
+import socket
+import sys
+
 import pytest
 import torch
 
@@ -22,3 +26,19 @@ def perturb_(model: torch.nn.Module, scale: float = 0.2, seed: int = 0) -> torch
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now: test runs side by side (worktrees, CI) never share a rendezvous port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int, *args: str) -> list[str]:
+    """``python -m torch.distributed.run`` on CPU processes at a free port, followed by ``args``."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+            str(free_port()), *args]
+
+
+CPU_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}

@@ -1,15 +1,13 @@
 """Fine-tuning and evaluation: window transfer from checkpoint metadata, official/timm inputs, labelled data
 layouts, distributed evaluation, EMA, the eval sweep and probes."""
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import PICO, perturb_
+from conftest import CPU_ENV, PICO, perturb_, torchrun
 from PIL import Image
 from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmSwinV2
 
@@ -174,11 +172,9 @@ def test_digits_pretrain_finetune_eval_end_to_end(tmp_path, capsys):
 
 
 def test_two_process_evaluation_counts_every_sample_once(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29527",
-           "-m", "simmim", "finetune", "demo/finetune", *QUICK, "model.img_size=32", "model.window_size=4",
-           "schedule.max_steps=2", "data.batch_size=25", f"run.output={tmp_path / 'run'}"]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    cmd = torchrun(2, "-m", "simmim", "finetune", "demo/finetune", *QUICK, "model.img_size=32", "model.window_size=4",
+           "schedule.max_steps=2", "data.batch_size=25", f"run.output={tmp_path / 'run'}")
+    result = subprocess.run(cmd, env=CPU_ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     log = (tmp_path / "run" / "train.log").read_text()
     assert "(360 images)" in log  # 360 = 2 x 7 batches of 25 + 10: uneven shards, no duplicates counted

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import CPU_ENV, torchrun
 from PIL import Image
 
 from simmim.checkpoint import load_checkpoint
@@ -124,10 +125,8 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
 def test_two_process_data_parallel_matches_one_process(tmp_path):
     common = ["pretrain", "demo/pretrain", *TINY, "schedule.max_steps=6", "run.save_every=100"]
     assert main([*common, "data.batch_size=8", f"run.output={tmp_path / 'one'}"]) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           "-m", "simmim", *common, "data.batch_size=4", f"run.output={tmp_path / 'two'}"]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    cmd = torchrun(2, "-m", "simmim", *common, "data.batch_size=4", f"run.output={tmp_path / 'two'}")
+    result = subprocess.run(cmd, env=CPU_ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 processes" in (tmp_path / "two" / "train.log").read_text()
     assert_same_weights(final_weights(tmp_path / "two"), final_weights(tmp_path / "one"), atol=1e-5)
