@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
@@ -31,7 +32,7 @@ class CheckpointMismatchError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# reading files
+# reading files: the one place where this package calls torch.load
 
 
 def _stub_class(qualified: str) -> type:
@@ -42,31 +43,61 @@ def _stub_class(qualified: str) -> type:
     return stub
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """Load a ``.safetensors`` file or a torch checkpoint with ``weights_only=True`` (no code runs).
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
-    Official checkpoints pickle their training config (a yacs ``CfgNode``); such Python objects are replaced by
-    empty stand-ins, so the tensors load safely and the config is dropped.
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:  # truncated, foreign (a renamed pickle), empty
+        raise ValueError(f"{path} is not a readable safetensors file (truncated, or another format renamed "
+                         f"to .safetensors?): {_first_line(err)}") from err
+
+
+def read_checkpoint(path: str | Path, stub_classes: bool = True) -> dict:
+    """Load a ``.safetensors`` file or a torch checkpoint with ``weights_only=True`` (no pickled code ever runs).
+
+    Official checkpoints pickle their training config (a yacs ``CfgNode``); the classes such a file names are
+    replaced by empty dict stand-ins (listed in one pass with ``get_unsafe_globals_in_checkpoint``), so the tensors
+    load and the config is dropped. Zip-format files are memory-mapped: tensors are read from disk when used.
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file for anything unreadable:
+    truncated, corrupt, not a checkpoint, or pickling objects that cannot be stood in for (functions, blocked
+    modules such as ``os``), whose global names the message lists. ``stub_classes=False`` refuses every pickled
+    class too (the files this package writes hold plain data only).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist (check the path)")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
+        return _read_safetensors(path)
+    zipped = zipfile.is_zipfile(path)
     stubs: list[type] = []
-    for _ in range(16):
+    if zipped and stub_classes:
         try:
-            with torch.serialization.safe_globals(stubs):
-                return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # the weights-only unpickler names the global it refused
-            found = re.search(r"GLOBAL ([\w.]+) was not an allowed global", str(err))
-            if not found or any(f"{s.__module__}.{s.__qualname__}" == found.group(1) for s in stubs):
-                raise ValueError(f"{path} is not a readable checkpoint: {str(err).splitlines()[0]}") from err
-            log.info("ignoring pickled object %s in %s", found.group(1), path)
-            stubs.append(_stub_class(found.group(1)))
-    raise ValueError(f"{path} pickles too many Python objects to load safely")
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        except Exception as err:  # a damaged archive: torch.load below names the problem
+            log.debug("cannot list the globals of %s: %s", path, err)
+            names = []
+        stubs = [_stub_class(n) for n in names]
+        if names:
+            log.info("%s pickles %s: read as empty stand-ins, never executed", path, ", ".join(names))
+    try:
+        with torch.serialization.safe_globals(stubs):
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+    except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError, ... depending on the damage
+        refused = re.findall(r"GLOBAL ([\w.]+)", str(err))
+        if refused:
+            raise ValueError(
+                f"{path} was not loaded: it pickles Python objects ({', '.join(dict.fromkeys(refused))}), not only "
+                "tensors and plain data, and simmim never executes pickled code; re-save the weights as a plain "
+                "state dict (torch.save(model.state_dict(), ...)) or as .safetensors") from None
+        raise ValueError(f"{path} is not a readable checkpoint (truncated or corrupt?): {_first_line(err)}") from err
+    return state
 
 
 def unwrap(checkpoint: Mapping) -> dict[str, torch.Tensor]:
@@ -82,6 +113,36 @@ def unwrap(checkpoint: Mapping) -> dict[str, torch.Tensor]:
 
 # ----------------------------------------------------------------------------------------------------------------
 # key conversion
+
+
+def encoder_state(state_dict: Mapping[str, torch.Tensor], keep: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+    """The bare encoder inside a SimMIM (``encoder.*`` + ``decoder.*``) or classifier state dict: the ``encoder.``
+    prefix is stripped, the decoder, ``mask_token`` and classifier head (``head.*``) are dropped unless their
+    prefix is listed in ``keep`` (e.g. ``keep=("mask_token",)``). A state dict without the prefix is taken as is."""
+    if any(k.startswith("encoder.") for k in state_dict):
+        state_dict = {k.removeprefix("encoder."): v for k, v in state_dict.items() if k.startswith("encoder.")}
+    drop = tuple(p for p in ("mask_token", "head.", "decoder.") if not p.startswith(tuple(keep)))
+    return {k: v for k, v in state_dict.items() if not k.startswith(drop)}
+
+
+def windows_from_coords_tables(state_dict: Mapping[str, torch.Tensor]) -> list[tuple[int, int]] | None:
+    """Recover each stage's CPB normalisation window from the ``relative_coords_table`` buffers that official
+    checkpoints save (None when there are none): the table spans offsets up to W-1 and its largest value is
+    log2(1 + 8 (W-1)/(P-1)) / 3, so P follows from W and that value."""
+    out = []
+    for i in range(64):
+        table = next((v for k, v in state_dict.items()
+                      if k.removeprefix("encoder.").startswith(f"layers.{i}.blocks.0.") and
+                      k.endswith("relative_coords_table")), None)
+        if table is None:
+            break
+        pair = []
+        for axis in (0, 1):
+            window = (table.shape[1 + axis] + 1) // 2
+            top = float(table[..., axis].max())
+            pair.append(window if window == 1 or top <= 0 else round(8 * (window - 1) / (2 ** (3 * top) - 1)) + 1)
+        out.append((pair[0], pair[1]))
+    return out or None
 
 
 def detect_format(state_dict: Mapping[str, torch.Tensor]) -> Format:
@@ -168,9 +229,7 @@ def load_pretrained(
     sd = convert_state_dict(unwrap(raw), source)
     own = model.state_dict()
     if not any(k.startswith("encoder.") for k in own) and any(k.startswith("encoder.") for k in sd):
-        sd = {k.removeprefix("encoder."): v for k, v in sd.items() if k.startswith("encoder.")}
-        if "mask_token" not in own:
-            sd.pop("mask_token", None)
+        sd = encoder_state(sd, keep=("mask_token",) if "mask_token" in own else ())
     sd = {k: v for k, v in sd.items() if not k.startswith(tuple(exclude))}
     kept = {k: v for k, v in own.items() if k.startswith(tuple(exclude))}
     check_compatible(model, {**sd, **kept}, what=str(checkpoint) if isinstance(checkpoint, (str, Path)) else

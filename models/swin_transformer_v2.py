@@ -472,6 +472,13 @@ def stage_geometry(
     return out
 
 
+def trained_windows(pretrained: Sequence[Sequence[int]], effective: Sequence[Sequence[int]]) -> list[Pair]:
+    """The windows a model's log-CPB MLP was trained at, per stage: its pretrained window where set (> 0), else the
+    window it runs at (192 px / W12 pretraining -> 12/12/12/6). Fine-tuning and ``set_input_size`` normalise the
+    coordinates by these, so a window change keeps the MLP's inputs in the range it learned."""
+    return [to_pair(p) if p[0] > 0 else to_pair(e) for p, e in zip(pretrained, effective, strict=True)]
+
+
 class SwinTransformerV2(nn.Module):
     """Swin Transformer V2 image encoder / classifier.
 
@@ -576,6 +583,11 @@ class SwinTransformerV2(nn.Module):
         """The window each stage really uses after clamping to its resolution, e.g. 12/12/12/6 at 192 px, W12."""
         return [stage.blocks[0].window if len(stage.blocks) else (0, 0) for stage in self.layers]
 
+    @property
+    def trained_window_sizes(self) -> list[Pair]:
+        """The windows each stage's log-CPB MLP was trained at (see :func:`trained_windows`)."""
+        return trained_windows(self.pretrained_window_sizes, self.effective_window_sizes)
+
     def set_input_size(
         self,
         img_size: int | Sequence[int] | None = None,
@@ -592,8 +604,7 @@ class SwinTransformerV2(nn.Module):
         img = to_pair(img_size) if img_size is not None else self.img_size
         win = to_pair(window_size) if window_size is not None else self.window_size
         if pretrained_window_sizes is None:
-            pretrained = [p if p[0] > 0 else e for p, e in zip(self.pretrained_window_sizes,
-                                                               self.effective_window_sizes, strict=True)]
+            pretrained = self.trained_window_sizes
         else:
             pretrained = [to_pair(p) for p in pretrained_window_sizes]
             if len(pretrained) != len(self.layers):

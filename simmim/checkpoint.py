@@ -9,24 +9,28 @@ Writes are atomic: the state goes to ``.<name>.tmp-<pid>`` in the target directo
 the target with ``os.replace``. A crash mid-write leaves the previous checkpoint untouched; at worst a stray temp
 file remains, which ``CheckpointManager.save`` removes.
 
-Layout written by :class:`CheckpointManager` (one process writes a directory; under accelerate, the main process)::
+Layout written by :class:`CheckpointManager` (one job writes a directory, see :mod:`simmim.run_dir`; under
+accelerate, its main process)::
 
-    <output_dir>/checkpoints/ckpt-00001000.pt   step checkpoints, the newest ``keep_last`` kept
-    <output_dir>/checkpoints/best.pt            named checkpoints, never rotated
+    <output_dir>/checkpoints/ckpt-00001000.pt        step checkpoints, the newest ``keep_last`` kept
+    <output_dir>/checkpoints/accelerate-00001000/    FSDP/DeepSpeed optimizer shards, rotated with their file
+    <output_dir>/checkpoints/best.pt                 named checkpoints, never rotated
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import random
 import re
+import shutil
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+
+from simmim.models.convert import read_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -107,30 +111,38 @@ def save_checkpoint(state: dict, path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint onto the CPU with ``weights_only=True``.
+    """Load a checkpoint this package wrote onto the CPU with ``weights_only=True`` (pickled classes refused).
 
     Raises ``FileNotFoundError`` if ``path`` is not a file and ``ValueError`` (naming the path) if it cannot be read:
     truncated, corrupt, not a torch file, or holding something other than a dict of plain data.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... depending on the damage
-        raise ValueError(f"checkpoint {path} is unreadable (truncated or corrupt?): {type(e).__name__}: {e}") from e
+    state = read_checkpoint(path, stub_classes=False)
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")
     return state
 
 
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
 class CheckpointManager:
     """Step checkpoints ``<prefix>-<step:08d>.pt`` in ``directory``, rotated to the newest ``keep_last``, plus
-    named ones (``best.pt``, ``last.pt``) that are never rotated. Files not matching these names are left alone."""
+    named ones (``best.pt``, ``last.pt``) that are never rotated. Files not matching these names are left alone.
+
+    Rotation is a separate call (:meth:`rotate`) so the engine can delay it until a checkpoint has proven good
+    (the step after it trained on finite numbers): a diverging run never rotates away its last good checkpoint.
+    """
 
     def __init__(self, directory: str | Path, keep_last: int = 3, prefix: str = "ckpt") -> None:
         if keep_last < 1:
-            raise ValueError(f"keep_last must be >= 1, got {keep_last} (checkpoint.keep_last)")
+            raise ValueError(f"keep_last must be >= 1, got {keep_last} (run.keep_last)")
         self.directory = Path(directory)
         self.keep_last = keep_last
         self.prefix = prefix
@@ -140,18 +152,29 @@ class CheckpointManager:
         """The file a checkpoint of ``step`` is written to."""
         return self.directory / f"{self.prefix}-{step:08d}.pt"
 
-    def save(self, state: dict, step: int) -> Path:
-        """Write the checkpoint of ``step`` atomically, then delete step checkpoints beyond the newest ``keep_last``
-        (never the one just written) and temp files left by interrupted writes."""
+    def state_dir_for(self, step: int) -> Path:
+        """accelerate's state folder (optimizer shards under FSDP/DeepSpeed) that goes with step ``step``."""
+        return self.directory / f"accelerate-{step:08d}"
+
+    def save(self, state: dict, step: int, rotate: bool = True) -> Path:
+        """Write the checkpoint of ``step`` atomically; with ``rotate`` (default) then :meth:`rotate`."""
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         self._remove_stale_tmp()
         path = save_checkpoint(state, self.path_for(step))
+        if rotate:
+            self.rotate(keep=[path])
+        return path
+
+    def rotate(self, keep: Iterable[Path] = ()) -> None:
+        """Delete step checkpoints beyond the newest ``keep_last`` (never one listed in ``keep``), each with its
+        accelerate state folder."""
+        keep = {Path(p) for p in keep}
         for old_step, old in self.list()[: -self.keep_last]:
-            if old != path:
+            if old not in keep:
                 logger.debug("removing old checkpoint %s (step %d)", old, old_step)
                 old.unlink(missing_ok=True)
-        return path
+                shutil.rmtree(self.state_dir_for(old_step), ignore_errors=True)
 
     def save_named(self, state: dict, name: str) -> Path:
         """Write ``<name>.pt`` (e.g. ``best``, ``last``) atomically; named checkpoints are not rotated."""
@@ -170,102 +193,57 @@ class CheckpointManager:
                 found.append((int(m.group(1)), p))
         return sorted(found)
 
-    def latest_valid(self) -> tuple[Path, dict] | None:
-        """The newest step checkpoint that loads, with its state; ``None`` if there is none.
+    def latest_valid(self, load: Callable[[Path], Any] = load_checkpoint) -> tuple[Path, Any] | None:
+        """The newest step checkpoint that ``load`` accepts, with what it returned; ``None`` if there is none.
 
-        A newest file that is truncated or corrupt (a partial copy, a crash outside our atomic write) is skipped with
-        a warning and the one before it is used.
+        A newest file that is truncated, corrupt or foreign (``load`` raises ``ValueError``) is skipped with a
+        warning and the one before it is used.
         """
         for step, path in reversed(self.list()):
             try:
-                return path, load_checkpoint(path)
+                return path, load(path)
             except (ValueError, FileNotFoundError) as e:  # FileNotFoundError: deleted since listing
                 logger.warning("skipping checkpoint of step %d: %s", step, e)
         return None
 
     def _remove_stale_tmp(self) -> None:
-        """Delete ``.*.tmp-*`` files left by writes that crashed (one process writes this directory)."""
+        """Delete ``.*.tmp-<pid>`` files left by writes whose process is gone (a live writer's file is kept)."""
         if not self.directory.is_dir():
             return
         for p in self.directory.glob(".*.tmp-*"):
-            if p.is_file():
+            pid = p.name.rpartition("-")[2]
+            if p.is_file() and not (pid.isdigit() and pid_alive(int(pid))):
                 logger.info("removing temp file %s left by an interrupted checkpoint write", p)
                 p.unlink(missing_ok=True)
 
 
-def resolve_resume(resume: str | Path | None, output_dir: str | Path, prefix: str = "ckpt") -> Path | None:
-    """Turn the ``--resume`` value into a checkpoint path, or ``None`` to start fresh.
+def resolve_resume(resume: str | Path | None, output_dir: str | Path, load: Callable[[Path], Any] = load_checkpoint,
+                   prefix: str = "ckpt") -> tuple[Path, Any] | None:
+    """Turn the ``--resume`` value into ``(checkpoint path, load(path))``, or ``None`` to start fresh.
 
-    ``None``/``""``: no resume. ``"auto"``: the newest valid checkpoint in ``<output_dir>/checkpoints``, or ``None``
-    if there is none. A directory: its newest valid checkpoint. Anything else: a file that must exist.
+    ``None``/``""``: no resume. ``"auto"``: the newest checkpoint in ``<output_dir>/checkpoints`` that ``load``
+    accepts (older ones are tried when the newest is damaged or foreign), or ``None`` if there is none. A
+    directory: its newest valid checkpoint. Anything else: a file that must exist and load.
     """
     if resume is None or str(resume) == "":
         return None
     ckpt_dir = Path(output_dir) / CHECKPOINT_DIRNAME
     if str(resume) == "auto":
-        found = CheckpointManager(ckpt_dir, prefix=prefix).latest_valid()
+        found = CheckpointManager(ckpt_dir, prefix=prefix).latest_valid(load)
         if found is None:
             logger.info("--resume auto: no valid checkpoint in %s, training starts fresh", ckpt_dir)
             return None
         logger.info("--resume auto: resuming from %s", found[0])
-        return found[0]
+        return found
     path = Path(resume).expanduser()
     if path.is_dir():
-        found = CheckpointManager(path, prefix=prefix).latest_valid()
+        found = CheckpointManager(path, prefix=prefix).latest_valid(load)
         if found is None:
             raise FileNotFoundError(f"resume directory {path} holds no valid {prefix}-<step>.pt checkpoint")
-        return found[0]
+        return found
     if not path.is_file():
         raise FileNotFoundError(
             f"resume checkpoint {path} does not exist; pass --resume auto to continue from the newest checkpoint "
             f"in {ckpt_dir} (or start fresh if there is none)"
         )
-    return path
-
-
-def rng_state() -> dict:
-    """Python, numpy, torch (and CUDA, when available) RNG states as plain data, for a checkpoint."""
-    version, internal, gauss_next = random.getstate()
-    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
-    state: dict[str, Any] = {
-        "python": {"version": int(version), "state": [int(v) for v in internal], "gauss_next": gauss_next},
-        "numpy": {
-            "kind": str(kind),
-            # uint32 key as int64: exact, and int64 tensors are supported everywhere
-            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),  # (624,)
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached_gaussian),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    """Restore RNG states captured by :func:`rng_state`. Missing parts are left as they are."""
-    if "python" in state:
-        py = state["python"]
-        random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
-    if "numpy" in state:
-        npy = state["numpy"]
-        keys = np.asarray(npy["keys"].numpy(), dtype=np.uint32)
-        np.random.set_state((npy["kind"], keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"]))
-    if "torch" in state:
-        torch.set_rng_state(state["torch"])
-    if "cuda" in state:
-        if not torch.cuda.is_available():
-            logger.warning("checkpoint holds CUDA RNG states but CUDA is not available: not restoring them")
-        else:
-            cuda_states = state["cuda"]
-            if len(cuda_states) != torch.cuda.device_count():
-                logger.warning(
-                    "checkpoint holds CUDA RNG states for %d devices, %d are visible: restoring the first %d",
-                    len(cuda_states),
-                    torch.cuda.device_count(),
-                    min(len(cuda_states), torch.cuda.device_count()),
-                )
-            for i, s in enumerate(cuda_states[: torch.cuda.device_count()]):
-                torch.cuda.set_rng_state(s, device=i)
+    return path, load(path)

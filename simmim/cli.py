@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from . import __version__
 
@@ -48,21 +47,22 @@ def _fail(err: BaseException) -> int:
     return 2
 
 
-def _run_job(args: argparse.Namespace, config_cls: type, run: Callable[[Any], dict],
+def _run_job(args: argparse.Namespace, config_cls: type, run: Callable[..., dict],
              flags: dict[str, str]) -> tuple[int, dict | None]:
     """Load CONFIG with the command's flags (``flags``: argument -> config key) and overrides, then run it.
-    Bad input exits 2 before training; a run stopped by non-finite losses exits 1."""
+    Bad input exits 2 before training; a run stopped by non-finite losses or a failed checkpoint write exits 1.
+    Either way the error is one line naming the fix."""
     from simmim.config import ConfigError, load_config
     from simmim.configs import resolve
-    from simmim.engine import NonFiniteLossError
+    from simmim.engine import CheckpointWriteError, NonFiniteLossError
 
     overrides = list(args.overrides)
     overrides += [f"{key}={getattr(args, arg)}" for arg, key in flags.items() if getattr(args, arg) is not None]
     try:
-        return 0, run(load_config(config_cls, resolve(args.config), overrides))
+        return 0, run(load_config(config_cls, resolve(args.config), overrides), overwrite=args.overwrite)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         return _fail(err), None
-    except NonFiniteLossError as err:
+    except (NonFiniteLossError, CheckpointWriteError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1, None
 
@@ -162,7 +162,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     steps, epochs = (40, 1) if args.quick else (args.pretrain_steps, args.finetune_epochs)
     extra = [] if args.progress else ["progress=false"]
-    result = run_demo(args.output, pretrain_steps=steps, finetune_epochs=epochs, compare=args.compare, extra=extra)
+    try:
+        result = run_demo(args.output, pretrain_steps=steps, finetune_epochs=epochs, compare=args.compare,
+                          extra=extra)
+    except ValueError as err:
+        return _fail(err)
     if result.pretrain["main_process"]:
         print(summary(result))
     return 0
@@ -175,7 +179,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.format not in FORMATS:
         return _fail(ValueError(f"unknown format {args.format!r}; choose one of {', '.join(FORMATS)}"))
     try:
-        files = export(args.checkpoint, args.format, args.out)
+        files = export(args.checkpoint, args.format, args.out, opset=args.opset, overwrite=args.overwrite)
     except (FileNotFoundError, ValueError, ImportError) as err:
         return _fail(err)
     except ExportMismatchError as err:
@@ -205,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="folder of images, datasets save_to_disk folder, hf:NAME, or embedded")
     p.add_argument("--output", help="run directory (checkpoints, tensorboard, images, config.yaml, train.log)")
     p.add_argument("--resume", help="'auto' (newest valid checkpoint in the run directory) or a checkpoint path")
+    p.add_argument("--overwrite", action="store_true", help="replace another run found in --output (its "
+                   "checkpoints, logs, images and TensorBoard files are deleted)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     p.set_defaults(func=cmd_pretrain)
 
@@ -217,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "or embedded:digits")
     p.add_argument("--output", help="run directory")
     p.add_argument("--resume", help="'auto' or a checkpoint path")
+    p.add_argument("--overwrite", action="store_true", help="replace another run found in --output")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     p.set_defaults(func=cmd_finetune)
 
@@ -246,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--format", default="safetensors", help="safetensors (default), timm, hf or onnx")
     p.add_argument("--out", help="output file (directory for hf); default: beside the checkpoint")
+    p.add_argument("--opset", type=int, help="ONNX opset (onnx only; default: the exporter's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output (never the checkpoint)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("benchmark", help="throughput (and GPU memory) of our SwinV2 vs timm, side by side")

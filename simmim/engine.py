@@ -1,10 +1,20 @@
 """The training engine shared by pretraining and fine-tuning, on top of ``accelerate``.
 
-One optimizer step reads top to bottom: schedule -> forward (per micro-batch) -> backward -> finite check -> clip
--> step -> log -> checkpoint. accelerate owns devices, processes, mixed precision and the TensorBoard tracker.
+The loop reads top to bottom, as MAE's ``train_one_epoch``: per micro-batch, reseed -> forward (autocast) ->
+backward; once per optimizer step, finite check -> clip -> step -> log -> the task's after-step work -> checkpoint.
+accelerate owns devices, processes, mixed precision, gradient accumulation (``accumulate``) and TensorBoard.
 
 Determinism: each micro-batch reseeds the global RNG from (seed, micro-batch index, rank), and the data pipeline
 draws every sample from (seed, epoch, index), so a resumed run repeats an uninterrupted one exactly.
+
+No host sync per step: the loss, the finite check and the counters stay on the device, and a non-finite step is
+skipped on the device by the fused AdamW (``found_inf``); values are read at log steps, every
+``max_bad_steps`` steps (to stop a diverged run on time) and around checkpoints.
+
+Divergence: a step whose loss or gradient is not finite is skipped; ``max_bad_steps`` in a row stop the run. No
+checkpoint is written during such a streak or from non-finite weights, and a checkpoint only counts as good (and
+lets older ones rotate away) once a later step trained on finite numbers. When a streak stops the run, a checkpoint
+that never proved good is set aside (renamed ``*.diverged``), so ``--resume auto`` continues from the last good one.
 """
 
 from __future__ import annotations
@@ -13,32 +23,48 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType, broadcast_object_list, set_seed
 from torch import nn
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
-from simmim.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
+from simmim.checkpoint import CheckpointManager, resolve_resume
 from simmim.data import sample_seed
 from simmim.models.convert import check_compatible
+from simmim.run_dir import RunDir, RunDirError, setup_logging
+from simmim.weights import Weights, read_run_checkpoint
 
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class StepResult:
+    """What a task's after-step work produced: scalars to log, and a named checkpoint to write (e.g. ``best``)
+    with metadata updates recorded in it (and in every later checkpoint)."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    save_as: str | None = None
+    meta: dict = field(default_factory=dict)
+
+
 class Task(Protocol):
-    """What the engine needs from a job (pretraining, fine-tuning)."""
+    """What the engine needs from a job (pretraining, fine-tuning). A task never reaches back into the engine."""
 
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, Any]:
         """Forward one micro-batch: (scalar loss, outputs for logging)."""
 
     def log_images(self, model: nn.Module, batch: dict, outputs: Any) -> dict[str, torch.Tensor]:
         """Image grids to log (``model`` unwrapped), name -> (3, H, W) float in [0, 1]; may be empty."""
+
+    def after_step(self, step: int, model: nn.Module, final: bool) -> StepResult | None:
+        """Work after optimizer step ``step`` on every process (EMA update, evaluation, monitoring)."""
 
     def extra_state(self) -> dict:
         """Task state saved in checkpoints beside the model (e.g. EMA weights, best accuracy); plain data."""
@@ -51,10 +77,13 @@ class NonFiniteLossError(RuntimeError):
     """The loss was NaN/inf for too many steps in a row."""
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (full disk, permissions); the previous one is intact."""
+
+
 @dataclass
 class LoopSettings:
     total_steps: int  # optimizer steps of the whole run
-    accumulation_steps: int = 1
     clip_grad: float | None = None
     log_every: int = 20
     image_every: int = 1000
@@ -74,24 +103,69 @@ class TrainState:
     last_loss: float | None = None
 
 
+class _Meter:
+    """Per-step numbers kept on the device until a sync point reads them all at once."""
+
+    def __init__(self, device: torch.device) -> None:
+        z = torch.zeros((), device=device)
+        self.loss_sum, self.loss_n, self.skipped, self.files = z.clone(), z.clone(), z.clone(), z.clone()
+        self.bad_run, self.max_run = z.clone(), z.clone()
+        self.last_ok = torch.ones((), device=device, dtype=torch.bool)
+        self.first: torch.Tensor | None = None
+        self.last = torch.full((), math.nan, device=device)
+        self.images = 0
+
+    def step(self, loss: torch.Tensor, ok: torch.Tensor, files: torch.Tensor, images: int) -> None:
+        finite = torch.isfinite(loss)
+        self.loss_sum += torch.where(finite, loss, 0.0)
+        self.loss_n += finite
+        self.skipped += ~ok
+        self.files += files
+        self.bad_run = torch.where(ok, 0.0, self.bad_run + 1)
+        self.max_run = torch.maximum(self.max_run, self.bad_run)
+        self.last_ok, self.last = ok, loss
+        self.first = loss if self.first is None else self.first
+        self.images += images
+
+    def read(self) -> dict[str, float]:
+        """Every value as a Python number (one host sync); the step and file counters and the longest bad run
+        start again from zero."""
+        first = self.first if self.first is not None else torch.full_like(self.last, math.nan)
+        values = torch.stack([self.loss_sum, self.loss_n, self.skipped, self.files, self.bad_run, self.max_run,
+                              self.last_ok.float(), first, self.last]).tolist()
+        names = ("loss_sum", "loss_n", "skipped", "files", "bad_run", "max_run", "last_ok", "first", "last")
+        self.skipped.zero_(), self.files.zero_(), self.max_run.zero_()
+        return dict(zip(names, values, strict=True))
+
+    def reset_window(self) -> None:
+        """Start a new logging window (loss average and images/s)."""
+        self.loss_sum.zero_(), self.loss_n.zero_()
+        self.images = 0
+
+
 class Engine:
     """Runs ``task`` for ``settings.total_steps`` optimizer steps with checkpoints in ``checkpoints``.
 
     ``model``, ``optimizer`` and ``loader`` are already passed through ``accelerator.prepare``; ``scheduler`` is a
-    timm scheduler stepped per iteration with ``step_update``. ``metadata`` is stored in every checkpoint.
+    timm scheduler stepped per optimizer step with ``step_update`` (a pure function of the step, rebuilt from the
+    current config on resume). ``metadata`` is stored in every checkpoint.
     """
 
     def __init__(self, accelerator: Accelerator, task: Task, model: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: Any, loader: Any, checkpoints: CheckpointManager, settings: LoopSettings,
-                 metadata: dict, image_dir: Path | None = None,
-                 on_step: Callable[[int], None] | None = None) -> None:
+                 metadata: dict, image_dir: Path | None = None) -> None:
         self.acc, self.task, self.model, self.optimizer = accelerator, task, model, optimizer
         self.scheduler, self.loader, self.checkpoints, self.settings = scheduler, loader, checkpoints, settings
-        self.metadata, self.image_dir, self.on_step = metadata, image_dir, on_step
+        self.metadata, self.image_dir = metadata, image_dir
         self.state = TrainState()
-        if accelerator.distributed_type == DistributedType.DEEPSPEED and settings.accumulation_steps > 1:
-            raise ValueError("under DeepSpeed keep optim.accumulation_steps=1: DeepSpeed steps the optimizer inside "
-                             "backward, so accumulate with a larger data.batch_size or more processes")
+        self.last_good: Path | None = None  # newest checkpoint that proved good (a later step trained finitely)
+        self._pending: tuple[int, Path] | None = None  # newest step checkpoint, not yet proven good
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+        # the fused AdamW skips a step on the device when told found_inf: no host sync to decide
+        self._skip_on_device = (isinstance(inner, torch.optim.Optimizer) and inner.defaults.get("fused") is True
+                                and accelerator.mixed_precision != "fp16"
+                                and accelerator.distributed_type != DistributedType.DEEPSPEED)
+        self._inner_optimizer = inner
 
     # -- checkpoints -----------------------------------------------------------------------------------------
 
@@ -99,66 +173,108 @@ class Engine:
         return self.acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
     def save(self, name: str | None = None) -> Path | None:
-        """Write a checkpoint (all processes must call; the main process writes). Returns its path on main."""
+        """Write a checkpoint (all processes must call; the main process writes). Returns its path on main.
+        A step checkpoint is not rotated here: :meth:`_confirm` rotates once it has proven good."""
+        step = self.state.step
         weights = self.acc.get_state_dict(self.model)  # a collective under FSDP/DeepSpeed
+        if self._sharded() and name is None:  # optimizer shards live in accelerate's own folder beside our file
+            self.acc.save_state(str(self.checkpoints.state_dir_for(step)))
         path = None
-        if self._sharded():  # optimizer shards live in accelerate's own state folder beside our file
-            self.acc.save_state(str(self.checkpoints.directory / f"accelerate-{self.state.step:08d}"))
         if self.acc.is_main_process:
             scaler = getattr(self.acc, "scaler", None)
             state = {
                 "model": {k: v.detach().cpu() for k, v in weights.items()},
                 "optimizer": None if self._sharded() else self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
+                "scheduler": self.scheduler.state_dict(),  # informational: resume rebuilds the schedule from config
                 "scaler": scaler.state_dict() if scaler is not None else None,
-                "step": self.state.step,
+                "step": step,
                 "train_state": asdict(self.state),
                 "extra": self.task.extra_state(),
-                # exactness comes from reseeding every micro-batch; the global RNG state is kept for user code
-                "rng": rng_state(),
                 "meta": self.metadata,
             }
-            path = (self.checkpoints.save_named(state, name) if name
-                    else self.checkpoints.save(state, self.state.step))
+            target = self.checkpoints.directory / f"{name}.pt" if name else self.checkpoints.path_for(step)
+            try:
+                path = (self.checkpoints.save_named(state, name) if name
+                        else self.checkpoints.save(state, step, rotate=False))
+            except OSError as err:
+                previous = self.last_good or (self._pending[1] if self._pending else None)
+                raise CheckpointWriteError(
+                    f"could not write checkpoint {target}: {err.strerror or err}; "
+                    f"{f'the previous checkpoint {previous} is intact' if previous else 'no earlier checkpoint'}. "
+                    "Free disk space (or fix permissions), then continue with --resume auto") from err
             log.info("saved checkpoint %s", path)
         self.acc.wait_for_everyone()
         return path
 
-    def resume(self, path: Path) -> None:
-        """Restore weights, optimizer, scheduler, scaler, counters and (through the step) the data position."""
-        ckpt = load_checkpoint(path)
+    def _weights_finite(self) -> bool:
+        flags = [torch.isfinite(p).all() for p in self.model.parameters() if p.is_floating_point()]
+        return bool(torch.stack(flags).all()) if flags else True
+
+    def _confirm(self) -> None:
+        """The pending checkpoint proved good: it becomes the last good one and older ones rotate away."""
+        if self._pending is not None:
+            self.last_good = self._pending[1]
+            self._pending = None
+        if self.acc.is_main_process:
+            self.checkpoints.rotate(keep=[self.last_good] if self.last_good else [])
+
+    def _set_aside_unproven(self) -> Path | None:
+        """Rename the checkpoint that never proved good to ``*.diverged`` (kept, but not resumed by ``auto``)."""
+        if self._pending is None:
+            return None
+        step, path = self._pending
+        target = path.with_name(path.name + ".diverged")
+        if self.acc.is_main_process:
+            path.rename(target)
+            state_dir = self.checkpoints.state_dir_for(step)
+            if state_dir.is_dir():
+                state_dir.rename(state_dir.with_name(state_dir.name + ".diverged"))
+        self._pending = None
+        return target
+
+    def resume(self, weights: Weights) -> None:
+        """Restore weights, optimizer, grad scaler, counters, task state and (through the step) the data position.
+        The lr schedule is not restored: it follows the current config at the resumed step."""
+        ckpt = weights.checkpoint
+        assert ckpt is not None, "resume needs a run checkpoint (read_run_checkpoint)"
         model = self.acc.unwrap_model(self.model)
-        check_compatible(model, ckpt["model"], what=f"resume checkpoint {path} (was the model config changed?)")
+        check_compatible(model, ckpt["model"], what=f"resume checkpoint {weights.path} (was the model config "
+                                                     "changed?)")
         model.load_state_dict(ckpt["model"])
-        accel_dir = self.checkpoints.directory / f"accelerate-{ckpt['step']:08d}"
+        current = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         if ckpt.get("optimizer") is not None:
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-        elif accel_dir.is_dir():
-            self.acc.load_state(str(accel_dir))
-        self.scheduler.load_state_dict(ckpt["scheduler"])
+            try:
+                self.optimizer.load_state_dict(ckpt["optimizer"])
+            except ValueError as err:
+                raise ValueError(f"the optimizer state in {weights.path} does not fit the current parameter groups "
+                                 f"({err}); was optim.layer_decay changed? Resume with the original setting") from None
+        elif (state_dir := self.checkpoints.state_dir_for(ckpt["step"])).is_dir():
+            self.acc.load_state(str(state_dir))
+        for group, hyper in zip(self.optimizer.param_groups, current, strict=True):
+            group.update(hyper)  # lr, weight decay, betas of the current config, not the checkpoint's
         scaler = getattr(self.acc, "scaler", None)
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         self.state = TrainState(**ckpt["train_state"])
-        if ckpt.get("rng"):
-            set_rng_state(ckpt["rng"])
+        self.state.bad_in_a_row = 0
         self.task.load_extra_state(ckpt.get("extra") or {})
-        log.info("resumed from %s at step %d", path, self.state.step)
+        self.last_good = weights.path
+        log.info("resumed from %s at step %d", weights.path, self.state.step)
 
     # -- data ------------------------------------------------------------------------------------------------
 
     def _micro_batches(self) -> Iterator[dict]:
         """Endless micro-batches, starting where ``state.step`` left off (epoch and offset inside it). An epoch
-        holds whole optimizer steps: its last ``len % accumulation_steps`` micro-batches are dropped, so B x k
-        with accumulation k sees the same samples per step as one batch of k x B."""
-        accum = self.settings.accumulation_steps
+        holds whole optimizer steps: its last ``len % accumulation`` micro-batches are dropped, so B x k with
+        accumulation k sees the same samples per step as one batch of k x B."""
+        accum = self.acc.gradient_accumulation_steps
         try:
             steps_per_epoch = len(self.loader) // accum
         except TypeError:  # a stream: one long epoch
             steps_per_epoch = None
         if steps_per_epoch == 0:
-            raise RuntimeError(f"an epoch has {len(self.loader)} batches per process, fewer than "
-                               f"optim.accumulation_steps {accum}; lower it or data.batch_size")
+            raise ValueError(f"an epoch has {len(self.loader)} batches per process, fewer than "
+                             f"optim.accumulation_steps {accum}; lower it or data.batch_size")
         epoch, step_in_epoch = divmod(self.state.step, steps_per_epoch) if steps_per_epoch else (0, self.state.step)
         while True:
             self._set_epoch(epoch)
@@ -182,91 +298,137 @@ class Engine:
 
     # -- the loop --------------------------------------------------------------------------------------------
 
-    def train_step(self, batches: Iterator[dict]) -> tuple[float, float, bool, dict, Any]:
-        """One optimizer step over ``accumulation_steps`` micro-batches. Returns (loss, grad_norm, applied, last
-        batch, last outputs); a non-finite loss or gradient skips the update on every process alike."""
-        s = self.settings
-        self.scheduler.step_update(self.state.step)  # lr of this step: a pure function of the step
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        totals = torch.zeros(2, device=self.acc.device)  # (loss, unreadable files): reduced once per step
-        for i in range(s.accumulation_steps):
-            batch = next(batches)
-            micro = self.state.step * s.accumulation_steps + i
-            set_seed(sample_seed(s.seed, micro, self.acc.process_index) % 2**32)  # drop path, mixup, ...
-            last = i == s.accumulation_steps - 1
-            with contextlib.nullcontext() if last else self.acc.no_sync(self.model), self.acc.autocast():
-                loss, outputs = self.task.loss(self.model, batch)
-                self.acc.backward(loss / s.accumulation_steps)
-            totals[0] += loss.detach().float() / s.accumulation_steps
-            if "skipped" in batch:
-                totals[1] += batch["skipped"].sum()
-        loss_sum, skipped = self.acc.reduce(totals, "sum").tolist()
-        loss_value = loss_sum / self.acc.num_processes
-        self.state.skipped_files += int(skipped)
+    def _optimizer_step(self, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Clip, check, step: ``loss`` is this step's loss (same on every process). Returns (ok, grad norm), both
+        device tensors; a non-finite loss or gradient skips the update on every process alike."""
         params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = self.acc.clip_grad_norm_(params, s.clip_grad or math.inf)  # None under DeepSpeed: it clips itself
-        grad_norm = float(norm) if norm is not None else float("nan")
-        grads_ok = norm is None or math.isfinite(grad_norm) or self.acc.mixed_precision == "fp16"
-        applied = math.isfinite(loss_value) and grads_ok
-        if applied:  # under fp16 the grad scaler itself skips overflowing steps and lowers its scale
+        norm = self.acc.clip_grad_norm_(params, self.settings.clip_grad or math.inf)  # None under DeepSpeed
+        ok = torch.isfinite(loss)
+        if norm is not None and self.acc.mixed_precision != "fp16":  # under fp16 the grad scaler handles overflow
+            ok = ok & torch.isfinite(norm)
+        if self._skip_on_device:
+            self._inner_optimizer.found_inf = (~ok).float()
+            self.optimizer.step()
+        elif bool(ok):  # a host sync: optimizers that cannot skip on the device (DeepSpeed, fp16 scaler, ...)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_value, grad_norm, applied, batch, outputs
+        return ok, norm
 
     def fit(self) -> TrainState:
         """Train to ``total_steps``; checkpoints every ``save_every`` steps and at the end."""
-        s, st = self.settings, self.state
-        batches = self._micro_batches()
-        bar = tqdm(total=s.total_steps, initial=st.step, disable=not (s.progress and self.acc.is_main_process),
+        s, st, acc = self.settings, self.state, self.acc
+        accum = acc.gradient_accumulation_steps
+        meter = _Meter(acc.device)
+        bar = tqdm(total=s.total_steps, initial=st.step, disable=not (s.progress and acc.is_main_process),
                    desc="train", dynamic_ncols=True)
-        window_loss, window_n, window_imgs, t0 = 0.0, 0, 0, time.perf_counter()
-        while st.step < s.total_steps:
-            loss, grad_norm, applied, batch, outputs = self.train_step(batches)
-            step = st.step = st.step + 1
-            if math.isfinite(loss):
-                st.bad_in_a_row = 0
-                st.first_loss = loss if st.first_loss is None else st.first_loss
-                st.last_loss = loss
-                window_loss, window_n = window_loss + loss, window_n + 1
-            else:
-                st.bad_in_a_row += 1
-            if not applied:
-                st.skipped_steps += 1
-                log.warning("step %d: non-finite loss %.4g / grad norm %.4g, update skipped (%d in a row)",
-                            step, loss, grad_norm, st.bad_in_a_row)
-            if st.bad_in_a_row >= s.max_bad_steps:
-                last = self.checkpoints.latest_valid()
-                raise NonFiniteLossError(
-                    f"the loss was non-finite for {st.bad_in_a_row} steps in a row (step {step}); the last good "
-                    f"checkpoint is {last[0] if last else 'none'}. Lower optim.base_lr, raise optim.warmup_epochs "
-                    f"or use run.mixed_precision=bf16/no, then resume with --resume auto")
-            window_imgs += len(batch["image"]) * s.accumulation_steps * self.acc.num_processes
-            bar.update(1)
-            if step % s.log_every == 0 or step == s.total_steps:
-                elapsed = time.perf_counter() - t0
-                scalars = {
-                    "train/loss": window_loss / max(window_n, 1),
-                    "train/lr": max(g["lr"] for g in self.optimizer.param_groups),
-                    "train/grad_norm": grad_norm,
-                    "train/images_per_sec": window_imgs / max(elapsed, 1e-9),
-                    "train/skipped_steps": st.skipped_steps,
-                    "data/skipped_files": st.skipped_files,
-                }
-                self.acc.log(scalars, step=step)
-                bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", lr=f"{scalars['train/lr']:.2e}")
-                log.info("step %d/%d loss %.4f lr %.3e grad %.3f %.1f img/s skipped steps %d files %d", step,
-                         s.total_steps, scalars["train/loss"], scalars["train/lr"], grad_norm,
-                         scalars["train/images_per_sec"], st.skipped_steps, st.skipped_files)
-                window_loss, window_n, window_imgs, t0 = 0.0, 0, 0, time.perf_counter()
-            if (s.image_every and step % s.image_every == 0) or step == s.total_steps:
-                self._log_images(step, batch, outputs)
-            if self.on_step is not None:
-                self.on_step(step)
-            if step % s.save_every == 0 or step == s.total_steps:
-                self.save()
+        t0, micro, grad_norm = time.perf_counter(), st.step * accum, None
+        step_loss = torch.zeros((), device=acc.device)
+        files = torch.zeros((), device=acc.device)
+        with logging_redirect_tqdm(loggers=[logging.getLogger("simmim")]):
+            for batch in self._micro_batches() if st.step < s.total_steps else ():
+                if micro % accum == 0:
+                    self.scheduler.step_update(st.step)  # lr of this step: a pure function of the step
+                    self.model.train()
+                set_seed(sample_seed(s.seed, micro, acc.process_index) % 2**32)  # drop path, mixup, ...
+                micro += 1
+                with acc.accumulate(self.model):
+                    with acc.autocast():
+                        loss, outputs = self.task.loss(self.model, batch)
+                    acc.backward(loss)  # accelerate divides by the accumulation steps
+                    step_loss += loss.detach().float() / accum
+                    if "skipped" in batch:
+                        files += torch.as_tensor(batch["skipped"], device=acc.device).sum()
+                    if not acc.sync_gradients:
+                        continue
+                    step_loss = acc.reduce(step_loss, "mean")  # every process decides on the same number
+                    ok, grad_norm = self._optimizer_step(step_loss)
+                st.step += 1
+                meter.step(step_loss, ok, files, len(batch["image"]) * accum * acc.num_processes)
+                step_loss, files = torch.zeros((), device=acc.device), torch.zeros((), device=acc.device)
+                bar.update(1)
+                final = st.step >= s.total_steps
+                save_due = st.step % s.save_every == 0 or final
+                if (st.step % s.log_every == 0 or st.step % s.max_bad_steps == 0 or final or save_due
+                        or self._pending is not None):
+                    t0 = self._sync(meter, grad_norm, t0, bar, log_now=st.step % s.log_every == 0 or final)
+                if (s.image_every and st.step % s.image_every == 0) or final:
+                    self._log_images(st.step, batch, outputs)
+                result = self.task.after_step(st.step, self.model, final)
+                if result is not None:
+                    self._record(result)
+                if save_due:
+                    self._save_if_healthy(final)
+                if final:
+                    break
         bar.close()
         return st
+
+    def _sync(self, meter: _Meter, grad_norm: torch.Tensor | None, t0: float, bar: Any, log_now: bool) -> float:
+        """Read the device-side numbers (one host sync, one collective): count skipped steps and unreadable files,
+        stop a diverged run, confirm the pending checkpoint and, at log steps, log a window of scalars. Every
+        process calls it at the same steps. Returns the time the next logging window starts at."""
+        s, st, acc = self.settings, self.state, self.acc
+        values = meter.read()
+        totals = torch.tensor([values["files"]], device=acc.device)
+        st.skipped_files += int(acc.reduce(totals, "sum").item())  # unreadable inputs met on every process
+        st.skipped_steps += int(values["skipped"])
+        st.bad_in_a_row = int(values["bad_run"])
+        if math.isfinite(values["first"]) and st.first_loss is None:
+            st.first_loss = values["first"]
+        if math.isfinite(values["last"]):
+            st.last_loss = values["last"]
+        if values["skipped"]:
+            log.warning("step %d: %d step(s) since the last check had a non-finite loss or gradient and were "
+                        "skipped (%d in a row now)", st.step, values["skipped"], st.bad_in_a_row)
+        if values["max_run"] >= s.max_bad_steps:
+            aside = self._set_aside_unproven()
+            where = (f"the last good checkpoint is {self.last_good}" if self.last_good
+                     else "no checkpoint had proven good yet")
+            raise NonFiniteLossError(
+                f"the loss was non-finite for {int(values['max_run'])} steps in a row (by step {st.step}); {where}"
+                + (f" ({aside.name}, written just before the divergence, was set aside)" if aside else "")
+                + ". Lower optim.base_lr, raise optim.warmup_epochs or use run.mixed_precision=bf16/no, then "
+                "resume with --resume auto")
+        if self._pending is not None and values["last_ok"]:
+            self._confirm()
+        if not log_now:
+            return t0
+        elapsed = time.perf_counter() - t0
+        window_loss = values["loss_sum"] / values["loss_n"] if values["loss_n"] else math.nan
+        norm = float(grad_norm) if grad_norm is not None else math.nan
+        scalars = {
+            "train/loss": window_loss,
+            "train/lr": max(g["lr"] for g in self.optimizer.param_groups),
+            "train/grad_norm": norm,
+            "train/images_per_sec": meter.images / max(elapsed, 1e-9),
+            "train/skipped_steps": st.skipped_steps,
+            "data/skipped_files": st.skipped_files,
+        }
+        acc.log(scalars, step=st.step)
+        bar.set_postfix(loss=f"{window_loss:.4f}", lr=f"{scalars['train/lr']:.2e}")
+        log.info("step %d/%d loss %.4f lr %.3e grad %.3f %.1f img/s skipped steps %d files %d", st.step,
+                 s.total_steps, window_loss, scalars["train/lr"], norm, scalars["train/images_per_sec"],
+                 st.skipped_steps, st.skipped_files)
+        meter.reset_window()
+        return time.perf_counter()
+
+    def _save_if_healthy(self, final: bool) -> None:
+        st = self.state
+        if st.bad_in_a_row or not self._weights_finite():
+            log.warning("step %d: not writing a checkpoint: %s", st.step,
+                        "the loss is non-finite now" if st.bad_in_a_row else "the weights are non-finite")
+            return
+        self.save()
+        self._pending = (st.step, self.checkpoints.path_for(st.step))
+        if final:  # the run ended: nothing later can prove it, so it stands as the newest
+            self._confirm()
+
+    def _record(self, result: StepResult) -> None:
+        if result.metrics:
+            self.acc.log(result.metrics, step=self.state.step)
+        self.metadata.update(result.meta)
+        if result.save_as:
+            self.save(name=result.save_as)
 
     def _log_images(self, step: int, batch: dict, outputs: Any) -> None:
         if not self.acc.is_main_process:
@@ -279,12 +441,20 @@ class Engine:
             if writer is not None:
                 writer.add_image(name, grid, step)
             if self.image_dir is not None:
-                save_png(grid, self.image_dir / f"{name.replace('/', '_')}_{step:08d}.png")
+                try:
+                    save_png(grid, self.image_dir / f"{name.replace('/', '_')}_{step:08d}.png")
+                except OSError as err:  # a picture is never worth a run
+                    log.warning("could not write the %s image of step %d: %s", name, step, err)
 
 
-def make_accelerator(output: Path, mixed_precision: str) -> Accelerator:
-    """An Accelerator logging to ``output/tensorboard``. On machines without a GPU it runs on the CPU, and under
-    ``torchrun`` its processes join one gloo group (accelerate only does this when told it is on the CPU)."""
+# ----------------------------------------------------------------------------------------------------------------
+# opening a run
+
+
+def make_accelerator(output: Path, mixed_precision: str, accumulation_steps: int = 1) -> Accelerator:
+    """An Accelerator logging to ``output/tensorboard`` that accumulates ``accumulation_steps`` micro-batches per
+    optimizer step. On machines without a GPU it runs on the CPU, and under ``torchrun`` its processes join one
+    gloo group (accelerate only does this when told it is on the CPU)."""
     from accelerate.state import AcceleratorState
     from accelerate.utils import ProjectConfiguration
 
@@ -296,24 +466,82 @@ def make_accelerator(output: Path, mixed_precision: str) -> Accelerator:
     return Accelerator(
         cpu=not has_accelerator,
         mixed_precision=mixed_precision,
+        gradient_accumulation_steps=accumulation_steps,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output)),
     )
 
 
-def start_run(output: str | Path, mixed_precision: str, resume: str | None, seed: int
-              ) -> tuple[Path, Accelerator, Path | None]:
-    """The opening every run shares: the accelerator, logging to ``output/train.log``, the checkpoint to resume
-    from (checked before any heavy work) and the seed of the initial weights (equal on every process)."""
-    from simmim.checkpoint import resolve_resume
-    from simmim.run_dir import setup_logging
+@dataclass
+class RunStart:
+    """What every run opens with: its directory (locked), the accelerator and the checkpoint to resume."""
 
-    out = Path(output)
-    accelerator = make_accelerator(out, mixed_precision)
-    setup_logging(out / "train.log", main_process=accelerator.is_main_process)
-    resume_path = resolve_resume(resume, out)
-    set_seed(seed)
-    return out, accelerator, resume_path
+    run_dir: RunDir
+    accelerator: Accelerator
+    resume: Weights | None
+
+    @property
+    def out(self) -> Path:
+        return self.run_dir.path
+
+
+def _agree(acc: Accelerator, check: Any) -> None:
+    """Run ``check`` on the main process; every process raises what it raised (a :class:`RunDirError`), so the
+    ranks of one distributed run fail together instead of waiting for each other."""
+    message = [None]
+    if acc.is_main_process:
+        try:
+            check()
+        except RunDirError as err:
+            message = [str(err)]
+    if acc.num_processes > 1:
+        broadcast_object_list(message)
+    if message[0]:
+        raise RunDirError(message[0])
+
+
+@contextlib.contextmanager
+def start_run(output: str | Path, mixed_precision: str, resume: str | None, seed: int, accumulation_steps: int = 1,
+              overwrite: bool = False, model_name: str | None = None) -> Iterator[RunStart]:
+    """The opening every run shares, before any heavy work and before anything is written: the accelerator,
+    console logging, the run directory's lock and reuse check, and the checkpoint to resume (read and checked
+    here, so a bad ``--resume`` fails before the model and data are built). The caller writes into the directory
+    with :func:`open_run` once its own checks passed. Seeds the initial weights (equal on every process)."""
+    out = Path(output).expanduser()
+    accelerator = make_accelerator(out, mixed_precision, accumulation_steps)
+    setup_logging(None, main_process=accelerator.is_main_process)  # console only until the directory opens
+    run_dir = RunDir(out, main_process=accelerator.is_main_process)
+    with run_dir:
+        _agree(accelerator, run_dir.acquire)  # the main process locks for every rank of the run
+        found = resolve_resume(resume, out, load=lambda p: read_run_checkpoint(p, "--resume", resume=True))
+        weights = found[1] if found else None
+        _agree(accelerator, lambda: run_dir.check_reuse(fresh=weights is None, overwrite=overwrite))
+        if weights is not None and model_name and weights.meta.get("model") != model_name:
+            raise ValueError(f"resume checkpoint {weights.path} holds a {weights.meta.get('model')} model, the "
+                             f"config asks for {model_name} (was the model config changed?); resume with "
+                             "model.name set as in that run, or start a new run in another --output")
+        set_seed(seed)
+        yield RunStart(run_dir, accelerator, weights)
+
+
+def open_run(start: RunStart, config: Any, overwrite: bool = False) -> None:
+    """Every check passed: write ``config.yaml`` and ``train.log`` (main process), start TensorBoard, and log
+    how the config differs from the resumed checkpoint's."""
+    from simmim.config import save_config, to_dict
+    from simmim.run_dir import config_changes
+
+    acc, out = start.accelerator, start.out
+    start.run_dir.open(overwrite=overwrite and start.resume is None)
+    setup_logging(out / "train.log", main_process=acc.is_main_process)
+    if acc.is_main_process:
+        save_config(config, out / "config.yaml")
+    acc.init_trackers("tensorboard")
+    if start.resume is not None:
+        old = start.resume.meta.get("config") or {}
+        changes = [c for c in config_changes(old, to_dict(config)) if not c.startswith(("run.resume", "run.output"))]
+        if changes:
+            log.info("resuming with a changed config (the schedule follows the new one from step %d): %s",
+                     start.resume.checkpoint["step"], "; ".join(changes))
 
 
 def _tensorboard_writer(acc: Accelerator) -> Any:

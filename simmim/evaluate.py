@@ -10,16 +10,45 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import torch
+from accelerate import Accelerator
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import nn
 from torch.utils.data import DataLoader
 
 from simmim.data.labeled import LabeledDataset, open_labeled
-from simmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
-from simmim.finetune import evaluate, windows_from_coords_tables
+from simmim.data.transforms import eval_transform
 from simmim.models import SwinTransformerV2, create_model
-from simmim.models.convert import convert_state_dict, load_pretrained, read_checkpoint, unwrap
+from simmim.models.convert import load_pretrained
 from simmim.monitor import FeatureMonitor
-from simmim.weights import is_run_checkpoint, model_from_run
+from simmim.weights import model_from_weights, read_weights
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Any, accelerator: Accelerator | None = None) -> dict[str, float]:
+    """Top-1 / top-5 accuracy and cross-entropy over ``loader``; under data parallelism every sample is counted
+    exactly once (``gather_for_metrics`` drops the padding of uneven shards)."""
+    was_training = model.training
+    model.eval()
+    correct1 = correct5 = total = 0
+    loss_sum = 0.0
+    for batch in loader:
+        logits = model(batch["image"]).float()
+        labels = batch["label"]
+        if accelerator is not None:
+            logits, labels = accelerator.gather_for_metrics((logits, labels))
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices  # (B, k)
+        hit = top == labels[:, None]
+        correct1 += hit[:, 0].sum().item()
+        correct5 += hit.any(dim=1).sum().item()
+        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        total += len(labels)
+    model.train(was_training)
+    return {"top1": 100 * correct1 / max(total, 1), "top5": 100 * correct5 / max(total, 1),
+            "loss": loss_sum / max(total, 1), "count": total}
 
 
 def parse_sweep(spec: str) -> list[tuple[int, int]]:
@@ -42,24 +71,23 @@ def at_size(model: SwinTransformerV2, img_size: int, window_size: int) -> SwinTr
 
 def load_for_eval(checkpoint: str | Path, model_name: str | None = None, img_size: int | None = None,
                   window_size: int | None = None) -> tuple[SwinTransformerV2, dict]:
-    """A run checkpoint of ours as trained, or official / timm weights built as ``model_name`` at
-    (``img_size``, ``window_size``) (ImageNet normalisation; the class count comes from the head)."""
-    raw = read_checkpoint(checkpoint)  # read once: official files can be gigabytes
-    if is_run_checkpoint(raw):
-        return model_from_run(raw, str(checkpoint))
+    """A run checkpoint of ours (or an export with its card) as trained, or official / timm / transformers weights
+    built as ``model_name`` at (``img_size``, ``window_size``) with ImageNet normalisation (the class count comes
+    from the head). Returns the model in eval mode and its metadata."""
+    weights = read_weights(checkpoint)  # read once: official files can be gigabytes
+    if weights.meta.get("model"):
+        return model_from_weights(weights), weights.meta
     if not (model_name and img_size and window_size):
-        raise ValueError(f"{checkpoint} is not a simmim run checkpoint; to evaluate official or timm weights "
-                         "pass --model NAME --img-size N --window-size W (e.g. --model swinv2_tiny "
-                         "--img-size 256 --window-size 8)")
-    sd = unwrap(raw)
-    windows = windows_from_coords_tables(sd)  # official files record the CPB windows; timm files train at their own
-    sd = convert_state_dict(sd)
+        raise ValueError(f"{weights.describe()} does not record its architecture; to evaluate it pass --model NAME "
+                         "--img-size N --window-size W (e.g. --model swinv2_tiny --img-size 256 --window-size 8)")
+    sd = weights.state_dict if "head.fc.weight" in weights.state_dict else weights.encoder()
     num_classes = sd["head.fc.weight"].shape[0] if "head.fc.weight" in sd else 0
     model = create_model(model_name, img_size=img_size, window_size=window_size, num_classes=num_classes,
-                         pretrained_window_sizes=windows, drop_path_rate=0.0)
+                         pretrained_window_sizes=weights.windows, drop_path_rate=0.0)
     load_pretrained(model, sd, source="timm")
     kind = "simmim-finetune" if num_classes else "simmim-pretrain"
-    return model.eval(), {"kind": kind, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "classes": None}
+    return model.eval(), {"kind": kind, "mean": list(IMAGENET_DEFAULT_MEAN), "std": list(IMAGENET_DEFAULT_STD),
+                          "classes": None}
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str, sizes: Sequence[tuple[int, int]] | None = None,
@@ -69,7 +97,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, sizes: Sequence[tuple
     None evaluates at the trained geometry only. Official/timm files need ``model_name`` and ``build_size``
     (their img_size, window)."""
     model, meta = load_for_eval(checkpoint, model_name, *(build_size or (None, None)))
-    if meta["kind"] != "simmim-finetune":
+    if not getattr(model, "num_classes", 0):
         raise ValueError(f"{checkpoint} holds an encoder without a classifier; use --knn/--linear-probe, or "
                          "fine-tune it first with simmim finetune")
     source = open_labeled(data, split, classes=meta.get("classes"))

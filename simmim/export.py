@@ -19,26 +19,26 @@ timm and HF have no extra main-branch norms, so SwinV2-H/G (``extra_norm_period=
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
+import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 
 from simmim.models import VARIANTS, SwinTransformerV2
-from simmim.models.convert import CheckpointMismatchError, detect_format, read_checkpoint, unwrap
 from simmim.models.hf import hf_config, ours_to_hf
-from simmim.weights import WrongCheckpointError, model_from_checkpoint, trained_windows
+from simmim.weights import HF_CARD, meta_windows, model_from_weights, read_run_checkpoint, sha256
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("safetensors", "timm", "hf", "onnx")
 ONNX_ATOL = 1e-4  # onnxruntime vs PyTorch, float32: op reordering alone gives ~1e-6 on these models
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-HF_CARD = "simmim_card.json"
 # the timm entry point each variant loads through; window and image size are overridden in the call anyway.
 # pico/nano are not timm models: their embed_dim/depths/num_heads are passed explicitly
 TIMM_ARCH = {
@@ -61,67 +61,15 @@ class ExportMismatchError(RuntimeError):
 # reading the checkpoint
 
 
-def _describe(path: Path) -> str | None:
-    """What a checkpoint that is not a run checkpoint holds, in words; None if it is a run checkpoint."""
-    raw = read_checkpoint(path)  # safe: pickled classes (official yacs configs) are stubbed, no code runs
-    meta = raw.get("meta") if isinstance(raw, dict) else None
-    if isinstance(meta, dict) and meta.get("kind"):
-        return None if meta["kind"] in ("simmim-pretrain", "simmim-finetune") else f"a {meta['kind']!r} checkpoint"
-    try:
-        sd = unwrap(raw)
-    except ValueError:
-        return "a dict without model weights"
-    simmim = any(k.startswith("encoder.") for k in sd)
-    if detect_format(sd) == "official":
-        return f"an official Swin-Transformer {'SimMIM pretraining' if simmim else 'classification'} checkpoint"
-    return "a plain state dict" + (" of a SimMIM model" if simmim else " (timm / simmim.models layout)")
-
-
-def _peek_variant(path: Path) -> str | None:
-    """``meta.model`` of a checkpoint without reading its tensors (memory-mapped); None if there is none."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # not a (weights-only, zip) torch file: load_run names what it is
-        return None
-    meta = ckpt.get("meta") if isinstance(ckpt, dict) else None
-    return meta.get("model") if isinstance(meta, dict) else None
-
-
 def load_run(checkpoint: str | Path, fmt: str | None = None) -> tuple[SwinTransformerV2, dict]:
     """The model (eval mode, trained geometry) and metadata of a run checkpoint; one-line errors otherwise.
 
-    With ``fmt``, a variant that format cannot represent is refused before the weights are read (SwinV2-G is 12 GB).
+    With ``fmt``, a variant that format cannot represent is refused before the model is built (SwinV2-G is 12 GB).
     """
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; pass the .pt file written by `simmim pretrain` "
-                                "or `simmim finetune` (e.g. OUTPUT/checkpoints/best.pt)")
-    if fmt is not None and (variant := _peek_variant(path)) is not None:
-        check_foreign(variant, fmt)
-    try:
-        return model_from_checkpoint(path)
-    except CheckpointMismatchError:
-        raise
-    except ValueError as err:  # WrongCheckpointError, or a file torch cannot read without pickled classes
-        try:
-            what = _describe(path)
-        except ValueError:
-            raise err from None  # unreadable: the original message says so
-        if what is None:
-            raise
-        raise WrongCheckpointError(
-            f"{path} is {what}, not a simmim run checkpoint: export converts the checkpoints written by "
-            "`simmim pretrain` and `simmim finetune`; fine-tune from these weights (`simmim finetune CONFIG "
-            f"--pretrained {path}`) and export that run, or load them with simmim.models.load_pretrained") from err
-
-
-def sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+    weights = read_run_checkpoint(checkpoint, "export")
+    if fmt is not None:
+        check_foreign(weights.meta["model"], fmt)
+    return model_from_weights(weights), weights.meta
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -204,16 +152,18 @@ def _geometry_metadata(model: SwinTransformerV2, meta: dict) -> dict[str, str]:
             "simmim.num_classes": str(model.num_classes)}
 
 
-def write_safetensors(model: SwinTransformerV2, meta: dict, out: Path, opset: int | None) -> tuple[list[Path], dict]:
+def write_safetensors(model: SwinTransformerV2, meta: dict, out: Path, final: Path, opset: int | None
+                      ) -> tuple[list[Path], dict]:
     """Our state dict (= timm's keys) with the geometry in the safetensors header."""
     _save_safetensors(_state_dict(model), out, _geometry_metadata(model, meta))
-    load = {"simmim": simmim_code(model, meta, out)}
+    load = {"simmim": simmim_code(model, meta, final)}
     if _variant(meta) in TIMM_ARCH:
-        load["timm"] = timm_call(model, meta, out)
+        load["timm"] = timm_call(model, meta, final)
     return [out], {"load": load}
 
 
-def write_timm(model: SwinTransformerV2, meta: dict, out: Path, opset: int | None) -> tuple[list[Path], dict]:
+def write_timm(model: SwinTransformerV2, meta: dict, out: Path, final: Path, opset: int | None
+               ) -> tuple[list[Path], dict]:
     """The state dict for ``timm.create_model(..., pretrained_cfg_overlay=dict(file=out))``; .pth if ``out`` says."""
     check_foreign(_variant(meta), "timm")
     sd = _state_dict(model)  # our keys are timm's; its checkpoint_filter_fn keeps them as they are
@@ -222,17 +172,16 @@ def write_timm(model: SwinTransformerV2, meta: dict, out: Path, opset: int | Non
         torch.save(sd, out)
     else:
         _save_safetensors(sd, out, _geometry_metadata(model, meta))
-    return [out], {"load": {"timm": timm_call(model, meta, out)}}
+    return [out], {"load": {"timm": timm_call(model, meta, final)}}
 
 
-def write_hf(model: SwinTransformerV2, meta: dict, out: Path, opset: int | None) -> tuple[list[Path], dict]:
+def write_hf(model: SwinTransformerV2, meta: dict, out: Path, final: Path, opset: int | None
+             ) -> tuple[list[Path], dict]:
     """A ``from_pretrained`` directory: config.json, model.safetensors (HF keys), preprocessor_config.json."""
     check_foreign(_variant(meta), "hf")
     names = meta.get("classes")
     id2label = dict(enumerate(names)) if isinstance(names, list) and len(names) == model.num_classes else None
     config = hf_config(model, id2label)  # validates square windows etc. before anything is written
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"hf export writes a directory, but {out} is a file; pass --out DIR")
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "config.json", out / "model.safetensors", out / "preprocessor_config.json"]
     files[0].write_text(json.dumps(config, indent=2) + "\n")
@@ -244,13 +193,14 @@ def write_hf(model: SwinTransformerV2, meta: dict, out: Path, opset: int | None)
         "image_mean": list(meta.get("mean") or IMAGENET_MEAN), "image_std": list(meta.get("std") or IMAGENET_STD)}
     files[2].write_text(json.dumps(processor, indent=2) + "\n")
     cls = "Swinv2ForImageClassification" if model.num_classes > 0 else "Swinv2Model"
-    return files, {"load": {"transformers": f"transformers.{cls}.from_pretrained({str(out.resolve())!r})",
+    return files, {"load": {"transformers": f"transformers.{cls}.from_pretrained({str(final.resolve())!r})",
                             "image_processor": f"transformers.AutoImageProcessor.from_pretrained("
-                                               f"{str(out.resolve())!r})"},
+                                               f"{str(final.resolve())!r})"},
                    "outputs": "logits" if model.num_classes > 0 else "pooler_output (= simmim pooled features)"}
 
 
-def write_onnx(model: SwinTransformerV2, meta: dict, out: Path, opset: int | None) -> tuple[list[Path], dict]:
+def write_onnx(model: SwinTransformerV2, meta: dict, out: Path, final: Path, opset: int | None
+               ) -> tuple[list[Path], dict]:
     """pixel_values (batch, C, H, W) -> logits / pooled features (batch, D), dynamic batch, checked in onnxruntime."""
     for blk in model.blocks():
         blk.attn.cache_bias = False  # the inference cache keys on data pointers, which tracing cannot follow
@@ -281,7 +231,7 @@ def write_onnx(model: SwinTransformerV2, meta: dict, out: Path, opset: int | Non
                             "output": f"{output} float32 (batch, {model.num_classes or model.num_features})",
                             "opset": _opset(out), "exporter": "dynamo" if dynamo else "torchscript",
                             "max_abs_diff_vs_pytorch": diff},
-                   "load": {"onnxruntime": f"onnxruntime.InferenceSession({str(out.resolve())!r})"}}
+                   "load": {"onnxruntime": f"onnxruntime.InferenceSession({str(final.resolve())!r})"}}
 
 
 def _opset(path: Path) -> int | None:
@@ -309,12 +259,12 @@ def check_onnx(model: SwinTransformerV2, path: Path, batch: int = 3, atol: float
     diff = float(abs(got - expected).max())
     if not diff <= atol:  # also catches NaN
         raise ExportMismatchError(f"{path}: onnxruntime output differs from PyTorch by {diff:.3g} (> {atol}); "
-                                  "try another opset (--opset) or report it")
+                                  "try another opset (simmim export --opset N) or report it")
     log.info("onnxruntime check of %s: max abs diff %.3g", path, diff)
     return diff
 
 
-WRITERS: dict[str, Callable[[SwinTransformerV2, dict, Path, int | None], tuple[list[Path], dict]]] = {
+WRITERS: dict[str, Callable[[SwinTransformerV2, dict, Path, Path, int | None], tuple[list[Path], dict]]] = {
     "safetensors": write_safetensors, "timm": write_timm, "hf": write_hf, "onnx": write_onnx,
 }
 
@@ -339,6 +289,7 @@ def model_card(model: SwinTransformerV2, meta: dict, checkpoint: Path, fmt: str,
     return {
         "format": fmt,
         "files": [f.name for f in files],
+        "classes": meta.get("classes"),
         "source": {"checkpoint": str(checkpoint.resolve()), "sha256": sha256(checkpoint), "kind": meta["kind"]},
         "architecture": {
             "variant": _variant(meta), "embed_dim": model.embed_dim, "depths": list(model.depths),
@@ -354,7 +305,7 @@ def model_card(model: SwinTransformerV2, meta: dict, checkpoint: Path, fmt: str,
         "pretrained_window_sizes": [list(p) for p in model.pretrained_window_sizes],
         # ... and what to pass as pretrained_window_sizes when fine-tuning from it: the windows its log-CPB was
         # trained at (pretrained windows where set, else the effective ones)
-        "finetune_pretrained_window_sizes": [list(w) for w in trained_windows(meta)],
+        "finetune_pretrained_window_sizes": [list(w) for w in meta_windows(meta)],
         "mean": list(meta.get("mean") or IMAGENET_MEAN),
         "std": list(meta.get("std") or IMAGENET_STD),
         "recipe": meta.get("config", {}),
@@ -362,28 +313,79 @@ def model_card(model: SwinTransformerV2, meta: dict, checkpoint: Path, fmt: str,
     }
 
 
+def _outputs(target: Path, fmt: str) -> list[Path]:
+    """Every path an export to ``target`` creates (card included), before it is written."""
+    if fmt == "hf":
+        return [target]
+    extra = [Path(f"{target}.data")] if fmt == "onnx" else []
+    return [target, Path(f"{target}.json"), *extra]
+
+
+def _check_target(source: Path, target: Path, fmt: str, overwrite: bool) -> None:
+    """Never write onto (or, for a directory, around) the source; an existing output needs ``overwrite``."""
+    src = source.resolve()
+    for path in _outputs(target, fmt):
+        if path.resolve() == src or (path.is_dir() and src.is_relative_to(path.resolve())):
+            raise ValueError(f"--out {target} would overwrite the source checkpoint {source}; choose another --out")
+    if fmt != "hf" and target.is_dir():
+        raise ValueError(f"--out {target} is a directory; pass a file name")
+    if fmt == "hf" and target.exists() and not target.is_dir():
+        raise ValueError(f"hf export writes a directory, but {target} is a file; pass --out DIR")
+    existing = [p for p in _outputs(target, fmt) if p.exists() and (fmt != "hf" or any(p.iterdir()))]
+    if existing and not overwrite:
+        raise ValueError(f"{existing[0]} already exists; pass --overwrite to replace it, or choose another --out")
+
+
+def _move_into_place(staged: Path, final: Path) -> None:
+    """Atomically put ``staged`` where ``final`` is (a directory is swapped: the old one goes only afterwards)."""
+    if staged.is_dir() and final.exists():
+        trash = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, trash)
+        os.replace(staged, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(staged, final)
+    for f in [final, *final.rglob("*")] if final.is_dir() else [final]:
+        os.chmod(f, 0o755 if f.is_dir() else 0o644)  # weights others may read, as any downloaded model
+
+
 def export(checkpoint: str | Path, fmt: str = "safetensors", out: str | Path | None = None,
-           opset: int | None = None) -> list[Path]:
+           opset: int | None = None, overwrite: bool = False) -> list[Path]:
     """Export a run checkpoint to ``fmt`` (one of :data:`FORMATS`); returns the written files, card last.
 
     ``out`` defaults to a name beside the checkpoint (:func:`default_out`); an existing directory receives that
     default name inside it (for ``hf``, ``out`` is the directory itself). ``opset`` applies to ``onnx`` only.
+    Everything is written to a hidden staging folder beside the target and moved into place at the end, so an
+    interrupted export leaves no partial file; an existing output is replaced only with ``overwrite``, and the
+    source checkpoint never.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     if opset is not None and fmt != "onnx":
         raise ValueError(f"opset applies to the onnx format only, not {fmt!r}")
     path = Path(checkpoint)
-    model, meta = load_run(path, fmt)
     if out is None:
         target = default_out(path, fmt)
     else:
-        target = Path(out)
+        target = Path(out).expanduser()
         if fmt != "hf" and target.is_dir():
             target = target / default_out(path, fmt).name
-    files, extra = WRITERS[fmt](model, meta, target, opset)
+    _check_target(path, target, fmt, overwrite)
+    model, meta = load_run(path, fmt)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    stage = target.parent / f".{target.name}.export-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    try:
+        files, extra = WRITERS[fmt](model, meta, stage / target.name, target, opset)
+        final_files = [target.parent / f.relative_to(stage) if f.is_relative_to(stage) else f for f in files]
+        card = model_card(model, meta, path, fmt, final_files, extra)
+        card_name = f"{target.name}/{HF_CARD}" if fmt == "hf" else f"{target.name}.json"
+        (stage / card_name).write_text(json.dumps(card, indent=2, default=str) + "\n")
+        for name in dict.fromkeys([*(f.relative_to(stage).parts[0] for f in files), card_name.split("/")[0]]):
+            _move_into_place(stage / name, target.parent / name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     card_path = target / HF_CARD if fmt == "hf" else Path(f"{target}.json")
-    card = model_card(model, meta, path, fmt, files, extra)
-    card_path.write_text(json.dumps(card, indent=2, default=str) + "\n")
-    log.info("exported %s (%s) to %s", path, fmt, ", ".join(str(f) for f in files))
-    return [*files, card_path]
+    log.info("exported %s (%s) to %s", path, fmt, ", ".join(str(f) for f in final_files))
+    return [*final_files, card_path]

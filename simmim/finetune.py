@@ -7,11 +7,8 @@ bare timm file needs ``model.pretrained_window_sizes``. The loop is :mod:`simmim
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,99 +17,30 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from simmim.checkpoint import CheckpointManager
-from simmim.config import FinetuneConfig, save_config, to_dict
+from simmim.config import FinetuneConfig, to_dict
 from simmim.data.labeled import LabeledDataset, open_labeled
 from simmim.data.sampler import EpochSampler
 from simmim.data.transforms import eval_transform, finetune_transform
-from simmim.engine import Engine, LoopSettings, start_run
+from simmim.engine import Engine, LoopSettings, StepResult, open_run, start_run
+from simmim.evaluate import evaluate
 from simmim.models import SwinTransformerV2, create_model
-from simmim.models.convert import convert_state_dict, load_pretrained, read_checkpoint, unwrap
+from simmim.models.convert import load_pretrained
 from simmim.optim import param_groups
 from simmim.plan import build_optimization, plan_training
-from simmim.weights import geometry_metadata, trained_windows
+from simmim.weights import Weights, geometry_metadata, read_weights, sha256
 
 log = logging.getLogger(__name__)
 
-Pair = tuple[int, int]
-_DROP = ("mask_token", "decoder.", "head.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# pretrained weights and the windows they were trained at
+# the classifier
 
 
-def windows_from_coords_tables(state_dict: dict[str, torch.Tensor]) -> list[Pair] | None:
-    """Recover each stage's CPB normalisation window from the ``relative_coords_table`` buffers that official
-    checkpoints save: the table spans offsets up to W-1 and its largest value is log2(1 + 8 (W-1)/(P-1)) / 3."""
-    out = []
-    for i in range(8):
-        table = next((v for k, v in state_dict.items()
-                      if k.removeprefix("encoder.").startswith(f"layers.{i}.blocks.0.") and
-                      k.endswith("relative_coords_table")), None)
-        if table is None:
-            break
-        pair = []
-        for axis in (0, 1):
-            window = (table.shape[1 + axis] + 1) // 2
-            top = float(table[..., axis].max())
-            pair.append(window if window == 1 or top <= 0 else
-                        round(8 * (window - 1) / (2 ** (3 * top) - 1)) + 1)
-        out.append(tuple(pair))
-    return out or None
-
-
-@dataclass
-class PretrainedWeights:
-    state_dict: dict[str, torch.Tensor]  # encoder keys (ours = timm), no head / mask token / decoder
-    windows: list[Pair] | None  # the windows the CPB MLP was trained at; None when the file does not say
-    source: str
-    meta: dict = field(default_factory=dict)
-
-
-def _read_hf_directory(path: Path) -> PretrainedWeights:
-    """A transformers ``Swinv2*`` directory (``config.json`` + ``model.safetensors``), e.g. our hf export."""
-    from safetensors.torch import load_file
-
-    from simmim.models.hf import hf_to_ours
-    from simmim.models.swin_transformer_v2 import stage_geometry, to_pair
-
-    config = json.loads((path / "config.json").read_text())
-    if config.get("model_type") != "swinv2":
-        raise ValueError(f"{path} holds a {config.get('model_type')!r} model, not swinv2")
-    sd = hf_to_ours(load_file(str(path / "model.safetensors")))
-    geometry = stage_geometry(to_pair(config["image_size"]), config["patch_size"], len(config["depths"]),
-                              to_pair(config["window_size"]))
-    windows = [to_pair(p) if p else win for p, (_, win) in zip(config["pretrained_window_sizes"], geometry,
-                                                               strict=True)]
-    return PretrainedWeights({k: v for k, v in sd.items() if not k.startswith(_DROP)}, windows,
-                             f"{path} (transformers Swinv2)", {})
-
-
-def read_pretrained(path: str | Path) -> PretrainedWeights:
-    """Read encoder weights from one of our run checkpoints, an exported ``.safetensors`` (+ card), a transformers
-    ``Swinv2`` directory, an official SimMIM / classification checkpoint or a timm file."""
-    path = Path(path)
-    if path.is_dir() and (path / "config.json").is_file() and (path / "model.safetensors").is_file():
-        return _read_hf_directory(path)
-    raw = read_checkpoint(path)
-    meta = raw.get("meta") if isinstance(raw.get("meta"), dict) else {}
-    card = path.with_name(path.name + ".json")  # simmim export writes x.safetensors.json
-    if not meta and card.is_file():
-        meta = json.loads(card.read_text())
-    sd = unwrap(raw)
-    windows = trained_windows(meta) if "effective_window_sizes" in meta else windows_from_coords_tables(sd)
-    sd = convert_state_dict(sd)
-    if any(k.startswith("encoder.") for k in sd):
-        sd = {k.removeprefix("encoder."): v for k, v in sd.items() if k.startswith("encoder.")}
-    sd = {k: v for k, v in sd.items() if not k.startswith(_DROP)}
-    kind = meta.get("kind", "official/timm")
-    return PretrainedWeights(sd, windows, f"{path} ({kind})", meta)
-
-
-def build_classifier(cfg: FinetuneConfig, num_classes: int) -> tuple[SwinTransformerV2, PretrainedWeights | None]:
+def build_classifier(cfg: FinetuneConfig, num_classes: int) -> tuple[SwinTransformerV2, Weights | None]:
     """The classifier at the fine-tuning geometry, with pretrained encoder weights and a new head."""
     m = cfg.model
-    weights = read_pretrained(cfg.pretrained) if cfg.pretrained else None
+    weights = read_weights(cfg.pretrained) if cfg.pretrained else None
     windows: Any = m.pretrained_window_sizes
     if windows is None and weights is not None:
         if weights.windows is None:
@@ -122,8 +50,8 @@ def build_classifier(cfg: FinetuneConfig, num_classes: int) -> tuple[SwinTransfo
     model = create_model(m.name, img_size=m.img_size, window_size=m.window_size, num_classes=num_classes,
                          pretrained_window_sizes=windows, drop_path_rate=m.drop_path_rate, in_chans=m.in_chans)
     if weights is not None:  # every encoder key must match: a silent partial load is refused
-        load_pretrained(model, weights.state_dict, source="timm", exclude=["head."])
-        log.info("loaded %s; pretrained windows %s -> effective windows %s at %d px", weights.source,
+        load_pretrained(model, weights.encoder(), source="timm", exclude=["head."])
+        log.info("loaded %s; pretrained windows %s -> effective windows %s at %d px", weights.describe(),
                  [w[0] for w in model.pretrained_window_sizes], [w[0] for w in model.effective_window_sizes],
                  m.img_size)
     model.set_grad_checkpointing(m.grad_checkpointing)
@@ -132,43 +60,14 @@ def build_classifier(cfg: FinetuneConfig, num_classes: int) -> tuple[SwinTransfo
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# evaluation
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: Any, accelerator: Accelerator | None = None) -> dict[str, float]:
-    """Top-1 / top-5 accuracy and cross-entropy over ``loader``; under data parallelism every sample is counted
-    exactly once (``gather_for_metrics`` drops the padding of uneven shards)."""
-    was_training = model.training
-    model.eval()
-    correct1 = correct5 = total = 0
-    loss_sum = 0.0
-    for batch in loader:
-        logits = model(batch["image"]).float()
-        labels = batch["label"]
-        if accelerator is not None:
-            logits, labels = accelerator.gather_for_metrics((logits, labels))
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices  # (B, k)
-        hit = top == labels[:, None]
-        correct1 += hit[:, 0].sum().item()
-        correct5 += hit.any(dim=1).sum().item()
-        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-        total += len(labels)
-    model.train(was_training)
-    return {"top1": 100 * correct1 / max(total, 1), "top5": 100 * correct5 / max(total, 1),
-            "loss": loss_sum / max(total, 1), "count": total}
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # the task the engine runs
 
 
 class FinetuneTask:
-    """Mixup/CutMix + soft-target loss for training; evaluation, best checkpoint and EMA at epoch ends."""
+    """Mixup/CutMix + soft-target loss for training; EMA updates, evaluation and the best checkpoint after steps."""
 
-    def __init__(self, cfg: FinetuneConfig, num_classes: int, accelerator: Accelerator, val_loader: Any,
-                 eval_every: int, total_steps: int) -> None:
+    def __init__(self, cfg: FinetuneConfig, num_classes: int, accelerator: Accelerator, model: nn.Module,
+                 val_loader: Any, eval_every: int) -> None:
         from timm.data import Mixup
         from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
@@ -182,17 +81,13 @@ class FinetuneTask:
             self.criterion = LabelSmoothingCrossEntropy(x.label_smoothing)
         else:
             self.criterion = nn.CrossEntropyLoss()
-        self.acc, self.val_loader, self.eval_every, self.total_steps = accelerator, val_loader, eval_every, total_steps
-        self.ema_cfg, self.ema = cfg.ema, None
+        self.acc, self.val_loader, self.eval_every = accelerator, val_loader, eval_every
         self.best_top1, self.last_metrics = -1.0, {}
-        self.engine: Engine | None = None
-
-    def attach(self, engine: Engine) -> None:
-        self.engine = engine
-        if self.ema_cfg.enabled:
+        self.ema = None
+        if cfg.ema.enabled:
             from timm.utils import ModelEmaV3
 
-            self.ema = ModelEmaV3(self.acc.unwrap_model(engine.model), decay=self.ema_cfg.decay)
+            self.ema = ModelEmaV3(accelerator.unwrap_model(model), decay=cfg.ema.decay)
 
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, Any]:
         images, labels = batch["image"], batch["label"]
@@ -204,26 +99,25 @@ class FinetuneTask:
     def log_images(self, model: nn.Module, batch: dict, outputs: Any) -> dict[str, torch.Tensor]:
         return {}
 
-    def on_step(self, step: int) -> None:
-        assert self.engine is not None
+    def after_step(self, step: int, model: nn.Module, final: bool) -> StepResult | None:
+        """Update the EMA; every ``eval_every`` steps and at the end, evaluate (and ask for ``best.pt``)."""
         if self.ema is not None:
-            self.ema.update(self.acc.unwrap_model(self.engine.model), step=step)
-        if step % self.eval_every and step != self.total_steps:
-            return
-        metrics = {f"val/{k}": v for k, v in evaluate(self.engine.model, self.val_loader, self.acc).items()}
+            self.ema.update(self.acc.unwrap_model(model), step=step)
+        if step % self.eval_every and not final:
+            return None
+        metrics = {f"val/{k}": v for k, v in evaluate(model, self.val_loader, self.acc).items()}
         if self.ema is not None:
             ema_metrics = evaluate(self.ema.module.to(self.acc.device), self.val_loader, self.acc)
             metrics.update({f"val_ema/{k}": v for k, v in ema_metrics.items()})
-        self.acc.log({k: v for k, v in metrics.items() if not k.endswith("count")}, step=step)
         log.info("step %d: val top-1 %.2f top-5 %.2f loss %.4f (%d images)%s", step, metrics["val/top1"],
                  metrics["val/top5"], metrics["val/loss"], metrics["val/count"],
                  f"; EMA top-1 {metrics['val_ema/top1']:.2f}" if self.ema is not None else "")
         self.last_metrics = metrics
+        result = StepResult(metrics={k: v for k, v in metrics.items() if not k.endswith("count")})
         if metrics["val/top1"] > self.best_top1:
             self.best_top1 = metrics["val/top1"]
-            self.engine.metadata["best_top1"] = self.best_top1
-            self.engine.metadata["best_step"] = step
-            self.engine.save(name="best")
+            result.save_as, result.meta = "best", {"best_top1": self.best_top1, "best_step": step}
+        return result
 
     def extra_state(self) -> dict:
         state: dict = {"best_top1": self.best_top1}
@@ -258,7 +152,7 @@ def build_data(cfg: FinetuneConfig, seed: int) -> tuple[LabeledDataset, LabeledD
 
 
 def finetune_metadata(cfg: FinetuneConfig, model: SwinTransformerV2, classes: list[str],
-                      weights: PretrainedWeights | None) -> dict:
+                      weights: Weights | None) -> dict:
     return {
         "kind": "simmim-finetune",
         **geometry_metadata(model, cfg.model.name),
@@ -268,57 +162,56 @@ def finetune_metadata(cfg: FinetuneConfig, model: SwinTransformerV2, classes: li
         "std": list(cfg.data.std),
         "crop_pct": cfg.data.crop_pct,
         "interpolation": cfg.data.interpolation,
-        "pretrained_from": weights.source if weights else None,
+        "pretrained_from": weights.describe() if weights else None,
+        "pretrained_sha256": sha256(weights.path) if weights else None,
         "config": to_dict(cfg),
     }
 
 
-def run(cfg: FinetuneConfig) -> dict:
-    """Fine-tune as configured. Returns a summary (steps, best/last top-1, output paths)."""
-    out, accelerator, resume = start_run(cfg.run.output, cfg.run.mixed_precision, cfg.run.resume, cfg.run.seed)
-    train_ds, val_ds, classes = build_data(cfg, cfg.run.seed)
-    num_classes = cfg.model.num_classes or len(classes)
-    model, weights = build_classifier(cfg, num_classes)
+def run(cfg: FinetuneConfig, overwrite: bool = False) -> dict:
+    """Fine-tune as configured. Returns a summary (steps, best/last top-1, output paths). Inputs are checked
+    before anything is written; ``overwrite`` replaces another run found in ``run.output``."""
+    r, d, o = cfg.run, cfg.data, cfg.optim
+    with start_run(r.output, r.mixed_precision, r.resume, r.seed, o.accumulation_steps, overwrite,
+                   model_name=cfg.model.name) as start:
+        accelerator, out = start.accelerator, start.out
+        train_ds, val_ds, classes = build_data(cfg, r.seed)
+        num_classes = cfg.model.num_classes or len(classes)
+        model, weights = build_classifier(cfg, num_classes)
 
-    d, o = cfg.data, cfg.optim
-    if len(train_ds) < d.batch_size * accelerator.num_processes:
-        raise ValueError(f"the training split has {len(train_ds)} images, fewer than one global batch of "
-                         f"{d.batch_size * accelerator.num_processes}; lower data.batch_size")
-    train_loader = DataLoader(train_ds, batch_size=d.batch_size, sampler=EpochSampler(len(train_ds), cfg.run.seed),
-                              num_workers=d.num_workers, drop_last=True)
-    val_loader = DataLoader(val_ds, batch_size=d.batch_size, num_workers=d.num_workers)
-    plan = plan_training(cfg.schedule, o, d.batch_size, accelerator.num_processes,
-                         len(train_loader) // accelerator.num_processes)
-    total_steps = plan.total_steps
-    eval_every = cfg.run.eval_every or max(round(plan.steps_per_epoch), 1)
-    groups = param_groups(model, o.weight_decay, o.layer_decay, depths=model.depths)
-    optimizer, scheduler = build_optimization(groups, cfg.schedule, o, plan)
-    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+        if len(train_ds) < d.batch_size * accelerator.num_processes:
+            raise ValueError(f"the training split has {len(train_ds)} images, fewer than one global batch of "
+                             f"{d.batch_size * accelerator.num_processes}; lower data.batch_size")
+        train_loader = DataLoader(train_ds, batch_size=d.batch_size, sampler=EpochSampler(len(train_ds), r.seed),
+                                  num_workers=d.num_workers, drop_last=True)
+        val_loader = DataLoader(val_ds, batch_size=d.batch_size, num_workers=d.num_workers)
+        plan = plan_training(cfg.schedule, o, d.batch_size, accelerator.num_processes,
+                             len(train_loader) // accelerator.num_processes)
+        eval_every = r.eval_every or max(round(plan.steps_per_epoch), 1)
+        groups = param_groups(model, o.weight_decay, o.layer_decay, depths=model.depths)
+        optimizer, scheduler = build_optimization(groups, cfg.schedule, o, plan)
+        metadata = finetune_metadata(cfg, model, classes, weights)
+        windows = [w[0] for w in model.pretrained_window_sizes]
+        model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader,
+                                                                         val_loader)
 
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    accelerator.init_trackers("tensorboard")
-    log.info("fine-tuning %s at %dpx W%d on %d classes (%d train / %d val images): %d steps, global batch %d, "
-             "lr %.3e, layer decay %.2f", cfg.model.name, cfg.model.img_size, cfg.model.window_size, num_classes,
-             len(train_ds), len(val_ds), total_steps, plan.global_batch, plan.lr,
-             o.layer_decay)
-
-    r = cfg.run
-    task = FinetuneTask(cfg, num_classes, accelerator, val_loader, eval_every, total_steps)
-    engine = Engine(
-        accelerator, task, model, optimizer, scheduler, train_loader,
-        CheckpointManager(out / "checkpoints", keep_last=r.keep_last),
-        LoopSettings(total_steps=total_steps, accumulation_steps=o.accumulation_steps, clip_grad=o.clip_grad,
-                     log_every=r.log_every, image_every=0, save_every=r.save_every, max_bad_steps=r.max_bad_steps,
-                     seed=r.seed, progress=r.progress),
-        metadata=finetune_metadata(cfg, accelerator.unwrap_model(model), classes, weights),
-        on_step=task.on_step)
-    task.attach(engine)
-    if resume is not None:
-        engine.resume(resume)
-    state = engine.fit()
-    accelerator.end_training()
+        open_run(start, cfg, overwrite)
+        log.info("fine-tuning %s at %dpx W%d on %d classes (%d train / %d val images): %d steps, global batch %d, "
+                 "lr %.3e, layer decay %.2f", cfg.model.name, cfg.model.img_size, cfg.model.window_size,
+                 num_classes, len(train_ds), len(val_ds), plan.total_steps, plan.global_batch, plan.lr,
+                 o.layer_decay)
+        task = FinetuneTask(cfg, num_classes, accelerator, model, val_loader, eval_every)
+        engine = Engine(
+            accelerator, task, model, optimizer, scheduler, train_loader,
+            CheckpointManager(out / "checkpoints", keep_last=r.keep_last),
+            LoopSettings(total_steps=plan.total_steps, clip_grad=o.clip_grad, log_every=r.log_every,
+                         image_every=0, save_every=r.save_every, max_bad_steps=r.max_bad_steps, seed=r.seed,
+                         progress=r.progress),
+            metadata=metadata)
+        if start.resume is not None:
+            engine.resume(start.resume)
+        state = engine.fit()
+        accelerator.end_training()
     return {
         "steps": state.step,
         "first_loss": state.first_loss,
@@ -327,8 +220,10 @@ def run(cfg: FinetuneConfig) -> dict:
         "last_top1": task.last_metrics.get("val/top1", math.nan),
         "last_top5": task.last_metrics.get("val/top5", math.nan),
         "output": str(out),
-        "checkpoint": str(engine.checkpoints.path_for(state.step)),
+        "checkpoint": str(engine.last_good or engine.checkpoints.path_for(state.step)),
         "best_checkpoint": str(engine.checkpoints.directory / "best.pt"),
         "main_process": accelerator.is_main_process,
         "skipped_files": state.skipped_files,
+        "pretrained_windows": windows,  # what the log-CPB is normalised by, as read from the checkpoint
+        "pretrained_from": weights.describe() if weights else None,
     }

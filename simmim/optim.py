@@ -62,8 +62,14 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
 
 
 def build_optimizer(groups: list[dict], lr: float, betas: tuple[float, float], eps: float) -> torch.optim.AdamW:
-    """AdamW over ``groups`` (their ``names`` lists are kept for inspection, torch ignores them)."""
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    """AdamW over ``groups`` (their ``names`` lists are kept for inspection, torch ignores them).
+
+    The fused implementation (one kernel for all parameters) where the parameters' device supports it: it is the
+    fastest, and it skips a step on the device when told ``found_inf``, which spares the engine a host sync per
+    step to decide whether a non-finite step is applied."""
+    params = [p for g in groups for p in g["params"]]
+    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, total_steps: int, warmup_steps: int,

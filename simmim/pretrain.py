@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from simmim.checkpoint import CheckpointManager
-from simmim.config import PretrainConfig, save_config, to_dict
+from simmim.config import PretrainConfig, to_dict
 from simmim.data import (
     MaskedImageDataset,
     MaskedImageStream,
@@ -24,7 +24,7 @@ from simmim.data import (
     pretrain_transform,
 )
 from simmim.data.sampler import EpochSampler
-from simmim.engine import Engine, LoopSettings, TrainState, start_run
+from simmim.engine import Engine, LoopSettings, StepResult, TrainState, open_run, start_run
 from simmim.model import SimMIM, normalize_target
 from simmim.models import SwinTransformerV2, create_model
 from simmim.monitor import FeatureMonitor
@@ -81,20 +81,8 @@ class PretrainTask:
     std: tuple[float, ...]
     monitor: FeatureMonitor | None = None
     monitor_every: int = 0
-    total_steps: int = 0
-    accelerator: Any = None
-    model: Any = None
+    main_process: bool = True
     last_monitor: dict = field(default_factory=dict)
-
-    def on_step(self, step: int) -> None:
-        """Probe the encoder's frozen features every ``monitor_every`` steps and at the end (main process)."""
-        due = (self.monitor_every and step % self.monitor_every == 0) or step == self.total_steps
-        if self.monitor is None or not due or not self.accelerator.is_main_process:
-            return
-        self.last_monitor = self.monitor(self.accelerator.unwrap_model(self.model).encoder)
-        self.accelerator.log(self.last_monitor, step=step)
-        log.info("step %d: %s", step, ", ".join(f"{k.split('/')[1]} {100 * v:.2f}" for k, v in
-                                                self.last_monitor.items()))
 
     def loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, Any]:
         out = model(batch["image"], batch["mask"])
@@ -107,9 +95,21 @@ class PretrainTask:
         # with a normalised target the model predicts local contrast, not pixels: show target and prediction in
         # that space (0.5 + 0.25 * value) rather than borrowing the hidden pixels' statistics to fake an image
         target = normalize_target(images, model.norm_target_window)
-        grid = reconstruction_grid(target, batch["mask"], pred, mean=(0.5,) * 3, std=(0.25,) * 3, max_images=4)
+        channels = images.shape[1]
+        grid = reconstruction_grid(target, batch["mask"], pred, mean=(0.5,) * channels, std=(0.25,) * channels,
+                                   max_images=4)
         return {"reconstruction_normalized_target": grid}
 
+    def after_step(self, step: int, model: torch.nn.Module, final: bool) -> StepResult | None:
+        """Probe the encoder's frozen features every ``monitor_every`` steps and at the end (main process)."""
+        due = (self.monitor_every and step % self.monitor_every == 0) or final
+        if self.monitor is None or not due or not self.main_process:
+            return None
+        encoder = getattr(model, "module", model).encoder
+        self.last_monitor = self.monitor(encoder)
+        log.info("step %d: %s", step, ", ".join(f"{k.split('/')[1]} {100 * v:.2f}" for k, v in
+                                                self.last_monitor.items()))
+        return StepResult(metrics=self.last_monitor)
 
     def extra_state(self) -> dict:
         return {}
@@ -129,50 +129,48 @@ def checkpoint_metadata(cfg: PretrainConfig, encoder: SwinTransformerV2) -> dict
     }
 
 
-def run(cfg: PretrainConfig) -> dict:
-    """Pretrain as configured. Returns a summary (steps, first/last loss, output paths)."""
-    # everything that can fail on bad input, before any heavy work
-    out, accelerator, resume = start_run(cfg.run.output, cfg.run.mixed_precision, cfg.run.resume, cfg.run.seed)
-    encoder = build_encoder(cfg)
-    dataset = build_dataset(cfg, encoder.patch_size)
-    loader = build_loader(cfg, dataset, accelerator.num_processes)
-    monitor = None
-    if cfg.monitor.data:  # labelled data for k-NN / linear-probe monitoring, opened now so a bad path fails early
-        monitor = FeatureMonitor(cfg.monitor.data, cfg.monitor.img_size or cfg.model.img_size, cfg.data.mean,
-                                 cfg.data.std, stage=cfg.monitor.stage, k=cfg.monitor.knn_k)
+def run(cfg: PretrainConfig, overwrite: bool = False) -> dict:
+    """Pretrain as configured. Returns a summary (steps, first/last loss, output paths).
 
-    batches = None if isinstance(dataset, MaskedImageStream) else len(loader) // accelerator.num_processes
-    plan = plan_training(cfg.schedule, cfg.optim, cfg.data.batch_size, accelerator.num_processes, batches)
-    total_steps = plan.total_steps
+    Everything that can be wrong with the inputs (output directory, resume checkpoint, data, sizes) is checked
+    before anything is written; ``overwrite`` replaces another run found in ``run.output``.
+    """
+    r, o = cfg.run, cfg.optim
+    with start_run(r.output, r.mixed_precision, r.resume, r.seed, o.accumulation_steps, overwrite,
+                   model_name=cfg.model.name) as start:
+        accelerator, out = start.accelerator, start.out
+        encoder = build_encoder(cfg)
+        dataset = build_dataset(cfg, encoder.patch_size)
+        loader = build_loader(cfg, dataset, accelerator.num_processes)
+        monitor = None
+        if cfg.monitor.data:  # labelled data for k-NN / linear-probe monitoring, opened now so a bad path fails early
+            monitor = FeatureMonitor(cfg.monitor.data, cfg.monitor.img_size or cfg.model.img_size, cfg.data.mean,
+                                     cfg.data.std, stage=cfg.monitor.stage, k=cfg.monitor.knn_k)
 
-    model = SimMIM(encoder, norm_target=cfg.simmim.norm_target, norm_target_window=cfg.simmim.norm_target_window)
-    o = cfg.optim
-    optimizer, scheduler = build_optimization(param_groups(model, o.weight_decay), cfg.schedule, o, plan)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+        batches = None if isinstance(dataset, MaskedImageStream) else len(loader) // accelerator.num_processes
+        plan = plan_training(cfg.schedule, o, cfg.data.batch_size, accelerator.num_processes, batches)
+        model = SimMIM(encoder, norm_target=cfg.simmim.norm_target,
+                       norm_target_window=cfg.simmim.norm_target_window)
+        optimizer, scheduler = build_optimization(param_groups(model, o.weight_decay), cfg.schedule, o, plan)
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    accelerator.init_trackers("tensorboard")
-    log.info("pretraining %s at %dpx W%d: %d steps, global batch %d, lr %.3e, %d processes, %s precision",
-             cfg.model.name, cfg.model.img_size, cfg.model.window_size, total_steps, plan.global_batch, plan.lr,
-             accelerator.num_processes, cfg.run.mixed_precision)
-
-    r = cfg.run
-    mon = cfg.monitor
-    task = PretrainTask(cfg.data.mean, cfg.data.std, monitor=monitor, monitor_every=mon.every,
-                        total_steps=total_steps, accelerator=accelerator, model=model)
-    engine = Engine(
-        accelerator, task, model, optimizer, scheduler, loader,
-        CheckpointManager(out / "checkpoints", keep_last=r.keep_last),
-        LoopSettings(total_steps=total_steps, accumulation_steps=o.accumulation_steps, clip_grad=o.clip_grad,
-                     log_every=r.log_every, image_every=r.image_every, save_every=r.save_every,
-                     max_bad_steps=r.max_bad_steps, seed=r.seed, progress=r.progress),
-        metadata=checkpoint_metadata(cfg, encoder), image_dir=out / "images", on_step=task.on_step)
-    if resume is not None:
-        engine.resume(resume)
-    state: TrainState = engine.fit()
-    accelerator.end_training()
+        open_run(start, cfg, overwrite)
+        log.info("pretraining %s at %dpx W%d: %d steps, global batch %d, lr %.3e, %d processes, %s precision",
+                 cfg.model.name, cfg.model.img_size, cfg.model.window_size, plan.total_steps, plan.global_batch,
+                 plan.lr, accelerator.num_processes, r.mixed_precision)
+        task = PretrainTask(cfg.data.mean, cfg.data.std, monitor=monitor, monitor_every=cfg.monitor.every,
+                            main_process=accelerator.is_main_process)
+        engine = Engine(
+            accelerator, task, model, optimizer, scheduler, loader,
+            CheckpointManager(out / "checkpoints", keep_last=r.keep_last),
+            LoopSettings(total_steps=plan.total_steps, clip_grad=o.clip_grad, log_every=r.log_every,
+                         image_every=r.image_every, save_every=r.save_every, max_bad_steps=r.max_bad_steps,
+                         seed=r.seed, progress=r.progress),
+            metadata=checkpoint_metadata(cfg, encoder), image_dir=out / "images")
+        if start.resume is not None:
+            engine.resume(start.resume)
+        state: TrainState = engine.fit()
+        accelerator.end_training()
     return {
         "steps": state.step,
         "first_loss": state.first_loss,
@@ -180,7 +178,7 @@ def run(cfg: PretrainConfig) -> dict:
         "skipped_steps": state.skipped_steps,
         "skipped_files": state.skipped_files,
         "output": str(out),
-        "checkpoint": str(engine.checkpoints.path_for(state.step)),
+        "checkpoint": str(engine.last_good or engine.checkpoints.path_for(state.step)),
         "finite": state.last_loss is not None and math.isfinite(state.last_loss),
         "main_process": accelerator.is_main_process,
         "monitor": task.last_monitor,

@@ -1,5 +1,4 @@
 import logging
-import random
 from collections import OrderedDict
 from pathlib import Path
 
@@ -12,9 +11,7 @@ from simmim.checkpoint import (
     CheckpointManager,
     load_checkpoint,
     resolve_resume,
-    rng_state,
     save_checkpoint,
-    set_rng_state,
 )
 
 
@@ -159,7 +156,6 @@ def test_realistic_training_state_loads_with_weights_only(tmp_path):
         "step": 1,
         "epoch": 0,
         "config": {"model": {"name": "swinv2_tiny", "img_size": 192, "window_sizes": [12, 12, 12, 6]}, "lr": 1e-4},
-        "rng": rng_state(),
     }
     path = save_checkpoint(state, tmp_path / "train.pt")
     loaded = torch.load(path, map_location="cpu", weights_only=True)
@@ -175,23 +171,6 @@ def test_realistic_training_state_loads_with_weights_only(tmp_path):
     sched2.load_state_dict(loaded["scheduler"])
     assert sched2.warmup_lr_init == 1e-6 and sched2._get_lr(5) == sched._get_lr(5)
     torch.amp.GradScaler("cpu").load_state_dict(loaded["scaler"])
-
-
-def test_rng_state_round_trip_through_checkpoint(tmp_path):
-    random.seed(1)
-    np.random.seed(2)
-    torch.manual_seed(3)
-    np.random.standard_normal()  # leave a cached gaussian in numpy's legacy state
-    path = save_checkpoint({"rng": rng_state()}, tmp_path / "rng.pt")
-    expected = (random.random(), np.random.standard_normal(), np.random.rand(), torch.rand(3))
-
-    random.seed(100)
-    np.random.seed(100)
-    torch.manual_seed(100)
-    set_rng_state(load_checkpoint(path)["rng"])
-    got = (random.random(), np.random.standard_normal(), np.random.rand(), torch.rand(3))
-    assert got[:3] == expected[:3]
-    assert torch.equal(got[3], expected[3])
 
 
 def test_load_checkpoint_errors_name_the_path(tmp_path):
@@ -218,13 +197,54 @@ def test_resolve_resume(tmp_path, caplog):
     mgr = CheckpointManager(tmp_path / "checkpoints")
     mgr.save({"step": 1}, 1)
     newest = mgr.save({"step": 2}, 2)
-    assert resolve_resume("auto", tmp_path) == newest
-    assert resolve_resume(str(newest), tmp_path / "elsewhere") == newest
+    assert resolve_resume("auto", tmp_path) == (newest, {"step": 2})
+    assert resolve_resume(str(newest), tmp_path / "elsewhere") == (newest, {"step": 2})
 
     missing = tmp_path / "missing.pt"
     with pytest.raises(FileNotFoundError, match="--resume auto") as err:
         resolve_resume(str(missing), tmp_path)
     assert str(missing) in str(err.value)
+
+
+def test_resolve_resume_auto_falls_back_past_a_foreign_newest_checkpoint(tmp_path, caplog):
+    """A loadable but foreign newest file (issue 8 item 7) is skipped with a warning naming why."""
+    def load(path):
+        state = load_checkpoint(path)
+        if "model" not in state:
+            raise ValueError(f"{path} is not a run checkpoint")
+        return state
+
+    mgr = CheckpointManager(tmp_path / "checkpoints", keep_last=5)
+    good = mgr.save({"model": {"w": torch.ones(1)}, "step": 4}, 4)
+    torch.save({"foo": 1}, mgr.path_for(8))
+    with caplog.at_level(logging.WARNING, logger="simmim.checkpoint"):
+        path, state = resolve_resume("auto", tmp_path, load=load)
+    assert path == good and state["step"] == 4
+    assert "skipping checkpoint of step 8" in caplog.text
+    with pytest.raises(ValueError, match="not a run checkpoint"):
+        resolve_resume(str(mgr.path_for(8)), tmp_path, load=load)  # an explicit path is never replaced
+
+
+def test_rotation_removes_accelerate_state_folders_and_spares_kept_files(tmp_path):
+    mgr = CheckpointManager(tmp_path, keep_last=1)
+    for step in (1, 2, 3):
+        mgr.save({"step": step}, step, rotate=False)
+        mgr.state_dir_for(step).mkdir()
+        (mgr.state_dir_for(step) / "optimizer.bin").write_bytes(b"shard")
+    mgr.rotate(keep=[mgr.path_for(1)])
+    assert files(tmp_path) == ["accelerate-00000001", "accelerate-00000003", "ckpt-00000001.pt",
+                               "ckpt-00000003.pt"]
+
+
+def test_stale_temp_files_of_a_live_writer_are_kept(tmp_path):
+    import os
+
+    live = tmp_path / f".ckpt-00000001.pt.tmp-{os.getpid()}"  # this process is alive: its write is in flight
+    dead = tmp_path / ".ckpt-00000001.pt.tmp-999999999"
+    live.write_bytes(b"in flight")
+    dead.write_bytes(b"crashed")
+    CheckpointManager(tmp_path).save({"step": 2}, 2)
+    assert live.exists() and not dead.exists()
 
 
 def test_load_checkpoint_refuses_pickled_objects(tmp_path):

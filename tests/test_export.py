@@ -18,7 +18,7 @@ from simmim.export import FORMATS, export
 from simmim.models import create_model
 from simmim.models.convert import to_official
 from simmim.models.hf import hf_config, hf_to_ours, ours_to_hf
-from simmim.weights import WrongCheckpointError, model_from_checkpoint
+from simmim.weights import WrongCheckpointError, model_from_weights, read_run_checkpoint
 
 MEAN, STD = [0.5, 0.45, 0.4], [0.25, 0.2, 0.22]
 RECIPE = {"model": {"name": "swinv2_pico"}, "optim": {"lr": 1e-4, "weight_decay": 0.05}, "data": {"img_size": 64}}
@@ -81,7 +81,7 @@ def reference(checkpoints):
 
     def get(kind: str, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
         if (kind, batch) not in cache:
-            model, _ = model_from_checkpoint(checkpoints[kind])
+            model = model_from_weights(read_run_checkpoint(checkpoints[kind]))
             x = torch.randn(batch, 3, *model.img_size, generator=torch.Generator().manual_seed(5))
             with torch.no_grad():
                 y = model(x)
@@ -263,14 +263,14 @@ def test_missing_checkpoint_names_the_path(tmp_path):
 def test_non_run_checkpoints_say_what_they_are(tmp_path):
     model = perturb_(create_model("swinv2_pico", img_size=64, window_size=4, num_classes=0))
     torch.save(model.state_dict(), tmp_path / "plain.pth")
-    with pytest.raises(WrongCheckpointError, match="is a plain state dict .*simmim finetune"):
+    with pytest.raises(WrongCheckpointError, match=r"plain.pth \(timm-layout state dict\) is not a .*simmim finetune"):
         export(tmp_path / "plain.pth")
     torch.save({"model": to_official(model.state_dict()), "epoch": 1}, tmp_path / "official.pth")
-    with pytest.raises(WrongCheckpointError, match="is an official Swin-Transformer classification checkpoint"):
+    with pytest.raises(WrongCheckpointError, match=r"\(official Swin-Transformer checkpoint\) is not a checkpoint"):
         export(tmp_path / "official.pth", "onnx")
     export(_write(tmp_path), "safetensors", out=tmp_path / "w.safetensors")  # a safetensors file is not a run either
-    with pytest.raises(WrongCheckpointError, match="w.safetensors is a plain state dict"):
-        export(tmp_path / "w.safetensors")
+    with pytest.raises(WrongCheckpointError, match=r"w.safetensors \(simmim-pretrain exported weights\) is not a"):
+        export(tmp_path / "w.safetensors", "onnx")
 
 
 def _write(tmp_path: Path) -> Path:

@@ -12,7 +12,7 @@ from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmSwinV2
 from simmim.cli import main
 from simmim.export import export
 from simmim.models import create_model, to_official
-from simmim.weights import model_from_checkpoint
+from simmim.weights import model_from_weights, read_run_checkpoint, read_weights
 
 
 class PickledConfig:
@@ -43,7 +43,8 @@ def test_official_simmim_checkpoint_fine_tunes_and_exports(tmp_path, capsys):
     log = (run / "train.log").read_text()
     assert "pretrained windows [4, 4, 4, 2] -> effective windows [6, 6, 6, 3]" in log  # read from the buffers
     ckpt = run / "checkpoints" / "ckpt-00000003.pt"
-    model, meta = model_from_checkpoint(ckpt)
+    weights = read_run_checkpoint(ckpt)
+    model, meta = model_from_weights(weights), weights.meta
     assert meta["pretrained_window_sizes"] == [[4, 4], [4, 4], [4, 4], [2, 2]]
     # the first steps move the weights only a little from the official ones: same keys, close values
     torch.testing.assert_close(model.patch_embed.proj.weight, ref.patch_embed.proj.weight, atol=0.05, rtol=0)
@@ -62,7 +63,7 @@ def test_official_simmim_checkpoint_fine_tunes_and_exports(tmp_path, capsys):
 
 @pytest.mark.parametrize("args,message", [
     (["--format", "tflite"], "unknown format 'tflite'"),
-    (["--format", "onnx"], "not a simmim run checkpoint"),
+    (["--format", "onnx"], "is not a checkpoint written by simmim"),
 ])
 def test_export_errors_are_one_line_with_exit_2(tmp_path, capsys, args, message):
     official_simmim_checkpoint(tmp_path / "official.pth")
@@ -97,15 +98,15 @@ def test_eval_reads_official_classification_weights(tmp_path, capsys):
 def test_a_transformers_directory_is_a_pretrained_source(tmp_path):
     from test_finetune import finetune_cfg, pretrain_checkpoint
 
-    from simmim.finetune import build_classifier, read_pretrained
+    from simmim.finetune import build_classifier
 
     ckpt = pretrain_checkpoint(tmp_path)  # 64 px / W4 encoder
     assert main(["export", str(ckpt), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
-    weights = read_pretrained(tmp_path / "hf")
+    weights = read_weights(tmp_path / "hf")
     assert weights.windows == [(4, 4), (4, 4), (4, 4), (2, 2)]
-    encoder, _ = model_from_checkpoint(ckpt)
+    encoder = model_from_weights(read_run_checkpoint(ckpt))
     for k, v in encoder.state_dict().items():
-        torch.testing.assert_close(weights.state_dict[k], v, rtol=0, atol=0, msg=k)
+        torch.testing.assert_close(weights.encoder()[k], v, rtol=0, atol=0, msg=k)
     model, _ = build_classifier(finetune_cfg(f"pretrained={tmp_path / 'hf'}"), num_classes=10)
     assert model.pretrained_window_sizes == [(4, 4), (4, 4), (4, 4), (2, 2)]
 

@@ -16,10 +16,11 @@ from simmim.cli import main
 from simmim.config import FinetuneConfig, PretrainConfig, load_config
 from simmim.configs import resolve
 from simmim.data.labeled import open_labeled
-from simmim.finetune import build_classifier, read_pretrained, windows_from_coords_tables
+from simmim.finetune import build_classifier
 from simmim.models import create_model, to_official
-from simmim.models.convert import CheckpointMismatchError
+from simmim.models.convert import CheckpointMismatchError, windows_from_coords_tables
 from simmim.pretrain import checkpoint_metadata
+from simmim.weights import read_weights
 
 QUICK = ["run.progress=false", "run.log_every=5", "data.batch_size=16", "schedule.warmup_epochs=0.1"]
 
@@ -54,7 +55,7 @@ def test_transfer_derives_pretrained_windows_from_the_checkpoint(tmp_path):
     for a, b in zip(model.blocks(), direct.blocks(), strict=True):
         torch.testing.assert_close(a.attn.relative_coords_table, b.attn.relative_coords_table, rtol=0, atol=0)
     # encoder weights came from the checkpoint, the head is new
-    enc = read_pretrained(ckpt).state_dict
+    enc = read_weights(ckpt).encoder()
     torch.testing.assert_close(model.layers[2].blocks[1].attn.cpb_mlp[0].weight,
                                enc["layers.2.blocks.1.attn.cpb_mlp.0.weight"])
     # an explicit override wins
