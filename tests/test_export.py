@@ -18,7 +18,7 @@ from simmim.export import FORMATS, export
 from simmim.models import create_model
 from simmim.models.convert import to_official
 from simmim.models.hf import hf_config, hf_to_ours, ours_to_hf
-from simmim.weights import WrongCheckpointError, model_from_weights, read_run_checkpoint
+from simmim.weights import WrongCheckpointError, geometry_metadata, model_from_weights, read_run_checkpoint
 
 MEAN, STD = [0.5, 0.45, 0.4], [0.25, 0.2, 0.22]
 RECIPE = {"model": {"name": "swinv2_pico"}, "optim": {"lr": 1e-4, "weight_decay": 0.05}, "data": {"img_size": 64}}
@@ -33,11 +33,7 @@ TOLERANCE = {"safetensors": 1e-5, "timm": 1e-5, "hf": 1e-4, "onnx": 1e-4}
 
 def run_meta(kind: str, model) -> dict:
     """The metadata the engine writes into a run checkpoint."""
-    meta = {"kind": kind, "model": "swinv2_pico", "img_size": list(model.img_size),
-            "window_size": list(model.window_size),
-            "effective_window_sizes": [list(w) for w in model.effective_window_sizes],
-            "pretrained_window_sizes": [list(p) for p in model.pretrained_window_sizes],
-            "in_chans": 3, "mean": MEAN, "std": STD, "config": RECIPE}
+    meta = {"kind": kind, **geometry_metadata(model, "swinv2_pico"), "mean": MEAN, "std": STD, "config": RECIPE}
     if kind == "simmim-finetune":
         meta["num_classes"] = model.num_classes
         meta["classes"] = [f"class_{i}" for i in range(model.num_classes)]  # as fine-tuning records them

@@ -1,0 +1,74 @@
+"""Runs ``simmim`` with a fault injected, for tests/test_faults.py (``python fault_driver.py FAULT -- ARGS``).
+
+FAULT is one of
+    hang_after_save:STEP        after checkpoint STEP is written, print CHECKPOINTED and wait to be killed;
+    hang_in_write:STEP          while checkpoint STEP is being written (half of it on disk), print WRITING and wait;
+    kill_rank:RANK:STEP         the process of that rank SIGKILLs itself right after checkpoint STEP is written;
+    none                        no fault.
+"""
+
+import os
+import signal
+import sys
+import time
+
+import torch
+
+torch.set_num_threads(1)  # as in the test process: float sums depend on the thread count
+
+from simmim import checkpoint as checkpoint_module  # noqa: E402
+from simmim.checkpoint import CheckpointManager  # noqa: E402
+from simmim.cli import main  # noqa: E402
+
+
+def inject(fault: str) -> None:
+    kind, *args = fault.split(":")
+    if kind == "hang_after_save" or kind == "kill_rank":
+        step_at = int(args[-1])
+        rank = int(args[0]) if kind == "kill_rank" else None
+        original = CheckpointManager.save
+
+        def save(self, state, step, **kwargs):
+            path = original(self, state, step, **kwargs)
+            if step == step_at:
+                print("CHECKPOINTED", flush=True)
+                if kind == "hang_after_save":
+                    time.sleep(600)
+            return path
+
+        CheckpointManager.save = save
+        if rank is not None:
+            from simmim.engine import Engine
+
+            original_sync = Engine._sync
+
+            def sync(self, *a, **kw):
+                out = original_sync(self, *a, **kw)
+                if self.state.step == step_at + 1 and self.acc.process_index == rank:
+                    print(f"KILLING RANK {rank}", flush=True)
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return out
+
+            Engine._sync = sync
+    elif kind == "hang_in_write":
+        step_at = int(args[0])
+        original_save = torch.save
+
+        def half_then_hang(obj, f, *a, **kw):
+            if isinstance(obj, dict) and obj.get("step") == step_at:
+                f.write(b"PK\x03\x04 the first bytes of a zip archive")
+                f.flush()
+                print("WRITING", flush=True)
+                time.sleep(600)
+            return original_save(obj, f, *a, **kw)
+
+        checkpoint_module.torch.save = half_then_hang  # simmim.checkpoint's torch is the torch module
+    elif kind != "none":
+        raise SystemExit(f"unknown fault {fault}")
+
+
+if __name__ == "__main__":
+    fault, sep, *rest = sys.argv[1:]
+    assert sep == "--"
+    inject(fault)
+    sys.exit(main(rest))
