@@ -117,3 +117,23 @@ def test_unreadable_and_missing_files(tmp_path):
         read_checkpoint(bad)
     with pytest.raises(ValueError, match="no state dict found"):
         load_pretrained(create_model("swinv2_pico", img_size=64, window_size=4), {"epoch": 3})
+
+
+@pytest.mark.parametrize("num_classes", [7, 0])
+def test_official_conversion_agrees_with_timms_own_filter(num_classes):
+    """An oracle independent of our converters: timm's checkpoint_filter_fn (timm's code, not ours) turns the
+    official fixture into timm's layout. If to_official (which builds the fixture) or convert_state_dict had a
+    mirrored bug, the timm model loaded through timm's filter would not reproduce the reference model."""
+    from timm.models.swin_transformer_v2 import checkpoint_filter_fn
+
+    ref = timm_reference(num_classes)
+    official = official_from_timm(ref)
+    x = torch.randn(2, 3, 64, 64)
+    through_timm = TimmSwinV2(img_size=64, window_size=4, num_classes=num_classes, **PICO).eval()
+    through_timm.load_state_dict(checkpoint_filter_fn({"model": official}, through_timm), strict=True)
+    ours = create_model("swinv2_pico", img_size=64, window_size=4, num_classes=num_classes).eval()
+    ours.load_state_dict(convert_state_dict(official), strict=True)
+    with torch.no_grad():
+        expected = ref(x)
+        torch.testing.assert_close(through_timm(x), expected, rtol=0, atol=0)  # the fixture is really official
+        torch.testing.assert_close(ours(x), expected, atol=1e-5, rtol=1e-5)
