@@ -72,8 +72,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from simmim.config import PretrainConfig
     from simmim.pretrain import run
 
-    code, summary = _run_job(args, PretrainConfig, run,
-                             {"data": "data.path", "output": "run.output", "resume": "run.resume"})
+    code, summary = _run_job(args, PretrainConfig, run, {"data": "data.path", "output": "run.output",
+                                                         "resume": "run.resume", "init": "init"})
     if summary is None or not summary["main_process"]:
         return code
     print(f"pretrained {summary['steps']} steps: loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}")
@@ -209,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="folder of images, datasets save_to_disk folder, hf:NAME, or embedded")
     p.add_argument("--output", help="run directory (checkpoints, tensorboard, images, config.yaml, train.log)")
     p.add_argument("--resume", help="'auto' (newest valid checkpoint in the run directory) or a checkpoint path")
+    p.add_argument("--init", help="warm start from weights (a simmim checkpoint or export, an official SimMIM or "
+                   "classification file, timm, a transformers directory): fresh optimizer and schedule")
     p.add_argument("--overwrite", action="store_true", help="replace another run found in --output (its "
                    "checkpoints, logs, images and TensorBoard files are deleted)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")

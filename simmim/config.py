@@ -99,6 +99,7 @@ class MonitorConfig:
 
 @dataclass(frozen=True)
 class PretrainConfig:
+    init: str = ""  # warm start: weights to begin from (ours, official SimMIM, timm, HF); not a resume; "" = random
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -27,23 +27,52 @@ from simmim.data.sampler import EpochSampler
 from simmim.engine import Engine, LoopSettings, StepResult, TrainState, open_run, start_run
 from simmim.model import SimMIM, normalize_target
 from simmim.models import SwinTransformerV2, create_model
+from simmim.models.convert import encoder_state, load_pretrained
 from simmim.monitor import FeatureMonitor
 from simmim.optim import param_groups
 from simmim.plan import build_optimization, plan_training
 from simmim.visualize import reconstruction_grid
-from simmim.weights import geometry_metadata
+from simmim.weights import Weights, geometry_metadata, read_weights, sha256
 
 log = logging.getLogger(__name__)
 
 
-def build_encoder(cfg: PretrainConfig) -> SwinTransformerV2:
+def build_encoder(cfg: PretrainConfig, init: Weights | None = None) -> SwinTransformerV2:
+    """The encoder at the pretraining geometry. With ``init``, its log-CPB is normalised by the windows the
+    source was trained at (as in fine-tuning), unless ``model.pretrained_window_sizes`` says otherwise."""
     m = cfg.model
+    windows: Any = m.pretrained_window_sizes
+    if windows is None and init is not None:
+        if init.windows is None:
+            raise ValueError(f"cannot tell which window sizes {init.path} was trained at (a timm file has no "
+                             "metadata); set model.pretrained_window_sizes, e.g. [12,12,12,6] for 192 px / W12")
+        windows = init.windows
     encoder = create_model(m.name, img_size=m.img_size, window_size=m.window_size, num_classes=0,
-                           pretrained_window_sizes=m.pretrained_window_sizes, drop_path_rate=m.drop_path_rate,
-                           in_chans=m.in_chans)
+                           pretrained_window_sizes=windows, drop_path_rate=m.drop_path_rate, in_chans=m.in_chans)
     encoder.set_grad_checkpointing(m.grad_checkpointing)
     encoder.set_sequential_attention(m.sequential_attention)
     return encoder
+
+
+def load_init(model: SimMIM, init: Weights) -> list[str]:
+    """Warm start ``model`` from ``init``: the encoder always (every key must match), the mask token and the
+    decoder when the source has them with the same shapes (a SimMIM checkpoint), else they stay freshly
+    initialised. Returns what was loaded, in words."""
+    encoder = encoder_state(init.state_dict, keep=("mask_token",))
+    has_token = "mask_token" in encoder and encoder["mask_token"].shape == model.encoder.mask_token.shape
+    if not has_token:
+        encoder.pop("mask_token", None)
+    load_pretrained(model.encoder, encoder, source="timm", exclude=[] if has_token else ["mask_token"])
+    loaded = ["encoder"] + (["mask token"] if has_token else [])
+    decoder = {k.removeprefix("decoder."): v for k, v in init.state_dict.items() if k.startswith("decoder.")}
+    own = model.decoder.state_dict()
+    if decoder.keys() == own.keys() and all(v.shape == own[k].shape for k, v in decoder.items()):
+        model.decoder.load_state_dict(decoder)
+        loaded.append("decoder")
+    elif decoder:
+        log.warning("the decoder of %s does not fit this model (%s vs %s): it starts fresh", init.path,
+                    {k: tuple(v.shape) for k, v in decoder.items()}, {k: tuple(v.shape) for k, v in own.items()})
+    return loaded
 
 
 def build_dataset(cfg: PretrainConfig, patch_size: int) -> MaskedImageDataset | MaskedImageStream:
@@ -118,13 +147,15 @@ class PretrainTask:
         pass
 
 
-def checkpoint_metadata(cfg: PretrainConfig, encoder: SwinTransformerV2) -> dict:
-    """What fine-tuning and export need to know about the pretrained encoder (plain data)."""
+def checkpoint_metadata(cfg: PretrainConfig, encoder: SwinTransformerV2, init: dict | None = None) -> dict:
+    """What fine-tuning and export need to know about the pretrained encoder (plain data); ``init`` describes
+    the weights a warm start began from."""
     return {
         "kind": "simmim-pretrain",
         **geometry_metadata(encoder, cfg.model.name),
         "mean": list(cfg.data.mean),
         "std": list(cfg.data.std),
+        "init": init,
         "config": to_dict(cfg),
     }
 
@@ -139,7 +170,13 @@ def run(cfg: PretrainConfig, overwrite: bool = False) -> dict:
     with start_run(r.output, r.mixed_precision, r.resume, r.seed, o.accumulation_steps, overwrite,
                    model_name=cfg.model.name) as start:
         accelerator, out = start.accelerator, start.out
-        encoder = build_encoder(cfg)
+        init = None
+        if cfg.init and start.resume is None:  # a resumed run has its warm start in its weights already
+            init = read_weights(cfg.init)
+        elif cfg.init:
+            log.info("resuming: init=%s was applied when the run started (%s)", cfg.init,
+                     (start.resume.meta.get("init") or {}).get("path"))
+        encoder = build_encoder(cfg, init)
         dataset = build_dataset(cfg, encoder.patch_size)
         loader = build_loader(cfg, dataset, accelerator.num_processes)
         monitor = None
@@ -151,6 +188,12 @@ def run(cfg: PretrainConfig, overwrite: bool = False) -> dict:
         plan = plan_training(cfg.schedule, o, cfg.data.batch_size, accelerator.num_processes, batches)
         model = SimMIM(encoder, norm_target=cfg.simmim.norm_target,
                        norm_target_window=cfg.simmim.norm_target_window)
+        init_meta = start.resume.meta.get("init") if start.resume is not None else None
+        if init is not None:
+            loaded = load_init(model, init)
+            init_meta = {"path": str(init.path.resolve()), "sha256": sha256(init.path), "source": init.source,
+                         "kind": init.kind, "loaded": loaded,
+                         "pretrained_window_sizes": [list(w) for w in encoder.pretrained_window_sizes]}
         optimizer, scheduler = build_optimization(param_groups(model, o.weight_decay), cfg.schedule, o, plan)
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 
@@ -158,6 +201,10 @@ def run(cfg: PretrainConfig, overwrite: bool = False) -> dict:
         log.info("pretraining %s at %dpx W%d: %d steps, global batch %d, lr %.3e, %d processes, %s precision",
                  cfg.model.name, cfg.model.img_size, cfg.model.window_size, plan.total_steps, plan.global_batch,
                  plan.lr, accelerator.num_processes, r.mixed_precision)
+        if init is not None:
+            log.info("warm start from %s: %s loaded; pretrained windows %s; fresh optimizer and schedule",
+                     init.describe(), ", ".join(init_meta["loaded"]),
+                     "/".join(str(w[0]) for w in encoder.pretrained_window_sizes))
         task = PretrainTask(cfg.data.mean, cfg.data.std, monitor=monitor, monitor_every=cfg.monitor.every,
                             main_process=accelerator.is_main_process)
         engine = Engine(
@@ -166,7 +213,7 @@ def run(cfg: PretrainConfig, overwrite: bool = False) -> dict:
             LoopSettings(total_steps=plan.total_steps, clip_grad=o.clip_grad, log_every=r.log_every,
                          image_every=r.image_every, save_every=r.save_every, max_bad_steps=r.max_bad_steps,
                          seed=r.seed, progress=r.progress),
-            metadata=checkpoint_metadata(cfg, encoder), image_dir=out / "images")
+            metadata=checkpoint_metadata(cfg, encoder, init_meta), image_dir=out / "images")
         if start.resume is not None:
             engine.resume(start.resume)
         state: TrainState = engine.fit()
