@@ -515,7 +515,8 @@ def start_run(output: str | Path, mixed_precision: str, resume: str | None, seed
         _agree(accelerator, run_dir.acquire)  # the main process locks for every rank of the run
         found = resolve_resume(resume, out, load=lambda p: read_run_checkpoint(p, "--resume", resume=True))
         weights = found[1] if found else None
-        _agree(accelerator, lambda: run_dir.check_reuse(fresh=weights is None, overwrite=overwrite))
+        _agree(accelerator, lambda: run_dir.check_reuse(fresh=weights is None, overwrite=overwrite,
+                                                        resume_asked=str(resume) == "auto"))
         if weights is not None and model_name and weights.meta.get("model") != model_name:
             raise ValueError(f"resume checkpoint {weights.path} holds a {weights.meta.get('model')} model, the "
                              f"config asks for {model_name} (was the model config changed?); resume with "

@@ -158,9 +158,13 @@ class RunDir:
         if self._created and self.path.is_dir() and not any(self.path.iterdir()):
             self.path.rmdir()  # a run refused before writing anything leaves no empty folder behind
 
-    def check_reuse(self, fresh: bool, overwrite: bool) -> None:
-        """Refuse a fresh run into a directory holding another run, unless ``overwrite``."""
+    def check_reuse(self, fresh: bool, overwrite: bool, resume_asked: bool = False) -> None:
+        """Refuse a fresh run into a directory holding another run, unless ``overwrite``, or unless ``--resume
+        auto`` was asked and there is no checkpoint at all to lose (a run that stopped before its first save)."""
         if not fresh or overwrite:
+            return
+        ckpt_dir = self.path / CHECKPOINT_DIRNAME
+        if resume_asked and not (ckpt_dir.is_dir() and any(ckpt_dir.glob("*.pt"))):
             return
         found = holds_run(self.path)
         if found:

@@ -234,3 +234,13 @@ def test_export_never_writes_onto_its_source_or_an_existing_file(tmp_path, capsy
     assert oct(out.stat().st_mode & 0o777) == "0o644"
     assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == digest
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+
+
+def test_resume_auto_starts_fresh_where_a_run_stopped_before_its_first_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "config.yaml").write_text("model: {}\n")  # what a run that died before saving leaves
+    (out / "checkpoints" / "ckpt-00000003.pt.diverged").write_bytes(b"set aside")
+    assert main([*PRETRAIN, "--output", str(out), "schedule.max_steps=4", "--resume", "auto"]) == 0
+    assert load_checkpoint(out / "checkpoints" / "ckpt-00000004.pt")["step"] == 4
+    assert (out / "checkpoints" / "ckpt-00000003.pt.diverged").read_bytes() == b"set aside"
