@@ -191,6 +191,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_arguments(p: argparse.ArgumentParser, recipe: str, data: str) -> None:
+    """The arguments pretraining and fine-tuning share."""
+    p.add_argument("config", help=f"YAML file, or a bundled recipe such as {recipe}")
+    p.add_argument("--data", help=data)
+    p.add_argument("--output", help="run directory (checkpoints, tensorboard, images, config.yaml, train.log)")
+    p.add_argument("--resume", help="'auto' (newest valid checkpoint in the run directory) or a checkpoint path")
+    p.add_argument("--overwrite", action="store_true", help="replace another run found in --output (its "
+                   "checkpoints, logs, images and TensorBoard files are deleted)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="simmim", description="SimMIM pretraining, fine-tuning and export for Swin Transformer V2.")
@@ -205,28 +216,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="SimMIM pretraining on a folder of images or a datasets dataset",
                        description="SimMIM pretraining. Overrides are dotted keys: optim.base_lr=2e-4 "
                        "data.batch_size=64 model.name=swinv2_tiny. Many GPUs: accelerate launch -m simmim pretrain.")
-    p.add_argument("config", help="YAML file, or a bundled recipe such as pretrain/swinv2_base_192_w12_800ep")
-    p.add_argument("--data", help="folder of images, datasets save_to_disk folder, hf:NAME, or embedded")
-    p.add_argument("--output", help="run directory (checkpoints, tensorboard, images, config.yaml, train.log)")
-    p.add_argument("--resume", help="'auto' (newest valid checkpoint in the run directory) or a checkpoint path")
+    _run_arguments(p, "pretrain/swinv2_base_192_w12_800ep",
+                   "folder of images, datasets save_to_disk folder, hf:NAME, or embedded")
     p.add_argument("--init", help="warm start from weights (a simmim checkpoint or export, an official SimMIM or "
                    "classification file, timm, a transformers directory): fresh optimizer and schedule")
-    p.add_argument("--overwrite", action="store_true", help="replace another run found in --output (its "
-                   "checkpoints, logs, images and TensorBoard files are deleted)")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("finetune", help="fine-tune a pretrained encoder as a classifier at a new size and window",
                        description="Fine-tuning. The pretrained windows of the log-CPB come from the checkpoint "
                        "(override with model.pretrained_window_sizes=[12,12,12,6]).")
-    p.add_argument("config", help="YAML file, or a bundled recipe such as finetune/swinv2_base_224_w14_100ep")
+    _run_arguments(p, "finetune/swinv2_base_224_w14_100ep", "ImageNet-style folder (train/<class>, val/<class>), "
+                   "save_to_disk folder, hf:NAME, or embedded:digits")
     p.add_argument("--pretrained", help="checkpoint: a simmim run, an exported .safetensors, official or timm")
-    p.add_argument("--data", help="ImageNet-style folder (train/<class>, val/<class>), save_to_disk folder, hf:NAME, "
-                   "or embedded:digits")
-    p.add_argument("--output", help="run directory")
-    p.add_argument("--resume", help="'auto' or a checkpoint path")
-    p.add_argument("--overwrite", action="store_true", help="replace another run found in --output")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("eval", help="accuracy of a fine-tuned checkpoint, at other sizes too; k-NN / linear probes",

@@ -27,7 +27,7 @@ from simmim.models import SwinTransformerV2, create_model
 from simmim.models.convert import load_pretrained
 from simmim.optim import param_groups
 from simmim.plan import build_optimization, plan_training
-from simmim.weights import Weights, geometry_metadata, read_weights, sha256
+from simmim.weights import Weights, geometry_metadata, read_weights, sha256, start_windows
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +41,7 @@ def build_classifier(cfg: FinetuneConfig, num_classes: int) -> tuple[SwinTransfo
     """The classifier at the fine-tuning geometry, with pretrained encoder weights and a new head."""
     m = cfg.model
     weights = read_weights(cfg.pretrained) if cfg.pretrained else None
-    windows: Any = m.pretrained_window_sizes
-    if windows is None and weights is not None:
-        if weights.windows is None:
-            raise ValueError(f"cannot tell which window sizes {cfg.pretrained} was trained at (a timm file has no "
-                             "metadata); set model.pretrained_window_sizes, e.g. [12,12,12,6] for 192 px / W12")
-        windows = weights.windows
+    windows = start_windows(weights, m.pretrained_window_sizes)
     model = create_model(m.name, img_size=m.img_size, window_size=m.window_size, num_classes=num_classes,
                          pretrained_window_sizes=windows, drop_path_rate=m.drop_path_rate, in_chans=m.in_chans)
     if weights is not None:  # every encoder key must match: a silent partial load is refused

@@ -32,7 +32,7 @@ from simmim.monitor import FeatureMonitor
 from simmim.optim import param_groups
 from simmim.plan import build_optimization, plan_training
 from simmim.visualize import reconstruction_grid
-from simmim.weights import Weights, geometry_metadata, read_weights, sha256
+from simmim.weights import Weights, geometry_metadata, read_weights, sha256, start_windows
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +41,7 @@ def build_encoder(cfg: PretrainConfig, init: Weights | None = None) -> SwinTrans
     """The encoder at the pretraining geometry. With ``init``, its log-CPB is normalised by the windows the
     source was trained at (as in fine-tuning), unless ``model.pretrained_window_sizes`` says otherwise."""
     m = cfg.model
-    windows: Any = m.pretrained_window_sizes
-    if windows is None and init is not None:
-        if init.windows is None:
-            raise ValueError(f"cannot tell which window sizes {init.path} was trained at (a timm file has no "
-                             "metadata); set model.pretrained_window_sizes, e.g. [12,12,12,6] for 192 px / W12")
-        windows = init.windows
+    windows = start_windows(init, m.pretrained_window_sizes)
     encoder = create_model(m.name, img_size=m.img_size, window_size=m.window_size, num_classes=0,
                            pretrained_window_sizes=windows, drop_path_rate=m.drop_path_rate, in_chans=m.in_chans)
     encoder.set_grad_checkpointing(m.grad_checkpointing)

@@ -239,6 +239,17 @@ def read_run_checkpoint(path: str | Path, what: str = "this command", resume: bo
 # models from weights
 
 
+def start_windows(weights: Weights | None, override: Any) -> Any:
+    """The ``pretrained_window_sizes`` of a model that starts from ``weights`` (fine-tuning, warm start): the
+    config's ``model.pretrained_window_sizes`` when set, else the windows the weights were trained at."""
+    if override is not None or weights is None:
+        return override
+    if weights.windows is None:
+        raise ValueError(f"cannot tell which window sizes {weights.path} was trained at (a timm file has no "
+                         "metadata); set model.pretrained_window_sizes, e.g. [12,12,12,6] for 192 px / W12")
+    return weights.windows
+
+
 def model_from_weights(weights: Weights) -> SwinTransformerV2:
     """The model our metadata describes (run checkpoint or export card), at the geometry it was trained at, in eval
     mode: the encoder of a pretraining run (``num_classes=0``, no mask token), the classifier of a fine-tuning run."""
