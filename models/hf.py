@@ -191,9 +191,11 @@ def hf_config(model: nn.Module, id2label: Mapping[int, str] | None = None) -> di
     check_hf_compatible(model)
     first = model.blocks()[0]
     h, w = model.img_size
-    # HF divides the CPB coordinates by (pretrained - 1) without guarding 1 (0/0 = NaN); a pretrained window of 2
-    # gives the divisor 1 that ours (and timm's) max(pretrained - 1, 1) uses
-    pretrained = [max(_square(p, "pretrained window"), 2) if p[0] > 0 else 0 for p in model.pretrained_window_sizes]
+    # the trained windows (pretrained where set, else effective): the same outputs at this size, and a user who
+    # loads it with another image_size/window_size keeps the log-CPB normalised as trained. HF divides the CPB
+    # coordinates by (pretrained - 1) without guarding 1 (0/0 = NaN); a pretrained window of 2 gives the divisor 1
+    # that ours (and timm's) max(pretrained - 1, 1) uses
+    pretrained = [max(_square(p, "pretrained window"), 2) for p in model.trained_window_sizes]
     config: dict[str, Any] = {
         "architectures": ["Swinv2ForImageClassification" if model.num_classes > 0 else "Swinv2Model"],
         "model_type": "swinv2",

@@ -107,9 +107,12 @@ def timm_call(model: SwinTransformerV2, meta: dict, file: Path) -> str:
     """
     h, w = model.img_size
     mean, std = tuple(meta.get("mean") or IMAGENET_MEAN), tuple(meta.get("std") or IMAGENET_STD)
+    pool = (h // model.encoder_stride, w // model.encoder_stride)
     overlay = (f"dict(file={str(file.resolve())!r}, num_classes={model.num_classes}, "
-               f"input_size={(model.in_chans, h, w)!r}, mean={mean!r}, std={std!r})")
-    pretrained = tuple(_size(p) for p in model.pretrained_window_sizes)
+               f"input_size={(model.in_chans, h, w)!r}, pool_size={pool!r}, mean={mean!r}, std={std!r})")
+    # the trained windows, not (0, 0, 0, 0): the same outputs at this size, and still right when a user changes
+    # img_size/window_size in this call
+    pretrained = tuple(_size(p) for p in model.trained_window_sizes)
     args = [f"{TIMM_ARCH[_variant(meta)]!r}", "pretrained=True", f"pretrained_cfg_overlay={overlay}",
             f"img_size={_size(model.img_size)!r}", f"window_size={_size(model.window_size)!r}",
             f"pretrained_window_sizes={pretrained!r}", f"num_classes={model.num_classes}",
@@ -121,7 +124,7 @@ def timm_call(model: SwinTransformerV2, meta: dict, file: Path) -> str:
 
 def simmim_code(model: SwinTransformerV2, meta: dict, file: Path) -> str:
     """Python that rebuilds ``model`` with this package from a safetensors ``file``."""
-    pretrained = [_size(p) for p in model.pretrained_window_sizes]
+    pretrained = [_size(p) for p in model.trained_window_sizes]
     return ("from safetensors.torch import load_file\nfrom simmim.models import create_model\n"
             f"model = create_model({_variant(meta)!r}, img_size={_size(model.img_size)!r}, "
             f"window_size={_size(model.window_size)!r}, pretrained_window_sizes={pretrained!r}, "
@@ -306,6 +309,11 @@ def model_card(model: SwinTransformerV2, meta: dict, checkpoint: Path, fmt: str,
         # ... and what to pass as pretrained_window_sizes when fine-tuning from it: the windows its log-CPB was
         # trained at (pretrained windows where set, else the effective ones)
         "finetune_pretrained_window_sizes": [list(w) for w in meta_windows(meta)],
+        "change_geometry": (
+            "the log-CPB must stay normalised by the trained windows "
+            f"{[_size(w) for w in meta_windows(meta)]}: with simmim, model.set_input_size(img_size=..., "
+            "window_size=...) keeps them; in the timm and transformers calls below they are passed as "
+            "pretrained_window_sizes, so change only img_size / window_size (image_size for transformers)"),
         "mean": list(meta.get("mean") or IMAGENET_MEAN),
         "std": list(meta.get("std") or IMAGENET_STD),
         "recipe": meta.get("config", {}),

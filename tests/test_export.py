@@ -289,3 +289,21 @@ def test_giant_cannot_go_to_timm_or_hf(tmp_path, fmt):
 def test_opset_only_for_onnx(checkpoints):
     with pytest.raises(ValueError, match="opset applies to the onnx format only"):
         export(checkpoints["pretrain"], "hf", opset=17)
+
+
+def test_exports_loaded_at_another_window_keep_the_trained_windows(checkpoints, exported):
+    """A user who loads the pretraining export with another img_size/window_size (the card's call with only those
+    changed) gets what our model gives after set_input_size: the log-CPB keeps the trained windows 4/4/4/2."""
+    ours = model_from_weights(read_run_checkpoint(checkpoints["pretrain"]))
+    ours.set_input_size(img_size=96, window_size=6)
+    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(9))
+    card = json.loads(exported("pretrain", "timm")[-1].read_text())
+    assert "pretrained_window_sizes=(4, 4, 4, 2)" in card["load"]["timm"] and "pool_size=(2, 2)" in card["load"]["timm"]
+    assert "(4, 4, 4, 2)" in card["change_geometry"].replace("[4, 4, 4, 2]", "(4, 4, 4, 2)")
+    call = card["load"]["timm"].replace("img_size=64", "img_size=96").replace("window_size=4,", "window_size=6,")
+    with torch.no_grad():
+        expected = ours(x)
+        torch.testing.assert_close(eval(call, {"timm": timm}).eval()(x), expected, atol=1e-5, rtol=0)
+        directory = exported("pretrain", "hf")[0].parent
+        hf = transformers.Swinv2Model.from_pretrained(directory, image_size=96, window_size=6).eval()
+        torch.testing.assert_close(hf(x).pooler_output, expected, atol=1e-4, rtol=0)
