@@ -17,7 +17,9 @@ Every record gives exactly one sample (an unreadable record's slot is filled by 
 reader, with the unreadable record's crop, mask and key, and ``skipped=1``). So after ``k`` batches of
 ``batch_size`` on one process, worker ``w`` has produced batches ``w, w + num_workers, ...`` (the DataLoader takes
 batches from its workers in turn), which tells each reader how many of its records were used: resuming is
-``set_start(k)``, and each reader skips that many records without decoding them.
+``set_start(k)``: each reader skips that many records without decoding them, and the workers of the new DataLoader
+take over the readers' roles rotated by ``k``, so batch ``k + j`` comes from the same reader as in an uninterrupted
+run. A stream resumes exactly with the same ``world_size``, ``num_workers`` and ``batch_size``.
 
 ``endless=True`` (training): each reader starts its share's next epoch when it runs out, so the DataLoader never
 stops and no epoch boundary has to be agreed between processes. ``endless=False``: one pass over epoch
@@ -157,7 +159,10 @@ class MaskedImageStream(_SeededSamples, IterableDataset):
 
     def __iter__(self) -> Iterator[Sample]:
         info = get_worker_info()
-        num_workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
+        num_workers, loader_worker = (1, 0) if info is None else (info.num_workers, info.id)
+        # a fresh DataLoader asks worker 0 first, but batch start_batches was due from worker start % W: rotate the
+        # roles so that the resumed run's batches come from the same readers as the uninterrupted run's
+        worker = (loader_worker + self.start_batches) % num_workers
         skip = len(range(worker, self.start_batches, num_workers)) * self.batch_size  # records already used
         bad = BadItems()
         pending: list[tuple[int, int]] = []  # (key, epoch) of unreadable records waiting for a readable one
