@@ -10,18 +10,21 @@ included), and the 8x8 digits that ship with scikit-learn (split 80/20 by index)
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
 from .datasets import BadItems, Transform, fill_unreadable, probe_source, seeded_transform, split_key, try_item
-from .images import RawImage, decode_pil, load_image, read_raw
+from .file_index import FileIndex, walk_sorted
+from .images import RawImage, decode_pil, is_image_file, load_image, read_raw
 from .mask import sample_seed
 from .samples import sample_digits
-from .sources import HFImageSource, _looks_saved, _scan_images, load_hf_dataset
+from .sources import HFImageSource, _looks_saved, load_hf_dataset
 from .transforms import TensorTransform
 
 logger = logging.getLogger(__name__)
@@ -30,7 +33,11 @@ VAL_SPLIT_NAMES = ("val", "validation", "valid", "test")
 
 
 class ClassFolderSource:
-    """Images under ``root/<class>/...`` (nested below the class folder is fine); classes sorted by name."""
+    """Images under ``root/<class>/...`` (nested below the class folder is fine); classes sorted by name.
+
+    Files are held in a packed :class:`~data.file_index.FileIndex` and labels in one ``int32`` array (no Python
+    object per file: see :mod:`data.file_index`); ``samples[i] -> (Path, label)``.
+    """
 
     def __init__(self, root: str | Path, classes: list[str] | None = None, channels: int = 3) -> None:
         self.channels = channels
@@ -43,24 +50,45 @@ class ClassFolderSource:
         unknown = sorted(set(found) - set(index))
         if unknown:
             raise ValueError(f"{self.root} has class folders not in the training classes: {unknown[:5]}")
-        self.samples = [(p, index[c]) for c in found for p in _scan_images(self.root / c)]
-        if not self.samples:
+        counts: list[int] = []
+
+        def relative_paths() -> Iterator[str]:
+            for c in found:  # class by class, so the labels are runs of equal values
+                counts.append(0)
+                for rel in walk_sorted(self.root / c, is_image_file, prefix=c + "/"):
+                    counts[-1] += 1
+                    yield rel
+
+        self.files = FileIndex.from_paths(self.root, relative_paths())
+        self.labels = np.repeat(np.array([index[c] for c in found], dtype=np.int32), counts)
+        if not len(self.files):
             raise ValueError(f"no images in class sub-folders of {self.root}; expected {self.root}/<class>/<image>")
-        self.labels = [label for _, label in self.samples]
+        self.samples = _Samples(self.files, self.labels)
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        path, label = self.samples[index]
-        return load_image(path, self.channels), label
+        return load_image(self.files.path(index), self.channels), int(self.labels[index])
 
     def open(self, index: int) -> tuple[RawImage, int]:
-        path, label = self.samples[index]
-        return read_raw(path, self.channels), label
+        return read_raw(self.files.path(index), self.channels), int(self.labels[index])
 
     def describe(self, index: int) -> str:
-        return str(self.samples[index][0])
+        return self.files.path(index)
+
+
+class _Samples:
+    """``samples[i] -> (Path, label)`` over a packed index, like torchvision's ``ImageFolder.samples``."""
+
+    def __init__(self, files: FileIndex, labels: np.ndarray) -> None:
+        self.files, self.labels = files, labels
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[Path, int]:
+        return self.files[index], int(self.labels[index])
 
 
 class HFLabeledSource:

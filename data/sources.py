@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
+from .file_index import FileIndex
 from .images import (
     IMAGE_EXTENSIONS,
     RawImage,
@@ -48,27 +49,12 @@ def _describe(source: Any, index: int) -> str:
     return describe(index) if describe is not None else f"item {index}"
 
 
-
-
-def _scan_images(root: Path) -> list[Path]:
-    """Every image file under ``root`` (recursive, symlinks followed once, hidden entries skipped), sorted."""
-    found: list[Path] = []
-    seen: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:  # a symlink loop or a second link to the same folder
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found.extend(Path(dirpath) / f for f in filenames if not f.startswith(".") and is_image_file(f))
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
-
-
 class ImageFolderSource:
     """All images under a folder, flat or nested (class sub-folders allowed, not required), in sorted order.
 
-    The scan happens here, so an empty or mistyped folder fails before training starts.
+    The scan happens here, so an empty or mistyped folder fails before training starts. The file list is a packed
+    :class:`~data.file_index.FileIndex` (about 8 bytes a file plus the relative path's bytes, no Python object per
+    file), so it stays shared, not copied, in forked DataLoader workers; ``paths[i]`` gives a ``Path``.
     """
 
     is_streaming = False
@@ -80,8 +66,8 @@ class ImageFolderSource:
             raise FileNotFoundError(f"image folder {self.root} does not exist")
         if not self.root.is_dir():
             raise NotADirectoryError(f"image folder {self.root} is a file, not a folder")
-        self.paths: list[Path] = _scan_images(self.root)
-        if not self.paths:
+        self.paths = FileIndex.scan(self.root, is_image_file)
+        if not len(self.paths):
             raise ValueError(
                 f"no image files under {self.root} (searched recursively for "
                 f"{' '.join(sorted(IMAGE_EXTENSIONS))}, any case; hidden files and folders are ignored)"
@@ -94,14 +80,14 @@ class ImageFolderSource:
     def __getitem__(self, index: int) -> Image.Image:
         """The decoded image at ``index`` (PIL RGB, L for ``channels=1``, else a (C, H, W) tensor); raises
         ``OSError`` naming the file when it cannot be read."""
-        return load_image(self.paths[index], self.channels)
+        return load_image(self.paths.path(index), self.channels)
 
     def open(self, index: int) -> RawImage:
         """The image at ``index`` opened but not decoded (see :func:`data.images.read_raw`)."""
-        return read_raw(self.paths[index], self.channels)
+        return read_raw(self.paths.path(index), self.channels)
 
     def describe(self, index: int) -> str:
-        return str(self.paths[index])
+        return self.paths.path(index)
 
 
 def _looks_saved(path: Path) -> bool:

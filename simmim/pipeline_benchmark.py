@@ -166,3 +166,128 @@ def format_pipeline_results(results: Sequence[PipelineResult]) -> str:
         lines.append(f"| {r.name} | {r.images} x {r.bytes_per_image / 1024:.0f} | {r.official_ips:.1f} | "
                      f"{r.ours_ips:.1f} | {r.ratio:.2f}x |")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ folder index memory
+
+
+@dataclass
+class IndexResult:
+    name: str  # "packed FileIndex" or "list of Paths"
+    files: int
+    scan_s: float  # seconds to scan the tree
+    bytes_per_file: float  # memory the index holds once built
+    worker_copy_mib: float | None  # private memory a forked worker gains by touching every entry (Linux)
+
+
+def make_file_tree(root: Path, files: int, per_folder: int = 1000) -> None:
+    """``files`` empty ``.JPEG`` files in folders of ``per_folder``, named like ImageNet (n00000000_123.JPEG)."""
+    for start in range(0, files, per_folder):
+        folder = root / f"n{start // per_folder:08d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(start, min(start + per_folder, files)):
+            (folder / f"{folder.name}_{i}.JPEG").touch()
+
+
+def scan_paths_list(root: Path) -> list[Path]:
+    """The previous folder scan: every image as a ``Path`` in a sorted list (the reference for the comparison)."""
+    import os
+
+    from simmim.data.images import is_image_file
+
+    found: list[Path] = []
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a symlink loop or a second link to the same folder
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found.extend(Path(dirpath) / f for f in filenames if not f.startswith(".") and is_image_file(f))
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _private_dirty_kib() -> int:
+    with open("/proc/self/smaps_rollup") as f:
+        return sum(int(line.split()[1]) for line in f if line.startswith("Private_Dirty:"))
+
+
+def worker_copy_mib(touch: Callable[[], None]) -> float | None:
+    """Private memory (MiB) a forked child gains by running ``touch``: the pages a DataLoader worker copies from
+    the main process when it reads the index. None where fork or /proc/self/smaps_rollup is unavailable."""
+    import os
+
+    if not hasattr(os, "fork") or not Path("/proc/self/smaps_rollup").exists():
+        return None
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: measure, report, exit without running the parent's cleanup
+        try:
+            before = _private_dirty_kib()
+            touch()
+            os.write(write, str(_private_dirty_kib() - before).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as f:
+        out = f.read()
+    os.waitpid(pid, 0)
+    return int(out) / 1024 if out else None
+
+
+def run_index_benchmark(files: int = 1_000_000, compare_list: bool = False, root: str | Path | None = None
+                        ) -> list[IndexResult]:
+    """Scan time, bytes per file and worker copy of the packed folder index for a synthetic tree of ``files``
+    empty files (created in a temporary folder, or ``root``, and deleted afterwards); with ``compare_list``, the
+    same for the previous list of ``Path`` objects."""
+    import gc
+    import shutil
+    import tracemalloc
+
+    from simmim.data.file_index import FileIndex
+    from simmim.data.images import is_image_file
+
+    tmp = Path(tempfile.mkdtemp(prefix="simmim-index-", dir=root))
+    try:
+        make_file_tree(tmp, files)
+        results = []
+        gc.collect()
+        t0 = time.perf_counter()
+        index = FileIndex.scan(tmp, is_image_file)
+        scan_s = time.perf_counter() - t0
+        assert len(index) == files
+
+        def touch_index() -> None:
+            for i in range(len(index)):
+                index.relative(i)
+
+        results.append(IndexResult("packed FileIndex", files, scan_s, index.nbytes / files,
+                                   worker_copy_mib(touch_index)))
+        if compare_list:
+            gc.collect()
+            t0 = time.perf_counter()
+            scan_paths_list(tmp)
+            scan_s = time.perf_counter() - t0
+            tracemalloc.start()  # a second scan to count the memory the list holds (tracemalloc slows the scan)
+            paths = scan_paths_list(tmp)
+            held, _ = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+
+            def touch_list() -> None:
+                for p in paths:
+                    str(p)
+
+            results.append(IndexResult("list of Paths", files, scan_s, held / files, worker_copy_mib(touch_list)))
+        return results
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def format_index_results(results: Sequence[IndexResult]) -> str:
+    lines = ["| index | files | scan, s | bytes per file | copied by a forked worker touching all, MiB |",
+             "| --- | --- | --- | --- | --- |"]
+    for r in results:
+        copy = f"{r.worker_copy_mib:.1f}" if r.worker_copy_mib is not None else "n/a"
+        lines.append(f"| {r.name} | {r.files} | {r.scan_s:.2f} | {r.bytes_per_file:.0f} | {copy} |")
+    return "\n".join(lines)

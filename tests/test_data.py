@@ -190,8 +190,9 @@ def test_folder_source_reads_every_format_as_rgb(tmp_path: Path) -> None:
     files = _write_messy_folder(tmp_path)
     src = ImageFolderSource(tmp_path)
     assert len(src) == len(files) == 16
-    assert src.paths == sorted(src.paths, key=lambda p: p.relative_to(tmp_path).as_posix())
-    assert {p.relative_to(tmp_path).as_posix() for p in src.paths} == set(files)
+    paths = list(src.paths)
+    assert paths == sorted(paths, key=lambda p: p.relative_to(tmp_path).as_posix())
+    assert {p.relative_to(tmp_path).as_posix() for p in paths} == set(files)
     for i in range(len(src)):
         img = src[i]
         assert img.mode == "RGB" and img.size == SIZE, src.paths[i]

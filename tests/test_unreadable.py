@@ -128,7 +128,7 @@ def test_labelled_slots_take_the_replacements_label(tmp_path: Path) -> None:
     (tmp_path / "cat" / "9_bad.png").write_bytes(b"")
     src = ClassFolderSource(tmp_path)
     ds = LabeledDataset(src, eval_transform(32, crop_pct=1.0))
-    bad = [i for i in range(len(src)) if src.samples[i][0].name == "9_bad.png"][0]
+    bad = next(i for i in range(len(src)) if src.samples[i][0].name == "9_bad.png")
     s = ds[bad]
     assert s["skipped"] == 1 and s["index"] == bad
     filled = [i for i in range(len(src)) if i != bad and torch.equal(ds[i]["image"], s["image"])]
