@@ -11,6 +11,7 @@ from .images import (
     load_rgb,
     read_raw,
 )
+from .loader import make_loader
 from .mask import MaskGenerator, sample_seed
 from .samples import sample_digits, sample_photos
 from .sources import EmbeddedSource, HFImageSource, ImageFolderSource, open_source
@@ -35,6 +36,7 @@ __all__ = [
     "denormalize",
     "load_image",
     "load_rgb",
+    "make_loader",
     "open_source",
     "pretrain_transform",
     "probe_source",
