@@ -125,10 +125,12 @@ class BadItems:
     def __init__(self) -> None:
         self.known: set[int] = set()
 
-    def add(self, source: Any, index: int, err: BaseException) -> None:
+    def add(self, source: Any, index: int, err: BaseException, where: str | None = None) -> None:
+        """Remember item ``index`` as unreadable; warn the first time (``where`` names it, else the source does)."""
         if index not in self.known:
             self.known.add(index)
-            logger.warning("skipping unreadable image %s (index %d): %s", _describe(source, index), index, err)
+            logger.warning("skipping unreadable image %s (index %d): %s", where or _describe(source, index), index,
+                           err)
 
 
 class _SeededSamples:

@@ -118,6 +118,14 @@ class MaskedImageStream(_SeededSamples, IterableDataset):
                     yield (shard << SHARD_KEY_BITS) | i, value
                 position += 1
 
+    def describe(self, key: int) -> str:
+        """A human name for the record with global ``key``."""
+        if _is_map_style(self.source):
+            describe = getattr(self.source, "describe", None)
+            return describe(key) if describe is not None else f"item {key}"
+        shard, position = key >> SHARD_KEY_BITS, key & ((1 << SHARD_KEY_BITS) - 1)
+        return f"{getattr(self.source, 'name', 'stream')} shard {shard} record {position}"
+
     def _open(self, value: Any) -> Any:
         src = self.source
         if _is_map_style(src):
@@ -177,7 +185,7 @@ class MaskedImageStream(_SeededSamples, IterableDataset):
                 tried += 1
                 sample = self._try(value, key, epoch, 0)
                 if isinstance(sample, BaseException):
-                    bad.add(self.source, key, sample)
+                    bad.add(self.source, key, sample, self.describe(key))
                     pending.append((key, epoch))
                     continue
                 yield from self._fills(value, pending)
