@@ -1,51 +1,54 @@
 """The SimMIM datasets built on image sources (:mod:`data.sources`).
 
-The SimMIM datasets add the crop/flip transform and the mask, and make every sample a pure function
-of ``(seed, epoch, index)``: the transform runs on a freshly seeded, forked torch generator and the mask on its own
-numpy generator. Samples therefore do not depend on the number of DataLoader workers, on the order they are
-requested in, or on whether training was resumed mid-epoch.
+The SimMIM datasets add the crop/flip transform and the mask, and make every sample a pure function of
+``(seed, epoch, index)``: the crop and flip come from a ``torch.Generator`` seeded for the sample (transforms that
+draw from global RNGs, such as timm's, run with the global RNGs seeded and restored around them), the mask from a
+numpy generator seeded the same way. Samples therefore do not depend on the number of DataLoader workers or
+processes, on the order they are requested in, or on whether training was resumed mid-epoch.
 
-Unreadable files (truncated, empty, not images) are skipped deterministically and counted in each sample's
-``skipped`` field, so a handful of bad files in a million never stops a run but is still visible in the logs.
+The epoch travels with the index: :class:`~data.sampler.EpochSampler` yields ``(epoch, index)`` pairs, so
+DataLoader workers kept alive between epochs (``persistent_workers=True``) see every epoch change without any
+shared state. A plain integer index uses the epoch last given to ``set_epoch``.
 
-Note for ``set_epoch``: DataLoader workers hold a copy of the dataset. With ``persistent_workers=True`` the copy
-does not see a later ``set_epoch``; create the iterator after calling it with non-persistent workers (the default).
+Unreadable files (truncated, empty, not images, wrong channel count) never stop a run while readable images exist:
 
-Letters: ``H, W`` pixels, ``h, w`` token grid.
+- a source with no readable image is refused when the dataset is built (:func:`probe_source`), naming the source;
+- an unreadable item's slot is filled by another readable item, found by searching from a pseudo-random start
+  drawn from the sample's seed (so replacements spread over the data instead of piling up after a junk folder).
+  The replacement image then appears twice in that epoch, with its own crop and mask the second time (drawn from
+  the unreadable item's seed). Items found unreadable are remembered per process and not read again;
+- a sample's ``skipped`` is 1 when its own item was unreadable, else 0: summed over an epoch (over every process
+  and worker) it counts each unreadable file exactly once.
+
+Letters: ``C`` channels, ``H, W`` pixels, ``h, w`` token grid.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Iterator
-from functools import partial
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torch.utils.data import Dataset
 
+from .images import ChannelMismatchError, RawImage, decode_pil, decode_tensor
 from .mask import MaskGenerator, sample_seed
 from .sources import MapSource, _describe
+from .transforms import TensorTransform
 
 logger = logging.getLogger(__name__)
 
-Transform = Callable[[Image.Image], torch.Tensor]
-Sample = dict[str, Any]  # image (3, H, W) float, mask (h, w) bool, index int, skipped int
+Transform = Callable[..., torch.Tensor]
+Sample = dict[str, Any]  # image (C, H, W) float, mask (h, w) bool, index int, skipped int (0 or 1)
 
-MAX_CONSECUTIVE_FAILURES = 50  # a run of this many unreadable images means the data is broken, not a few bad files
-
-
-def _transform_and_mask(
-    img: Image.Image, transform: Transform, mask_generator: MaskGenerator, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded transform and mask: image (3, H, W), mask (h, w). Global RNG states are left untouched."""
-    return seeded_transform(img, transform, seed), mask_generator(np.random.default_rng(seed))
+PROBE_ITEMS = 16  # items spread over the source that are decoded before training
+PROBE_SEARCH = 256  # further items tried in order when none of those is readable
 
 
-def seeded_transform(img: Image.Image, transform: Transform, seed: int) -> torch.Tensor:
+def seeded_transform(img: Any, transform: Transform, seed: int) -> torch.Tensor:
     """``transform(img)`` with torch, Python and NumPy global RNGs seeded from ``seed`` and restored afterwards
     (timm's RandAugment and random erasing draw from all three)."""
     py_state, np_state = random.getstate(), np.random.get_state()
@@ -60,128 +63,169 @@ def seeded_transform(img: Image.Image, transform: Transform, seed: int) -> torch
         np.random.set_state(np_state)
 
 
-class _FailureLog:
-    """Warns once per (process, item) about an unreadable item; DataLoader workers each keep their own."""
+def split_key(key: Any, default_epoch: int) -> tuple[int, int]:
+    """A dataset key -> ``(epoch, index)``: an ``(epoch, index)`` pair from :class:`EpochSampler`, or a plain
+    index (with ``default_epoch``)."""
+    if isinstance(key, tuple | list):
+        epoch, index = key
+        return int(epoch), int(index)
+    return int(default_epoch), int(key)
+
+
+def open_item(source: Any, index: int) -> Any:
+    """Item ``index`` of ``source`` opened but not decoded when the source supports it (``source.open``), else
+    ``source[index]`` (a decoded image, or an (image, label) pair for labelled sources)."""
+    opener = getattr(source, "open", None)
+    return opener(index) if opener is not None else source[index]
+
+
+def _source_name(source: Any) -> str:
+    for attr in ("root", "name"):
+        if getattr(source, attr, None):
+            return str(getattr(source, attr))
+    return type(source).__name__
+
+
+def probe_source(source: Any, channels: int = 3, items: int = PROBE_ITEMS, search: int = PROBE_SEARCH) -> int:
+    """Refuse, before training, a map-style source with no readable image; returns how many probes failed.
+
+    Decodes ``items`` items spread evenly over the source (JPEGs at 1/8 scale: cheap); when none is readable,
+    tries up to ``search`` more in order. Raises ``ValueError`` naming the source and the fix when every try failed
+    (with the channel-count message when the images were readable but had the wrong channel count).
+    """
+    n = len(source)
+    if n == 0:
+        raise ValueError(f"{_source_name(source)} is empty; point data.path at a folder of images")
+    probes = sorted({i * n // min(n, items) for i in range(min(n, items))})
+    tries = probes + [i for i in range(min(n, search + len(probes))) if i not in set(probes)][:search]
+    failures: list[tuple[int, BaseException]] = []
+    for count, i in enumerate(tries):
+        try:
+            item = open_item(source, i)
+            raw = item[0] if isinstance(item, tuple) else item
+            decode_tensor(raw, channels, max_reduction=8.0)
+        except Exception as err:  # any reader error counts as unreadable
+            failures.append((i, err))
+            continue
+        if count >= len(probes) or failures:  # a readable one, but some probes failed
+            logger.warning("%d of the %d images probed in %s are unreadable (e.g. %s: %s)", len(failures),
+                           count + 1, _source_name(source), _describe(source, failures[0][0]), failures[0][1])
+        return len(failures)
+    err = failures[0][1]
+    if all(isinstance(e, ChannelMismatchError) for _, e in failures):
+        raise ValueError(f"no image with model.in_chans={channels} channels in {_source_name(source)} ({err})")
+    raise ValueError(f"no readable image in {_source_name(source)}: all {len(failures)} tried are unreadable "
+                     f"(first: {err}); point data.path at a folder of images or remove the unreadable files")
+
+
+class BadItems:
+    """The items this process found unreadable (each DataLoader worker keeps its own): not read twice, warned
+    about once."""
 
     def __init__(self) -> None:
-        self.warned: set[int] = set()
+        self.known: set[int] = set()
 
-    def warn(self, source: Any, index: int, err: BaseException) -> None:
-        if index in self.warned:
-            return
-        self.warned.add(index)
-        logger.warning("skipping unreadable image %s (index %d): %s", _describe(source, index), index, err)
-
-
-def load_skipping(source: Any, index: int, failures: _FailureLog) -> tuple[Any, int]:
-    """``source[index]``, or when that item is unreadable the next readable one (``index+1, index+2, ...`` mod
-    ``len``), with the number of failures. Raises after MAX_CONSECUTIVE_FAILURES in a row."""
-    n = len(source)
-    skipped = 0
-    for attempt in range(min(MAX_CONSECUTIVE_FAILURES, n)):
-        j = (index + attempt) % n
-        try:
-            return source[j], skipped
-        except Exception as err:  # any reader error: the file is bad, not the program
-            skipped += 1
-            failures.warn(source, j, err)
-    raise RuntimeError(
-        f"{skipped} consecutive unreadable images starting at {_describe(source, index)} "
-        f"(index {index}); the data is likely broken or the format unsupported, see the warnings above"
-    )
+    def add(self, source: Any, index: int, err: BaseException, where: str | None = None) -> None:
+        """Remember item ``index`` as unreadable; warn the first time (``where`` names it, else the source does)."""
+        if index not in self.known:
+            self.known.add(index)
+            logger.warning("skipping unreadable image %s (index %d): %s", where or _describe(source, index), index,
+                           err)
 
 
 class _SeededSamples:
-    """What both SimMIM datasets hold: a source, the transform, the mask generator, the seed and the epoch."""
+    """What the SimMIM datasets hold: a source, the transform, the mask generator, the seed and the epoch."""
 
-    def __init__(self, source: Any, transform: Transform, mask_generator: MaskGenerator, seed: int = 0) -> None:
+    def __init__(self, source: Any, transform: Transform, mask_generator: MaskGenerator, seed: int = 0,
+                 channels: int | None = None) -> None:
         self.source = source
         self.transform = transform
         self.mask_generator = mask_generator
         self.seed = seed
+        self.channels = channels or getattr(transform, "channels", None) or getattr(source, "channels", 3)
         self.epoch = 0
-        self._failures = _FailureLog()
+        self.bad = BadItems()
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose crops and masks come next (samples are functions of (seed, epoch, index))."""
+        """The epoch of plain integer keys (``(epoch, index)`` keys carry their own)."""
         self.epoch = int(epoch)
+
+    def image(self, raw: RawImage, seed: int) -> torch.Tensor:
+        """The transformed image (C, H, W) of one raw item: our transforms draw from a generator seeded with
+        ``seed``; others get a decoded PIL image under seeded global RNGs."""
+        if isinstance(self.transform, TensorTransform):
+            return self.transform(raw, torch.Generator().manual_seed(seed))
+        img = raw if isinstance(raw, torch.Tensor) else decode_pil(raw, self.channels)
+        return seeded_transform(img, self.transform, seed)
+
+    def sample(self, raw: RawImage, key: int, epoch: int, skipped: int) -> Sample:
+        seed = sample_seed(self.seed, epoch, key)
+        image = self.image(raw, seed)
+        return {"image": image, "mask": self.mask_generator(np.random.default_rng(seed)), "index": key,
+                "skipped": skipped}
+
+
+def try_item(source: Any, index: int, bad: BadItems, make: Callable[[Any], Any]) -> Any | None:
+    """``make(open_item(source, index))``, or None (and ``index`` remembered in ``bad``) when the item is
+    unreadable: any error while opening it, an ``OSError`` (:class:`~data.images.UnreadableImageError`) while
+    decoding it inside ``make``. Other errors from ``make`` are bugs and propagate."""
+    try:
+        raw = open_item(source, index)
+    except Exception as err:  # Pillow, numpy, datasets or a foreign source: the file is bad, not the program
+        bad.add(source, index, err)
+        return None
+    try:
+        return make(raw)
+    except OSError as err:
+        bad.add(source, index, err)
+        return None
+
+
+def fill_unreadable(source: Any, index: int, seed: int, bad: BadItems, make: Callable[[Any], Any]) -> Any:
+    """``make(...)`` of the first readable item at or after a start drawn from ``seed`` (wrapping around),
+    skipping ``index`` and the items ``bad`` knows. Raises ``RuntimeError`` when there is none."""
+    n = len(source)
+    start = seed % n
+    for step in range(n):
+        j = (start + step) % n
+        if j == index or j in bad.known:
+            continue
+        out = try_item(source, j, bad, make)
+        if out is not None:
+            return out
+    raise RuntimeError(f"every item of {_source_name(source)} is unreadable; see the warnings above")
 
 
 class MaskedImageDataset(_SeededSamples, Dataset):
-    """Map-style SimMIM dataset: ``ds[i] -> {image (3, H, W) float, mask (h, w) bool, index i, skipped k}``.
+    """Map-style SimMIM dataset: ``ds[i]`` or ``ds[(epoch, i)]`` -> ``{image (C, H, W) float, mask (h, w) bool,
+    index i, skipped 0|1}``, a pure function of ``(seed, epoch, i)`` (unreadable items: module docstring).
 
-    ``ds[i]`` is a pure function of ``(seed, epoch, i)``. When item ``i`` is unreadable, items ``i+1, i+2, ...``
-    (mod ``len``) are tried in order and ``skipped`` counts the failures; the crop and mask still come from ``i``.
+    ``probe`` decodes a few items now, so a source without a readable image fails here, not mid-training.
     """
 
-    def __init__(self, source: MapSource, transform: Transform, mask_generator: MaskGenerator, seed: int = 0) -> None:
+    def __init__(self, source: MapSource, transform: Transform, mask_generator: MaskGenerator, seed: int = 0,
+                 probe: bool = True) -> None:
         if getattr(source, "is_streaming", False):
             raise TypeError("MaskedImageDataset needs a map-style source; use MaskedImageStream for streaming")
         if len(source) == 0:
             raise ValueError("MaskedImageDataset got an empty source")
         _SeededSamples.__init__(self, source, transform, mask_generator, seed)
+        if probe:
+            probe_source(source, self.channels)
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def _load(self, index: int) -> tuple[Image.Image, int]:
-        return load_skipping(self.source, index, self._failures)
-
-    def __getitem__(self, index: int) -> Sample:
+    def __getitem__(self, key: int | tuple[int, int]) -> Sample:
+        epoch, index = split_key(key, self.epoch)
         n = len(self.source)
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} images")
-        index = int(index) % n
-        img, skipped = self._load(index)
-        seed = sample_seed(self.seed, self.epoch, index)
-        image, mask = _transform_and_mask(img, self.transform, self.mask_generator, seed)
-        return {"image": image, "mask": mask, "index": index, "skipped": skipped}
+        index %= n
+        if index not in self.bad.known:
+            out = try_item(self.source, index, self.bad, lambda raw: self.sample(raw, index, epoch, 0))
+            if out is not None:
+                return out
+        seed = sample_seed(self.seed, epoch, index)
+        return fill_unreadable(self.source, index, seed, self.bad, lambda raw: self.sample(raw, index, epoch, 1))
 
-
-def _identity(img: Image.Image) -> Image.Image:
-    return img
-
-
-def _lazy_items(source: Any) -> Iterator[Callable[[], Image.Image]]:
-    """Items of ``source`` as zero-argument loaders, so a worker decodes only its own share and a bad item fails
-    inside its loader rather than inside the iterator."""
-    if not getattr(source, "is_streaming", False) and hasattr(source, "__getitem__") and hasattr(source, "__len__"):
-        return (partial(source.__getitem__, i) for i in range(len(source)))
-    if hasattr(source, "iter_raw") and hasattr(source, "decode"):
-        return (partial(source.decode, raw) for raw in source.iter_raw())
-    return (partial(_identity, img) for img in source)
-
-
-class MaskedImageStream(_SeededSamples, IterableDataset):
-    """Iterable SimMIM dataset for streaming sources; yields the same dicts as :class:`MaskedImageDataset`.
-
-    ``index`` is the item's position in the stream and seeds it with ``(seed, epoch, index)``. DataLoader worker
-    ``w`` of ``k`` takes positions ``w, w+k, ...``, so the samples (not their batch order) are the same for any
-    worker count. Every worker reads the whole stream but decodes only its own items. Unreadable items are dropped;
-    ``skipped`` on the next sample of the same worker counts them.
-    """
-
-    def __iter__(self) -> Iterator[Sample]:
-        info = get_worker_info()
-        num_workers, worker_id = (1, 0) if info is None else (info.num_workers, info.id)
-        skipped = 0
-        for position, load in enumerate(_lazy_items(self.source)):
-            if position % num_workers != worker_id:
-                continue
-            try:
-                img = load()
-            except Exception as err:  # any reader error: the item is bad, not the program
-                skipped += 1
-                self._failures.warn(self.source, position, err)
-                if skipped >= MAX_CONSECUTIVE_FAILURES:
-                    raise RuntimeError(
-                        f"{skipped} consecutive unreadable images in the stream up to position {position}; "
-                        f"the data is likely broken or the format unsupported, see the warnings above"
-                    ) from err
-                continue
-            seed = sample_seed(self.seed, self.epoch, position)
-            image, mask = _transform_and_mask(img, self.transform, self.mask_generator, seed)
-            yield {"image": image, "mask": mask, "index": position, "skipped": skipped}
-            skipped = 0
-        if skipped:
-            logger.warning("%d unreadable images at the end of the stream were skipped (worker %d)", skipped, worker_id)

@@ -16,7 +16,17 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from .images import IMAGE_EXTENSIONS, finish_decode, is_image_file, load_rgb
+from .file_index import FileIndex
+from .images import (
+    IMAGE_EXTENSIONS,
+    RawImage,
+    UnreadableImageError,
+    decode_pil,
+    is_image_file,
+    load_image,
+    raw_from_bytes,
+    read_raw,
+)
 from .samples import photo_names, sample_digits, sample_photos
 
 logger = logging.getLogger(__name__)
@@ -39,39 +49,25 @@ def _describe(source: Any, index: int) -> str:
     return describe(index) if describe is not None else f"item {index}"
 
 
-
-
-def _scan_images(root: Path) -> list[Path]:
-    """Every image file under ``root`` (recursive, symlinks followed once, hidden entries skipped), sorted."""
-    found: list[Path] = []
-    seen: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:  # a symlink loop or a second link to the same folder
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found.extend(Path(dirpath) / f for f in filenames if not f.startswith(".") and is_image_file(f))
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
-
-
 class ImageFolderSource:
     """All images under a folder, flat or nested (class sub-folders allowed, not required), in sorted order.
 
-    The scan happens here, so an empty or mistyped folder fails before training starts.
+    The scan happens here, so an empty or mistyped folder fails before training starts. The file list is a packed
+    :class:`~data.file_index.FileIndex` (about 8 bytes a file plus the relative path's bytes, no Python object per
+    file), so it stays shared, not copied, in forked DataLoader workers; ``paths[i]`` gives a ``Path``.
     """
 
     is_streaming = False
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, channels: int = 3) -> None:
+        self.channels = channels
         self.root = Path(root).expanduser()
         if not self.root.exists():
             raise FileNotFoundError(f"image folder {self.root} does not exist")
         if not self.root.is_dir():
             raise NotADirectoryError(f"image folder {self.root} is a file, not a folder")
-        self.paths: list[Path] = _scan_images(self.root)
-        if not self.paths:
+        self.paths = FileIndex.scan(self.root, is_image_file)
+        if not len(self.paths):
             raise ValueError(
                 f"no image files under {self.root} (searched recursively for "
                 f"{' '.join(sorted(IMAGE_EXTENSIONS))}, any case; hidden files and folders are ignored)"
@@ -82,11 +78,16 @@ class ImageFolderSource:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> Image.Image:
-        """The RGB image at ``index``; raises ``OSError`` naming the file when it cannot be read."""
-        return load_rgb(self.paths[index])
+        """The decoded image at ``index`` (PIL RGB, L for ``channels=1``, else a (C, H, W) tensor); raises
+        ``OSError`` naming the file when it cannot be read."""
+        return load_image(self.paths.path(index), self.channels)
+
+    def open(self, index: int) -> RawImage:
+        """The image at ``index`` opened but not decoded (see :func:`data.images.read_raw`)."""
+        return read_raw(self.paths.path(index), self.channels)
 
     def describe(self, index: int) -> str:
-        return str(self.paths[index])
+        return self.paths.path(index)
 
 
 def _looks_saved(path: Path) -> bool:
@@ -106,7 +107,8 @@ def load_hf_dataset(name_or_path: str, split: str = "train", streaming: bool = F
                 raise ValueError(f"split {split!r} not found in {path}; available splits: {list(ds)} (data.split)")
             ds = ds[split]
         if streaming and isinstance(ds, datasets.Dataset):
-            ds = ds.to_iterable_dataset()
+            # one shard per file, at least 64 when there are that many rows: shards are what readers take whole
+            ds = ds.to_iterable_dataset(num_shards=max(len(ds.cache_files), min(len(ds), 64), 1))
     elif path.is_dir():
         ds = datasets.load_dataset("imagefolder", data_dir=str(path), split=split, streaming=streaming)
     else:
@@ -121,24 +123,27 @@ class HFImageSource:
     Image bytes are decoded here, not by ``datasets`` (the image column is cast to ``Image(decode=False)``), so a
     corrupt image raises in :meth:`decode` for that item only; inside a streaming iterator it would end the stream.
 
-    Map-style: ``len`` and ``source[i]``. Streaming (``is_streaming``): iterate it. Both give PIL RGB images.
+    Map-style: ``len``, ``source.open(i)`` (raw) and ``source[i]`` (decoded). Streaming (``is_streaming``): iterate
+    :meth:`iter_raw`, shard by shard (:attr:`num_shards`).
     """
 
-    def __init__(
-        self, name_or_path: str, split: str = "train", image_column: str | None = None, streaming: bool = False
-    ) -> None:
+    def __init__(self, name_or_path: str, split: str = "train", image_column: str | None = None,
+                 streaming: bool = False, channels: int = 3) -> None:
         ds = load_hf_dataset(name_or_path, split=split, streaming=streaming)
-        self._setup(ds, f"{name_or_path}[{split}]", image_column)
+        self._setup(ds, f"{name_or_path}[{split}]", image_column, channels)
 
     @classmethod
-    def from_dataset(cls, dataset: Any, image_column: str | None = None, name: str = "in-memory") -> HFImageSource:
+    def from_dataset(cls, dataset: Any, image_column: str | None = None, name: str = "in-memory",
+                     channels: int = 3) -> HFImageSource:
         """Wrap an already loaded ``datasets.Dataset`` or ``datasets.IterableDataset``."""
         self = cls.__new__(cls)
-        self._setup(dataset, name, image_column)
+        self._setup(dataset, name, image_column, channels)
         return self
 
-    def _setup(self, ds: Any, name: str, image_column: str | None) -> None:
+    def _setup(self, ds: Any, name: str, image_column: str | None, channels: int) -> None:
         import datasets
+
+        self.channels = channels
 
         if not isinstance(ds, datasets.Dataset | datasets.IterableDataset):
             raise TypeError(f"expected a datasets.Dataset or IterableDataset for {name}, got {type(ds).__name__}")
@@ -160,46 +165,78 @@ class HFImageSource:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> Image.Image:
+        """The decoded image of row ``index`` (PIL RGB, L for ``channels=1``, else a (C, H, W) tensor)."""
+        return self.decode(self._row(index))
+
+    def open(self, index: int) -> RawImage:
+        """Row ``index``'s image opened but not decoded (see :func:`data.images.read_raw`)."""
+        return self.to_raw(self._row(index))
+
+    def _row(self, index: int) -> Any:
         if self.is_streaming:
             raise TypeError(f"streaming dataset {self.name} cannot be indexed; iterate it (MaskedImageStream)")
-        return self.decode(self.dataset[int(index)][self.image_column])
+        return self.dataset[int(index)][self.image_column]
 
-    def iter_raw(self) -> Iterator[Any]:
-        """The undecoded image values in order (bytes/path dicts, paths, arrays or PIL images); see :meth:`decode`.
+    @property
+    def num_shards(self) -> int:
+        """How many shards (files) the dataset is stored in: the unit a streaming reader can take whole."""
+        return int(getattr(self.dataset, "num_shards", 1) or 1)
 
-        Iterates with ``.iter(batch_size=1)``, which (unlike ``iter(dataset)``) does not split the stream across
-        DataLoader workers behind our back: :class:`MaskedImageStream` does that split itself.
+    def iter_raw(self, shard: int | None = None, num_shards: int | None = None) -> Iterator[Any]:
+        """The undecoded image values in order (bytes/path dicts, paths, arrays or PIL images); see :meth:`to_raw`.
+
+        ``shard``: only that shard of the ``num_shards`` (default :attr:`num_shards`) contiguous shards.
+        Iterates with ``.iter(batch_size=...)``, which (unlike ``iter(dataset)``) does not split the stream across
+        DataLoader workers behind our back: :class:`MaskedImageStream` assigns shards and positions itself.
         """
+        ds = self.dataset
         if not self.is_streaming:
-            for i in range(len(self.dataset)):
-                yield self.dataset[i][self.image_column]
+            lo, hi = 0, len(ds)
+            if shard is not None:
+                n = num_shards or 1
+                lo, hi = len(ds) * shard // n, len(ds) * (shard + 1) // n
+            for i in range(lo, hi):
+                yield ds[i][self.image_column]
             return
-        for batch in self.dataset.iter(batch_size=1):
-            yield batch[self.image_column][0]
+        if shard is not None:
+            ds = ds.shard(num_shards=num_shards or self.num_shards, index=shard, contiguous=True)
+        for batch in ds.iter(batch_size=16):
+            yield from batch[self.image_column]
 
-    def decode(self, raw: Any) -> Image.Image:
-        """One raw value from :meth:`iter_raw` -> PIL RGB (the conversion rules of :func:`data.images.to_rgb`)."""
-        if isinstance(raw, Image.Image):
-            return finish_decode(raw)
-        if isinstance(raw, str | os.PathLike):
-            return load_rgb(raw)
-        if isinstance(raw, dict):
-            if raw.get("bytes") is None and raw.get("path") and Path(raw["path"]).is_file():
-                return load_rgb(raw["path"])
+    def to_raw(self, value: Any) -> RawImage:
+        """One value of the image column -> a raw image (opened, not decoded where the format allows)."""
+        if isinstance(value, Image.Image | np.ndarray):
+            return value
+        if isinstance(value, str | os.PathLike):
+            return read_raw(value, self.channels)
+        if isinstance(value, dict):
+            data, path = value.get("bytes"), value.get("path")
+            if data is not None:
+                return raw_from_bytes(data, str(path or ""), self.channels)
+            if path and Path(path).is_file():
+                return read_raw(path, self.channels)
             import datasets
 
-            try:
-                return finish_decode(datasets.Image().decode_example(raw))
+            try:  # a remote path: let datasets fetch it
+                return datasets.Image().decode_example(value)
             except Exception as err:
-                where = raw.get("path") or "embedded bytes"
-                raise OSError(f"cannot read image ({where}) in {self.name}: {type(err).__name__}: {err}") from err
-        if isinstance(raw, np.ndarray | list):
-            return finish_decode(Image.fromarray(np.asarray(raw)))
-        raise TypeError(f"column {self.image_column!r} of {self.name} holds {type(raw).__name__}, not images")
+                raise UnreadableImageError(f"cannot read image ({path}) in {self.name}: {type(err).__name__}: "
+                                           f"{err}") from err
+        if isinstance(value, list):
+            return np.asarray(value)
+        raise TypeError(f"column {self.image_column!r} of {self.name} holds {type(value).__name__}, not images")
+
+    def decode(self, value: Any) -> Image.Image:
+        """One value of the image column -> PIL RGB (L for ``channels=1``; a (C, H, W) tensor for other counts),
+        with the conversion rules of :mod:`data.images`."""
+        from .images import decode_tensor
+
+        raw = self.to_raw(value)
+        return decode_pil(raw, self.channels) if self.channels in (1, 3) else decode_tensor(raw, self.channels)[0]
 
     def __iter__(self) -> Iterator[Image.Image]:
-        for raw in self.iter_raw():
-            yield self.decode(raw)
+        for value in self.iter_raw():
+            yield self.decode(value)
 
     def describe(self, index: int) -> str:
         return f"{self.name} row {index}"
@@ -229,14 +266,19 @@ def _pick_image_column(features: Any, columns: list[str], image_column: str | No
 class EmbeddedSource:
     """The images shipped inside scikit-image / scikit-learn: ``photos`` (21 photos), ``digits`` (1797 labelled
     digits, ``digit_size`` px) or ``all`` (both). ``labels`` holds the digit labels for ``digits``, else None.
+
+    ``channels=1`` gives grayscale images (the digits are gray already; the photos are converted to luminance), for
+    tests and demos of one-channel models; other counts than 1 and 3 are refused.
     """
 
     is_streaming = False
 
-    def __init__(self, kind: str = "photos", digit_size: int = 32) -> None:
+    def __init__(self, kind: str = "photos", digit_size: int = 32, channels: int = 3) -> None:
         if kind not in EMBEDDED_KINDS:
             raise ValueError(f"unknown embedded kind {kind!r}; choose one of {', '.join(EMBEDDED_KINDS)}")
-        self.kind = kind
+        if channels not in (1, 3):
+            raise ValueError(f"embedded images have 1 or 3 channels, not model.in_chans {channels}")
+        self.kind, self.channels = kind, channels
         self.images: list[Image.Image] = []
         self.names: list[str] = []
         self.labels: list[int] | None = None
@@ -249,12 +291,18 @@ class EmbeddedSource:
             self.names += [f"digits:{i}" for i in range(len(digits))]
             if kind == "digits":
                 self.labels = labels
+        if channels == 1:
+            self.images = [img.convert("L") for img in self.images]
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int) -> Image.Image:
         return self.images[index].copy()  # a copy: callers may draw on it without changing the source
+
+    def open(self, index: int) -> Image.Image:
+        """The stored image itself (no copy): for transforms, which never modify their input."""
+        return self.images[index]
 
     def describe(self, index: int) -> str:
         return self.names[index]
@@ -263,25 +311,28 @@ class EmbeddedSource:
 Source = ImageFolderSource | HFImageSource | EmbeddedSource
 
 
-def open_source(spec: str, split: str = "train", streaming: bool = False, image_column: str | None = None) -> Source:
+def open_source(spec: str, split: str = "train", streaming: bool = False, image_column: str | None = None,
+                channels: int = 3) -> Source:
     """Resolve a user string to a source.
 
     ``embedded`` / ``embedded:photos|digits|all`` -> :class:`EmbeddedSource`; ``hf:NAME`` -> hub dataset; a folder
     written by ``save_to_disk`` -> :class:`HFImageSource`; any other folder -> :class:`ImageFolderSource`.
-    ``split``, ``streaming`` and ``image_column`` apply to ``datasets`` sources only.
+    ``split``, ``streaming`` and ``image_column`` apply to ``datasets`` sources only; ``channels`` (the model's
+    ``model.in_chans``) to all.
     """
     if spec == "embedded" or spec.startswith("embedded:"):
-        return EmbeddedSource(spec.partition(":")[2] or "photos")
+        return EmbeddedSource(spec.partition(":")[2] or "photos", channels=channels)
     if spec.startswith("hf:"):
         name = spec[len("hf:") :]
         if not name:
             raise ValueError("hf: needs a dataset name, e.g. hf:user/dataset")
-        return HFImageSource(name, split=split, image_column=image_column, streaming=streaming)
+        return HFImageSource(name, split=split, image_column=image_column, streaming=streaming, channels=channels)
     path = Path(spec).expanduser()
     if path.is_dir():
         if _looks_saved(path):
-            return HFImageSource(str(path), split=split, image_column=image_column, streaming=streaming)
-        return ImageFolderSource(path)
+            return HFImageSource(str(path), split=split, image_column=image_column, streaming=streaming,
+                                 channels=channels)
+        return ImageFolderSource(path, channels=channels)
     what = "is not a folder" if path.exists() else "does not exist"
     raise FileNotFoundError(
         f"data path {spec} {what}; pass a folder of images, a datasets save_to_disk folder, hf:NAME or embedded"
