@@ -268,14 +268,15 @@ class Engine:
         holds whole optimizer steps: its last ``len % accumulation`` micro-batches are dropped, so B x k with
         accumulation k sees the same samples per step as one batch of k x B."""
         accum = self.acc.gradient_accumulation_steps
-        try:
-            steps_per_epoch = len(self.loader) // accum
-        except TypeError:  # a stream: one long epoch
-            steps_per_epoch = None
+        if not hasattr(self.loader.dataset, "__len__"):  # a stream: endless, shards itself, resumes by position
+            self.loader.dataset.set_start(self.state.step * accum)
+            yield from self.loader
+            raise RuntimeError("the stream ended; streams for training are endless (MaskedImageStream endless=True)")
+        steps_per_epoch = len(self.loader) // accum
         if steps_per_epoch == 0:
             raise ValueError(f"an epoch has {len(self.loader)} batches per process, fewer than "
                              f"optim.accumulation_steps {accum}; lower it or data.batch_size")
-        epoch, step_in_epoch = divmod(self.state.step, steps_per_epoch) if steps_per_epoch else (0, self.state.step)
+        epoch, step_in_epoch = divmod(self.state.step, steps_per_epoch)
         while True:
             self._set_epoch(epoch)
             offset = step_in_epoch * accum
@@ -284,7 +285,7 @@ class Engine:
             for batch in loader:
                 yield batch
                 count += 1
-                if steps_per_epoch and count == steps_per_epoch * accum:
+                if count == steps_per_epoch * accum:
                     break
             if count == 0:
                 raise RuntimeError("the data loader produced no batches; check the data source and batch size")

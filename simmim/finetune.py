@@ -14,12 +14,11 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from torch import nn
-from torch.utils.data import DataLoader
 
 from simmim.checkpoint import CheckpointManager
 from simmim.config import FinetuneConfig, to_dict
+from simmim.data import make_loader
 from simmim.data.labeled import LabeledDataset, open_labeled
-from simmim.data.sampler import EpochSampler
 from simmim.data.transforms import eval_transform, finetune_transform
 from simmim.engine import Engine, LoopSettings, StepResult, open_run, start_run
 from simmim.evaluate import evaluate
@@ -177,9 +176,9 @@ def run(cfg: FinetuneConfig, overwrite: bool = False) -> dict:
         if len(train_ds) < d.batch_size * accelerator.num_processes:
             raise ValueError(f"the training split has {len(train_ds)} images, fewer than one global batch of "
                              f"{d.batch_size * accelerator.num_processes}; lower data.batch_size")
-        train_loader = DataLoader(train_ds, batch_size=d.batch_size, sampler=EpochSampler(len(train_ds), r.seed),
-                                  num_workers=d.num_workers, drop_last=True)
-        val_loader = DataLoader(val_ds, batch_size=d.batch_size, num_workers=d.num_workers)
+        pin = accelerator.device.type == "cuda"
+        train_loader = make_loader(train_ds, d.batch_size, d.num_workers, seed=r.seed, pin_memory=pin)
+        val_loader = make_loader(val_ds, d.batch_size, d.num_workers, shuffle=False, drop_last=False, pin_memory=pin)
         plan = plan_training(cfg.schedule, o, d.batch_size, accelerator.num_processes,
                              len(train_loader) // accelerator.num_processes)
         eval_every = r.eval_every or max(round(plan.steps_per_epoch), 1)

@@ -20,10 +20,10 @@ from simmim.data import (
     MaskedImageDataset,
     MaskedImageStream,
     MaskGenerator,
+    make_loader,
     open_source,
     pretrain_transform,
 )
-from simmim.data.sampler import EpochSampler
 from simmim.engine import Engine, LoopSettings, StepResult, TrainState, open_run, start_run
 from simmim.model import SimMIM, normalize_target
 from simmim.models import SwinTransformerV2, create_model
@@ -70,8 +70,10 @@ def load_init(model: SimMIM, init: Weights) -> list[str]:
     return loaded
 
 
-def build_dataset(cfg: PretrainConfig, patch_size: int) -> MaskedImageDataset | MaskedImageStream:
-    """The masked-image dataset; raises before training for a missing/empty source or bad mask geometry."""
+def build_dataset(cfg: PretrainConfig, patch_size: int, rank: int = 0, world_size: int = 1
+                  ) -> MaskedImageDataset | MaskedImageStream:
+    """The masked-image dataset; raises before training for a missing/empty/unreadable source or bad mask
+    geometry. A stream is sharded over ``world_size`` processes (this one is ``rank``) and never ends."""
     d = cfg.data
     if not d.path:
         raise ValueError("no training data: pass --data PATH (a folder of images, a datasets save_to_disk folder, "
@@ -80,21 +82,28 @@ def build_dataset(cfg: PretrainConfig, patch_size: int) -> MaskedImageDataset | 
     transform = pretrain_transform(cfg.model.img_size, scale=d.crop_scale, mean=d.mean, std=d.std)
     source = open_source(d.path, split=d.split, streaming=d.streaming, image_column=d.image_column)
     if getattr(source, "is_streaming", False):
-        return MaskedImageStream(source, transform, masks, seed=cfg.run.seed)
+        return MaskedImageStream(source, transform, masks, seed=cfg.run.seed, rank=rank, world_size=world_size,
+                                 batch_size=d.batch_size, endless=True)
     return MaskedImageDataset(source, transform, masks, seed=cfg.run.seed)
 
 
-def build_loader(cfg: PretrainConfig, dataset: Any, num_processes: int) -> DataLoader:
+def build_loader(cfg: PretrainConfig, dataset: Any, accelerator: Any) -> DataLoader:
+    """The training loader. A map-style dataset is checked against one global batch and later sharded by
+    ``accelerator.prepare``; a stream shards itself, so it only gets accelerate's device placement here."""
     d = cfg.data
+    pin = accelerator.device.type == "cuda"
     if isinstance(dataset, MaskedImageStream):
-        return DataLoader(dataset, batch_size=d.batch_size, num_workers=d.num_workers, drop_last=True)
-    global_batch = d.batch_size * num_processes
+        from accelerate.data_loader import prepare_data_loader
+
+        loader = make_loader(dataset, d.batch_size, d.num_workers, seed=cfg.run.seed, pin_memory=pin)
+        return prepare_data_loader(loader, device=accelerator.device, num_processes=1, process_index=0,
+                                   put_on_device=True, dispatch_batches=False)
+    global_batch = d.batch_size * accelerator.num_processes
     if len(dataset) < global_batch:
         raise ValueError(f"the dataset has {len(dataset)} images, fewer than one global batch of {global_batch} "
-                         f"(data.batch_size {d.batch_size} x {num_processes} processes); lower data.batch_size")
-    sampler = EpochSampler(len(dataset), seed=cfg.run.seed)
-    return DataLoader(dataset, batch_size=d.batch_size, sampler=sampler, num_workers=d.num_workers, drop_last=True,
-                      persistent_workers=False)
+                         f"(data.batch_size {d.batch_size} x {accelerator.num_processes} processes); lower "
+                         "data.batch_size")
+    return make_loader(dataset, d.batch_size, d.num_workers, seed=cfg.run.seed, pin_memory=pin)
 
 
 @dataclass
@@ -142,6 +151,20 @@ class PretrainTask:
         pass
 
 
+def stream_layout(cfg: PretrainConfig, accelerator: Any) -> dict:
+    """What a stream's position depends on: it resumes exactly only with the same layout."""
+    return {"processes": accelerator.num_processes, "num_workers": cfg.data.num_workers,
+            "batch_size": cfg.data.batch_size, "accumulation_steps": cfg.optim.accumulation_steps}
+
+
+def check_stream_layout(saved: dict | None, now: dict) -> None:
+    if saved is not None and saved != now:
+        changed = ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in now.items() if saved.get(k) != v)
+        raise ValueError(f"a stream resumes by position, which depends on processes, data.num_workers, "
+                         f"data.batch_size and optim.accumulation_steps; they changed ({changed}): resume with "
+                         "the settings of the interrupted run")
+
+
 def checkpoint_metadata(cfg: PretrainConfig, encoder: SwinTransformerV2, init: dict | None = None) -> dict:
     """What fine-tuning and export need to know about the pretrained encoder (plain data); ``init`` describes
     the weights a warm start began from."""
@@ -172,14 +195,17 @@ def run(cfg: PretrainConfig, overwrite: bool = False) -> dict:
             log.info("resuming: init=%s was applied when the run started (%s)", cfg.init,
                      (start.resume.meta.get("init") or {}).get("path"))
         encoder = build_encoder(cfg, init)
-        dataset = build_dataset(cfg, encoder.patch_size)
-        loader = build_loader(cfg, dataset, accelerator.num_processes)
+        dataset = build_dataset(cfg, encoder.patch_size, accelerator.process_index, accelerator.num_processes)
+        loader = build_loader(cfg, dataset, accelerator)
+        stream = isinstance(dataset, MaskedImageStream)
+        if stream and start.resume is not None:
+            check_stream_layout(start.resume.meta.get("stream"), stream_layout(cfg, accelerator))
         monitor = None
         if cfg.monitor.data:  # labelled data for k-NN / linear-probe monitoring, opened now so a bad path fails early
             monitor = FeatureMonitor(cfg.monitor.data, cfg.monitor.img_size or cfg.model.img_size, cfg.data.mean,
                                      cfg.data.std, stage=cfg.monitor.stage, k=cfg.monitor.knn_k)
 
-        batches = None if isinstance(dataset, MaskedImageStream) else len(loader) // accelerator.num_processes
+        batches = None if stream else len(loader) // accelerator.num_processes
         plan = plan_training(cfg.schedule, o, cfg.data.batch_size, accelerator.num_processes, batches)
         model = SimMIM(encoder, norm_target=cfg.simmim.norm_target,
                        norm_target_window=cfg.simmim.norm_target_window)
@@ -190,7 +216,10 @@ def run(cfg: PretrainConfig, overwrite: bool = False) -> dict:
                          "kind": init.kind, "loaded": loaded,
                          "pretrained_window_sizes": [list(w) for w in encoder.pretrained_window_sizes]}
         optimizer, scheduler = build_optimization(param_groups(model, o.weight_decay), cfg.schedule, o, plan)
-        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+        if stream:
+            model, optimizer = accelerator.prepare(model, optimizer)
+        else:
+            model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 
         open_run(start, cfg, overwrite)
         log.info("pretraining %s at %dpx W%d: %d steps, global batch %d, lr %.3e, %d processes, %s precision",
@@ -208,7 +237,9 @@ def run(cfg: PretrainConfig, overwrite: bool = False) -> dict:
             LoopSettings(total_steps=plan.total_steps, clip_grad=o.clip_grad, log_every=r.log_every,
                          image_every=r.image_every, save_every=r.save_every, max_bad_steps=r.max_bad_steps,
                          seed=r.seed, progress=r.progress),
-            metadata=checkpoint_metadata(cfg, encoder, init_meta), image_dir=out / "images")
+            metadata={**checkpoint_metadata(cfg, encoder, init_meta),
+                      "stream": stream_layout(cfg, accelerator) if stream else None},
+            image_dir=out / "images")
         if start.resume is not None:
             engine.resume(start.resume)
         state: TrainState = engine.fit()

@@ -47,8 +47,8 @@ class RunLock:
     """An exclusive lock on ``directory/.lock`` held for a job's lifetime (one job; a distributed run's main
     process takes it for all its ranks).
 
-    The kernel lock (``flock``) is released when the holder dies however it dies, so a lock file left by a killed
-    job is stale by construction and taken over with a warning naming the old holder.
+    The kernel lock (``lockf``, which also works on NFS) is released when the holder dies however it dies, so a
+    lock file left by a killed job is stale by construction and taken over with a warning naming the old holder.
     """
 
     def __init__(self, directory: str | Path) -> None:
@@ -69,9 +69,10 @@ class RunLock:
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                if fcntl is not None:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+                if fcntl is not None:  # a POSIX record lock: unlike flock, forked DataLoader workers do not
+                    # inherit it, so it dies with this process even while orphaned workers wind down
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
                 holder = self._holder(os.read(fd, 1 << 16).decode(errors="replace"))
                 os.close(fd)
                 raise RunDirError(f"{self.path.parent} is in use by another job ({holder}); wait for it to finish "

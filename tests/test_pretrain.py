@@ -267,6 +267,35 @@ def test_streaming_datasets_source_trains_across_the_end_of_the_stream(tmp_path)
     assert summary["steps"] == 5 and summary["finite"]
 
 
+def test_a_streaming_run_resumes_exactly_where_it_stopped(tmp_path, capsys):
+    import datasets
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)) for _ in range(14)]
+    datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()})
+                               ).save_to_disk(str(tmp_path / "hf"))
+    args = ["pretrain", "demo/pretrain", *TINY, "--data", str(tmp_path / "hf"), "data.streaming=true",
+            "data.batch_size=4", "data.num_workers=2", "run.save_every=3"]
+    assert main([*args, "schedule.max_steps=9", "--output", str(tmp_path / "straight")]) == 0
+    driver = Path(__file__).with_name("fault_driver.py")
+    proc = subprocess.Popen([sys.executable, str(driver), "hang_after_save:3", "--", *args, "schedule.max_steps=9",
+                             "--output", str(tmp_path / "resumed")], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=CPU_ENV)
+    try:
+        for line in proc.stdout:
+            if "CHECKPOINTED" in line:
+                break
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    assert main([*args, "schedule.max_steps=9", "--output", str(tmp_path / "resumed"), "--resume", "auto"]) == 0
+    assert_same_weights(final_weights(tmp_path / "resumed"), final_weights(tmp_path / "straight"))
+    # the position depends on the layout: another worker count is refused before training
+    assert main([*args, "data.num_workers=1", "schedule.max_steps=12", "--output", str(tmp_path / "resumed"),
+                 "--resume", "auto"]) == 2
+    assert "data.num_workers" in capsys.readouterr().err
+
+
 def test_knn_and_linear_probe_monitor_during_pretraining(tmp_path):
     summary = run(tiny_cfg(tmp_path, "schedule.max_steps=4", "monitor.data=embedded:digits", "monitor.every=2"))
     assert set(summary["monitor"]) == {"monitor/knn_top1", "monitor/linear_probe_top1"}
