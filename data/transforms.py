@@ -71,12 +71,18 @@ def finetune_transform(
     std: Sequence[float] = IMAGENET_STD,
 ) -> Callable[[Image.Image], torch.Tensor]:
     """The Swin fine-tuning recipe through timm's ``create_transform``: RandomResizedCrop (bicubic), flip,
-    RandAugment, colour jitter, normalisation and random erasing. PIL -> (3, img_size, img_size)."""
+    RandAugment, colour jitter, normalisation and random erasing. PIL -> (3, img_size, img_size).
+
+    Its posterize ops keep 0 bits as a black image on every Pillow (see :mod:`simmim.data.augment`)."""
     from timm.data import create_transform
 
-    return create_transform(img_size, is_training=True, scale=scale, hflip=hflip, auto_augment=auto_augment or None,
-                            color_jitter=color_jitter or None, re_prob=re_prob, re_mode=re_mode, re_count=re_count,
-                            interpolation=interpolation, mean=tuple(mean), std=tuple(std))
+    from .augment import with_safe_posterize
+
+    transform = create_transform(img_size, is_training=True, scale=scale, hflip=hflip,
+                                 auto_augment=auto_augment or None, color_jitter=color_jitter or None,
+                                 re_prob=re_prob, re_mode=re_mode, re_count=re_count, interpolation=interpolation,
+                                 mean=tuple(mean), std=tuple(std))
+    return with_safe_posterize(transform)
 
 
 def eval_transform(
