@@ -32,7 +32,7 @@ def pretrain_transform(
     per sample under ``torch.random.fork_rng``.
     """
     if img_size <= 0:
-        raise ValueError(f"img_size must be positive, got {img_size} (data.img_size)")
+        raise ValueError(f"img_size must be positive, got {img_size} (model.img_size)")
     if not 0.0 < scale[0] <= scale[1] <= 1.0:
         raise ValueError(f"crop scale {scale} must satisfy 0 < min <= max <= 1")
     return T.Compose(

@@ -130,7 +130,7 @@ class CheckpointManager:
 
     def __init__(self, directory: str | Path, keep_last: int = 3, prefix: str = "ckpt") -> None:
         if keep_last < 1:
-            raise ValueError(f"keep_last must be >= 1, got {keep_last} (checkpoint.keep_last)")
+            raise ValueError(f"keep_last must be >= 1, got {keep_last} (run.keep_last)")
         self.directory = Path(directory)
         self.keep_last = keep_last
         self.prefix = prefix

@@ -239,7 +239,7 @@ class Engine:
                 last = self.checkpoints.latest_valid()
                 raise NonFiniteLossError(
                     f"the loss was non-finite for {st.bad_in_a_row} steps in a row (step {step}); the last good "
-                    f"checkpoint is {last[0] if last else 'none'}. Lower optim.base_lr, raise optim.warmup_epochs "
+                    f"checkpoint is {last[0] if last else 'none'}. Lower optim.base_lr, raise schedule.warmup_epochs "
                     f"or use run.mixed_precision=bf16/no, then resume with --resume auto")
             window_imgs += len(batch["image"]) * s.accumulation_steps * self.acc.num_processes
             bar.update(1)

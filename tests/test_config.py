@@ -317,6 +317,69 @@ def test_cli_prints_config_errors_as_one_line_and_exits_2(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# messages quote real keys
+
+ROOT = Path(__file__).resolve().parents[1]
+MESSAGE_CALLS = {"debug", "info", "warning", "error", "exception", "critical", "warn", "print", "_fail",
+                 "add_argument", "add_parser"}  # logging, the CLI's output and argparse help
+
+
+def _message_strings(path: Path) -> list[tuple[int, str]]:
+    """(line, text) of every string literal (f-string parts too) inside a ``raise``, an exception constructed for
+    later, a logging/warnings/print call or an argparse help text."""
+    import ast
+
+    out, seen = [], set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call):
+            f = node.func
+            name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
+            if not (name in MESSAGE_CALLS or name.endswith(("Error", "Exception", "Warning"))):
+                continue
+        elif not isinstance(node, ast.Raise):
+            continue
+        for leaf in ast.walk(node):
+            if isinstance(leaf, ast.Constant) and isinstance(leaf.value, str) and id(leaf) not in seen:
+                seen.add(id(leaf))
+                out.append((leaf.lineno, leaf.value))
+    return out
+
+
+def _schema() -> dict[str, set[str]]:
+    """section -> keys, over PretrainConfig and FinetuneConfig together."""
+    out: dict[str, set[str]] = {}
+    for cfg in (PretrainConfig(), FinetuneConfig()):
+        for f in dataclasses.fields(cfg):
+            section = getattr(cfg, f.name)
+            if dataclasses.is_dataclass(section):
+                out.setdefault(f.name, set()).update(g.name for g in dataclasses.fields(section))
+    return out
+
+
+def test_every_key_named_in_a_message_exists():
+    """``(data.img_size)`` in a message once pointed at a key that never existed; every ``section.key`` that a
+    message, log line or help text of simmim/, models/ or data/ names must be a real key of PretrainConfig or
+    FinetuneConfig. A parenthesised ``(word.word)`` counts even when the section is unknown (``checkpoint.x``)."""
+    schema = _schema()
+    sections = "|".join(sorted(schema))
+    named = re.compile(rf"(?<![\w.])((?:{sections})\.[a-z_]+)\b(?!\.\w|\()")  # not a module path or a call
+    parenthesised = re.compile(r"\(([a-z_]+\.[a-z_]+(?:, [a-z_]+\.[a-z_]+)*)\)")
+    found, wrong = set(), []
+    for folder in ("simmim", "models", "data"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for line, text in _message_strings(path):
+                keys = set(named.findall(text))
+                keys |= {k for group in parenthesised.findall(text) for k in group.split(", ")}
+                for key in keys:
+                    found.add(key)
+                    section, name = key.split(".")
+                    if name not in schema.get(section, ()):
+                        wrong.append(f"{path.relative_to(ROOT)}:{line}: {key}")
+    assert not wrong, "messages name keys that do not exist:\n" + "\n".join(sorted(wrong))
+    assert len(found) >= 25 and {"data.batch_size", "run.keep_last", "model.img_size"} <= found  # the scan works
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # round-trip, immutability, replace
 
 
