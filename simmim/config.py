@@ -533,7 +533,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type) -> di
                 if dataclasses.is_dataclass(tp):
                     example = f"{key}.{dataclasses.fields(tp)[0].name}=..."
                     raise ConfigError(f"{key} is a section; set one of its keys, e.g. {example}")
-                node[part] = _parse_yaml(raw, f"override {item!r}") if raw.strip() else ""
+                node[part] = _override_value(raw, tp, item)
             else:
                 section = ".".join(parts[:depth + 1])
                 if not dataclasses.is_dataclass(tp):
@@ -546,6 +546,17 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type) -> di
                 node = node[part]
                 node_cls = tp
     return data
+
+
+def _override_value(raw: str, tp: Any, item: str) -> Any:
+    """An override's value: YAML, except that a string field takes the text as typed (a path such as
+    ``runs/a #2``, ``yes`` or ``[x]`` stays itself) unless it is quoted or, for an optional field, null."""
+    if not raw.strip():
+        return ""
+    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    if str in args and not (raw[:1] in "'\"" and raw[-1:] == raw[:1] and len(raw) > 1):
+        return None if type(None) in args and raw.strip().lower() in ("none", "null", "~") else raw
+    return _parse_yaml(raw, f"override {item!r}")
 
 
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:

@@ -116,6 +116,15 @@ def test_optional_fields_accept_null(value):
     assert load("model.sequential_attention=4").model.sequential_attention == 4
 
 
+def test_string_overrides_are_taken_as_typed():
+    # a path from --data/--output is not YAML: ` #` would start a comment, yes/[x] would become a bool/list
+    for text in ["/data/my images #1", "yes", "[x]", "a: b", "runs/exp#2"]:
+        assert load(f"data.path={text}", f"run.output={text}").data.path == text
+    assert load('data.path="quoted #1"').data.path == "quoted #1"  # YAML quotes still work
+    assert load("data.image_column=null").data.image_column is None  # an optional string can be unset
+    assert load("data.image_column=img").data.image_column == "img"
+
+
 def test_literal_fields_accept_only_their_choices():
     assert load("schedule.kind=cosine").schedule.kind == "cosine"
     assert load("run.mixed_precision=fp16").run.mixed_precision == "fp16"
@@ -296,8 +305,10 @@ def test_python_tags_are_refused_naming_the_file_and_never_run(tmp_path):
     path = write(tmp_path / "evil.yaml", f"run:\n  seed: 1\nmodel:\n  name: {tag}\n")
     with pytest.raises(ConfigError, match=r"evil\.yaml, line 4, column 9: .*python/object/apply:os\.system.*refused"):
         load(path=path)
-    with pytest.raises(ConfigError, match=r"override 'model\.name=.*refused"):
-        load(f"model.name={tag}")
+    with pytest.raises(ConfigError, match=r"override 'model\.img_size=.*refused"):
+        load(f"model.img_size={tag}")
+    with pytest.raises(ConfigError, match=r"model\.name='!!python.* is not a SwinV2 variant"):
+        load(f"model.name={tag}")  # a string field takes the text as typed: never YAML, never run
     assert not marker.exists()
 
 
