@@ -58,12 +58,13 @@ class MaskGenerator:
         if isinstance(input_size, (int, np.integer)):
             input_size = (int(input_size), int(input_size))
         if len(input_size) != 2:
-            raise ValueError(f"input_size must be an int or (H, W), got {input_size!r} (data.img_size)")
+            raise ValueError(f"input_size must be an int or (H, W), got {input_size!r} (model.img_size)")
         H, W = (int(s) for s in input_size)
         if model_patch_size <= 0 or mask_patch_size <= 0 or H <= 0 or W <= 0:
             raise ValueError(
                 f"input_size {input_size}, mask_patch_size {mask_patch_size} and model_patch_size "
-                f"{model_patch_size} must all be positive (data.img_size, data.mask_patch_size, model.patch_size)"
+                f"{model_patch_size} must all be positive (model.img_size, data.mask_patch_size; model_patch_size is "
+                f"the backbone's patch size, 4 for every SwinV2 variant)"
             )
         if mask_patch_size % model_patch_size:
             raise ValueError(
@@ -73,7 +74,7 @@ class MaskGenerator:
         for side in (H, W):
             if side % mask_patch_size:
                 raise ValueError(
-                    f"input_size {side} is not a multiple of mask_patch_size {mask_patch_size} (data.img_size)"
+                    f"input_size {side} is not a multiple of mask_patch_size {mask_patch_size} (model.img_size)"
                 )
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"mask_ratio {mask_ratio} must be in (0, 1), e.g. 0.6 (data.mask_ratio)")

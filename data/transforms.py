@@ -264,7 +264,8 @@ def finetune_transform(
     """The Swin fine-tuning recipe: RandomResizedCrop (bicubic), flip, RandAugment, colour jitter, normalisation
     and random erasing -> (channels, img_size, img_size).
 
-    RGB (``channels=3``): timm's ``create_transform`` on decoded PIL images. Other channel counts: a
+    RGB (``channels=3``): timm's ``create_transform`` on decoded PIL images, whose posterize ops keep 0 bits as a
+    black image on every Pillow (see :mod:`simmim.data.augment`). Other channel counts: a
     :class:`FinetuneTensorTransform` on raw images, which needs ``auto_augment`` and ``color_jitter`` off (both are
     defined on RGB colours).
     """
@@ -277,9 +278,13 @@ def finetune_transform(
     _check_stats(mean, std, 3)
     from timm.data import create_transform
 
-    return create_transform(img_size, is_training=True, scale=scale, hflip=hflip, auto_augment=auto_augment or None,
-                            color_jitter=color_jitter or None, re_prob=re_prob, re_mode=re_mode, re_count=re_count,
-                            interpolation=interpolation, mean=tuple(mean), std=tuple(std))
+    from .augment import with_safe_posterize
+
+    transform = create_transform(img_size, is_training=True, scale=scale, hflip=hflip,
+                                 auto_augment=auto_augment or None, color_jitter=color_jitter or None,
+                                 re_prob=re_prob, re_mode=re_mode, re_count=re_count, interpolation=interpolation,
+                                 mean=tuple(mean), std=tuple(std))
+    return with_safe_posterize(transform)
 
 
 def eval_transform(

@@ -1,5 +1,7 @@
 """Typed run configuration: dataclasses hold every default, YAML files hold differences, ``key.sub=value`` overrides
-come last. Unknown keys and values of the wrong type fail before any work, naming the key.
+come last. Everything is checked when the config is built, before any work, by a one-line :class:`ConfigError` that
+names the key: YAML errors (file and line), unknown keys, wrong types, numbers outside their section's ``limits``
+table, and values that do not fit together (image size vs windows and masks, schedule, channels, mixup batch).
 
 Defaults are the official SwinV2-B SimMIM recipe (192 px, W12, 800 epochs); ``configs/`` holds the variations.
 Learning rates are per 512 images and scaled linearly by the global batch (:func:`scaled_lr`), never written back.
@@ -9,13 +11,54 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a number field accepts (each item, for a tuple): ``low``/``high`` bounds (None = unbounded),
+    inclusive unless ``*_open``, and always finite. ``hint`` ends the error message with the fix."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    hint: str = ""
+
+    def problem(self, value: float) -> str | None:
+        """Why ``value`` is out of range, or None when it is fine."""
+        if not math.isfinite(value):
+            return "must be a finite number"
+        below = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        above = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        return f"must be {self}{self.hint}" if below or above else None
+
+    def __str__(self) -> str:
+        low, high = _number(self.low), _number(self.high)
+        if self.high is None:
+            return "a finite number" if self.low is None else f"{'>' if self.low_open else '>='} {low}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {high}"
+        return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+
+
+def _number(x: float | None) -> str:
+    return "" if x is None else str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+AT_LEAST_1 = Range(1)  # counts, sizes, intervals
+AT_LEAST_0 = Range(0)  # counts where 0 means "off" or "none"
+POSITIVE = Range(0, low_open=True)
+PROBABILITY = Range(0, 1)
+FRACTION = Range(0, 1, high_open=True)  # [0, 1): rates and decays where 1 would stop all change
 
 
 @dataclass(frozen=True)
@@ -29,6 +72,12 @@ class ModelConfig:
     grad_checkpointing: bool = False  # trade compute for activation memory
     sequential_attention: int | None = None  # windows per attention chunk (paper §3.6); None = all at once
 
+    limits: ClassVar[dict[str, Range]] = {
+        "img_size": AT_LEAST_1, "window_size": AT_LEAST_1,
+        "pretrained_window_sizes": Range(0, hint=" (0 = not pretrained at that stage)"),
+        "drop_path_rate": FRACTION, "in_chans": AT_LEAST_1, "sequential_attention": AT_LEAST_1,
+    }
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -41,8 +90,14 @@ class DataConfig:
     mask_patch_size: int = 32  # masks are drawn on a 32 px grid, then upsampled to tokens
     mask_ratio: float = 0.6
     crop_scale: tuple[float, float] = (0.67, 1.0)  # RandomResizedCrop scale of the official pretraining
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)  # one per input channel (model.in_chans)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+
+    limits: ClassVar[dict[str, Range]] = {
+        "batch_size": AT_LEAST_1, "num_workers": AT_LEAST_0, "mask_patch_size": AT_LEAST_1,
+        "mask_ratio": Range(0, 1, low_open=True, high_open=True), "crop_scale": Range(0, 1, low_open=True),
+        "mean": Range(), "std": POSITIVE,
+    }
 
 
 @dataclass(frozen=True)
@@ -57,6 +112,13 @@ class OptimConfig:
     accumulation_steps: int = 1
     layer_decay: float = 1.0  # layer-wise lr decay (fine-tuning); 1.0 = off
 
+    limits: ClassVar[dict[str, Range]] = {
+        "base_lr": POSITIVE, "warmup_lr": AT_LEAST_0, "min_lr": AT_LEAST_0, "weight_decay": AT_LEAST_0,
+        "betas": FRACTION, "eps": POSITIVE,
+        "clip_grad": Range(0, low_open=True, hint="; optim.clip_grad=null turns clipping off"),
+        "accumulation_steps": AT_LEAST_1, "layer_decay": Range(0, 1, low_open=True, hint=" (1 = off)"),
+    }
+
 
 @dataclass(frozen=True)
 class ScheduleConfig:
@@ -67,11 +129,18 @@ class ScheduleConfig:
     gamma: float = 0.1
     max_steps: int | None = None  # stop after this many optimizer steps (short runs, tests); None = epochs
 
+    limits: ClassVar[dict[str, Range]] = {
+        "epochs": AT_LEAST_1, "warmup_epochs": AT_LEAST_0, "milestones": AT_LEAST_0, "gamma": POSITIVE,
+        "max_steps": Range(1, hint="; schedule.max_steps=null runs schedule.epochs"),
+    }
+
 
 @dataclass(frozen=True)
 class SimMIMConfig:
     norm_target: bool = True  # per-pixel normalised target, on in the official SwinV2 recipe
     norm_target_window: int = 47  # odd sliding window of the target normalisation
+
+    limits: ClassVar[dict[str, Range]] = {"norm_target_window": Range(3, hint=" and odd")}
 
 
 @dataclass(frozen=True)
@@ -87,6 +156,12 @@ class RunConfig:
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     progress: bool = True  # tqdm bar on the main process
 
+    limits: ClassVar[dict[str, Range]] = {
+        "seed": Range(0, 2**32 - 1),  # numpy's seed range (accelerate's set_seed seeds numpy too)
+        "log_every": AT_LEAST_1, "image_every": Range(0, hint=" (0 = only at the end)"), "save_every": AT_LEAST_1,
+        "keep_last": AT_LEAST_1, "max_bad_steps": AT_LEAST_1,
+    }
+
 
 @dataclass(frozen=True)
 class MonitorConfig:
@@ -94,7 +169,12 @@ class MonitorConfig:
     every: int = 0  # steps between evaluations during pretraining; 0 = only at the end (when data is set)
     stage: int = -1  # encoder stage whose pooled features are probed (-1 = the last, normed)
     knn_k: int = 20
-    img_size: int | None = None  # defaults to model.img_size
+    img_size: int | None = None  # None = model.img_size, the only size the encoder runs at (checked)
+
+    limits: ClassVar[dict[str, Range]] = {
+        "every": Range(0, hint=" (0 = only at the end)"), "stage": Range(-1), "knn_k": AT_LEAST_1,
+        "img_size": AT_LEAST_1,
+    }
 
 
 @dataclass(frozen=True)
@@ -120,6 +200,8 @@ class FinetuneModelConfig(ModelConfig):
     pretrained_window_sizes: tuple[int, ...] | None = None  # None: the windows the checkpoint was trained at
     num_classes: int | None = None  # None: the number of classes in the data
 
+    limits: ClassVar[dict[str, Range]] = {**ModelConfig.limits, "num_classes": AT_LEAST_1}
+
 
 @dataclass(frozen=True)
 class FinetuneDataConfig:
@@ -135,10 +217,16 @@ class FinetuneDataConfig:
     auto_augment: str | None = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec
     color_jitter: float = 0.4
     re_prob: float = 0.25  # random erasing
-    interpolation: str = "bicubic"
+    interpolation: Literal["bicubic", "bilinear", "nearest", "lanczos", "box", "hamming"] = "bicubic"
     crop_pct: float = 0.875  # eval: resize to img_size / crop_pct (256 for 224), center-crop; 1.0 = plain resize
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)  # one per input channel (model.in_chans)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+
+    limits: ClassVar[dict[str, Range]] = {
+        "batch_size": AT_LEAST_1, "num_workers": AT_LEAST_0, "crop_scale": Range(0, 1, low_open=True),
+        "hflip": PROBABILITY, "color_jitter": AT_LEAST_0, "re_prob": PROBABILITY,
+        "crop_pct": Range(0, 1, low_open=True), "mean": Range(), "std": POSITIVE,
+    }
 
 
 @dataclass(frozen=True)
@@ -148,6 +236,11 @@ class MixupConfig:
     prob: float = 1.0
     switch_prob: float = 0.5
     label_smoothing: float = 0.1
+
+    limits: ClassVar[dict[str, Range]] = {
+        "mixup": AT_LEAST_0, "cutmix": AT_LEAST_0, "prob": PROBABILITY, "switch_prob": PROBABILITY,
+        "label_smoothing": FRACTION,
+    }
 
 
 @dataclass(frozen=True)
@@ -171,11 +264,15 @@ class EMAConfig:
     enabled: bool = False  # keep an exponential moving average of the weights (timm ModelEmaV3), evaluated too
     decay: float = 0.9999
 
+    limits: ClassVar[dict[str, Range]] = {"decay": FRACTION}
+
 
 @dataclass(frozen=True)
 class FinetuneRunConfig(RunConfig):
     output: str = "runs/finetune"
     eval_every: int = 0  # steps between evaluations; 0 = every epoch
+
+    limits: ClassVar[dict[str, Range]] = {**RunConfig.limits, "eval_every": Range(0, hint=" (0 = every epoch)")}
 
 
 @dataclass(frozen=True)
@@ -191,7 +288,121 @@ class FinetuneConfig:
 
 
 class ConfigError(ValueError):
-    """A config key is unknown or its value has the wrong type; the message names the key."""
+    """A config file or override cannot be read, a key is unknown, a value has the wrong type or is out of range, or
+    values do not fit together; the one-line message names the key (and the file and line for YAML errors)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checks: each field against its section's ``limits``, then what must hold between fields (cheap, before any work)
+
+
+def _check_limits(section: Any, prefix: str) -> None:
+    """Every number of one section (each item of a tuple) against ``limits``; an unset optional (None) passes."""
+    for name, limit in getattr(type(section), "limits", {}).items():
+        value = getattr(section, name)
+        for i, item in enumerate(value if isinstance(value, tuple) else (value,)):
+            problem = None if item is None else limit.problem(item)
+            if problem:
+                key = f"{prefix}{name}[{i}]" if isinstance(value, tuple) else f"{prefix}{name}"
+                raise ConfigError(f"{key}={item!r} {problem}")
+
+
+def _check_model(m: ModelConfig) -> tuple[int, int]:
+    """The variant exists and the image tiles into windows at every stage. Returns (patch size, stages)."""
+    import inspect
+
+    from simmim.models import VARIANTS, SwinTransformerV2
+    from simmim.models.swin_transformer_v2 import stage_geometry, to_pair
+
+    if m.name not in VARIANTS:
+        close = difflib.get_close_matches(m.name, list(VARIANTS), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"model.name={m.name!r} is not a SwinV2 variant; {hint}choose one of: {', '.join(VARIANTS)}")
+    variant = VARIANTS[m.name]
+    patch = variant.get("patch_size", inspect.signature(SwinTransformerV2).parameters["patch_size"].default)
+    stages = len(variant["depths"])
+    try:
+        stage_geometry(to_pair(m.img_size), patch, stages, to_pair(m.window_size))
+    except ValueError as err:
+        raise ConfigError(f"model.img_size={m.img_size} with model.window_size={m.window_size}: {err}") from None
+    if m.pretrained_window_sizes is not None and len(m.pretrained_window_sizes) != stages:
+        raise ConfigError(f"model.pretrained_window_sizes={list(m.pretrained_window_sizes)} needs one window per "
+                          f"stage of {m.name} ({stages}), e.g. [12,12,12,6] after 192 px / W12")
+    return patch, stages
+
+
+def _check_image_data(d: DataConfig | FinetuneDataConfig, in_chans: int) -> None:
+    if d.crop_scale[0] > d.crop_scale[1]:
+        raise ConfigError(f"data.crop_scale={list(d.crop_scale)} must be [min, max] with min <= max")
+    for name in ("mean", "std"):
+        values = getattr(d, name)
+        if len(values) != in_chans:
+            raise ConfigError(f"data.{name}={list(values)} has {len(values)} values but model.in_chans is "
+                              f"{in_chans}; give one per input channel")
+
+
+def _check_schedule(s: ScheduleConfig) -> None:
+    if s.warmup_epochs > s.epochs:
+        raise ConfigError(f"schedule.warmup_epochs={s.warmup_epochs:g} is longer than schedule.epochs={s.epochs}")
+    if s.kind != "multistep":
+        return
+    if any(b <= a for a, b in zip(s.milestones, s.milestones[1:], strict=False)):
+        raise ConfigError(f"schedule.milestones={list(s.milestones)} must increase")
+    if any(m > s.epochs for m in s.milestones):
+        raise ConfigError(f"schedule.milestones={list(s.milestones)} lie beyond schedule.epochs={s.epochs}, so the "
+                          f"multistep lr would never decay there; set milestones within the epochs (e.g. "
+                          f"schedule.milestones=[{max(1, s.epochs * 7 // 8)}]) or schedule.kind=cosine")
+
+
+def _check_auto_augment(spec: str) -> None:
+    """``spec`` parses as timm's ``create_transform`` would parse it (RandAugment, AugMix or AutoAugment)."""
+    from timm.data import auto_augment as aa
+
+    build = (aa.rand_augment_transform if spec.startswith("rand") else
+             aa.augment_and_mix_transform if spec.startswith("augmix") else aa.auto_augment_transform)
+    try:
+        build(spec, {})
+    except (AssertionError, ValueError, KeyError, IndexError):  # timm asserts on unknown sections and policies
+        raise ConfigError(f"data.auto_augment={spec!r} is not a timm augmentation spec; e.g. rand-m9-mstd0.5-inc1 "
+                          "(RandAugment), augmix-m5-w4-d2, original (AutoAugment), or null for none") from None
+
+
+def _check_pretrain(cfg: PretrainConfig) -> None:
+    patch, stages = _check_model(cfg.model)
+    d, size = cfg.data, cfg.model.img_size
+    if d.mask_patch_size % patch:
+        raise ConfigError(f"data.mask_patch_size={d.mask_patch_size} must be a multiple of the backbone's patch size "
+                          f"{patch} (each mask cell hides whole patches)")
+    if size % d.mask_patch_size:
+        raise ConfigError(f"model.img_size={size} must be a multiple of data.mask_patch_size={d.mask_patch_size} "
+                          "(masks are drawn on a grid of mask_patch_size cells)")
+    _check_image_data(d, cfg.model.in_chans)
+    _check_schedule(cfg.schedule)
+    window = cfg.simmim.norm_target_window
+    if window % 2 == 0:
+        raise ConfigError(f"simmim.norm_target_window={window} must be odd (a window centred on each pixel), "
+                          f"e.g. {window + 1}")
+    if cfg.monitor.stage >= stages:
+        raise ConfigError(f"monitor.stage={cfg.monitor.stage} must be a stage of {cfg.model.name}: 0..{stages - 1}, "
+                          "or -1 for the last")
+    if cfg.monitor.img_size not in (None, size):  # the encoder only runs at the size it is built for
+        raise ConfigError(f"monitor.img_size={cfg.monitor.img_size} differs from model.img_size={size}, the only "
+                          "size the monitor can feed the encoder; leave monitor.img_size=null")
+
+
+def _check_finetune(cfg: FinetuneConfig) -> None:
+    _check_model(cfg.model)
+    d, x = cfg.data, cfg.mixup
+    _check_image_data(d, cfg.model.in_chans)
+    _check_schedule(cfg.schedule)
+    if d.auto_augment:
+        _check_auto_augment(d.auto_augment)
+    if (x.mixup > 0 or x.cutmix > 0) and x.prob > 0 and d.batch_size % 2:
+        raise ConfigError(f"data.batch_size={d.batch_size} must be even with mixup/cutmix on (timm's Mixup pairs each "
+                          "image with another of its batch); use an even batch or mixup.mixup=0 mixup.cutmix=0")
+
+
+_CONSISTENCY: dict[type, Callable[[Any], None]] = {PretrainConfig: _check_pretrain, FinetuneConfig: _check_finetune}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -220,7 +431,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if origin in (tuple, list):
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = _parse_yaml(value, key)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
@@ -270,9 +481,10 @@ def _unknown(key: str, choices: list[str]) -> ConfigError:
 
 def from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a nested dict; keys not given keep their defaults."""
-    data = data or {}
+    data = {} if data is None else data
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+        where = f"section {prefix.rstrip('.')}" if prefix else "a config"
+        raise ConfigError(f"{where} must be a mapping of keys, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -285,7 +497,12 @@ def from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
             kwargs[key] = from_dict(tp, value, prefix=f"{path}.")
         else:
             kwargs[key] = _coerce(value, tp, path)
-    return cls(**kwargs)
+    cfg = cls(**kwargs)
+    _check_limits(cfg, prefix)
+    for kind, check in _CONSISTENCY.items():
+        if isinstance(cfg, kind):
+            check(cfg)
+    return cfg
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -317,13 +534,30 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type) -> di
                 if dataclasses.is_dataclass(tp):
                     example = f"{key}.{dataclasses.fields(tp)[0].name}=..."
                     raise ConfigError(f"{key} is a section; set one of its keys, e.g. {example}")
-                node[part] = yaml.safe_load(raw) if raw.strip() else ""
+                node[part] = _override_value(raw, tp, item)
             else:
+                section = ".".join(parts[:depth + 1])
                 if not dataclasses.is_dataclass(tp):
-                    raise ConfigError(f"{'.'.join(parts[:depth + 1])} is not a section")
-                node = node.setdefault(part, {})
+                    raise ConfigError(f"{section} is not a section")
+                if node.get(part) is None:
+                    node[part] = {}
+                elif not isinstance(node[part], dict):
+                    raise ConfigError(f"section {section} must be a mapping of keys, got {node[part]!r}")
+                node[part] = dict(node[part])  # a copy: the caller's dict is never changed
+                node = node[part]
                 node_cls = tp
     return data
+
+
+def _override_value(raw: str, tp: Any, item: str) -> Any:
+    """An override's value: YAML, except that a string field takes the text as typed (a path such as
+    ``runs/a #2``, ``yes`` or ``[x]`` stays itself) unless it is quoted or, for an optional field, null."""
+    if not raw.strip():
+        return ""
+    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    if str in args and not (raw[:1] in "'\"" and raw[-1:] == raw[:1] and len(raw) > 1):
+        return None if type(None) in args and raw.strip().lower() in ("none", "null", "~") else raw
+    return _parse_yaml(raw, f"override {item!r}")
 
 
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
@@ -338,13 +572,37 @@ def read_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"config {path} extends itself through 'base:' ({' -> '.join(map(str, _seen))})")
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config {path} is not a YAML text file (not UTF-8)") from None
+    data = _parse_yaml(text, f"config {path}")
+    if data is None:
+        return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+        raise ConfigError(f"config {path} must be a mapping of sections (model:, data:, ...), got {data!r}")
     base = data.pop("base", None)
     if base is None:
         return data
+    if not isinstance(base, str):
+        raise ConfigError(f"config {path}: base must be the path of the YAML file it extends, got {base!r}")
     return merge(read_yaml((path.parent / base).resolve(), (*_seen, path.resolve())), data)
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load`` whose errors are one-line ConfigErrors naming ``where`` and the line. The safe loader
+    refuses tags that build Python objects (``!!python/...``): they are reported, never run."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        # where the broken construct starts (an unclosed bracket), else where the parser gave up
+        mark = getattr(err, "context_mark", None) or getattr(err, "problem_mark", None)
+        at = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        parts = [getattr(err, "context", None), getattr(err, "problem", None)]
+        problem = ": ".join(p for p in parts if p) or str(err)
+        if isinstance(err, yaml.constructor.ConstructorError) and "tag" in problem:
+            problem += " (config values are plain YAML; tags that build Python objects are refused)"
+        raise ConfigError(" ".join(f"{where}{at}: {problem}".split())) from None
 
 
 def merge(base: dict[str, Any], diff: dict[str, Any]) -> dict[str, Any]:

@@ -388,7 +388,7 @@ class Engine:
             raise NonFiniteLossError(
                 f"the loss was non-finite for {int(values['max_run'])} steps in a row (by step {st.step}); {where}"
                 + (f" ({aside.name}, written just before the divergence, was set aside)" if aside else "")
-                + ". Lower optim.base_lr, raise optim.warmup_epochs or use run.mixed_precision=bf16/no, then "
+                + ". Lower optim.base_lr, raise schedule.warmup_epochs or use run.mixed_precision=bf16/no, then "
                 "resume with --resume auto")
         if self._pending is not None and values["last_ok"]:
             self._confirm()

@@ -4,6 +4,7 @@ round-trips, immutability and the bundled YAML recipes."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import yaml
 
 from simmim.config import (
     ConfigError,
+    DataConfig,
     FinetuneConfig,
     PretrainConfig,
     apply_overrides,
@@ -48,7 +50,8 @@ def test_no_file_no_overrides_gives_the_defaults():
 def test_precedence_defaults_yaml_base_chain_overrides(tmp_path):
     write(tmp_path / "common" / "root.yaml", "optim:\n  eps: 1.0e-6\nrun:\n  seed: 1\n")
     write(tmp_path / "common" / "base.yaml",
-          "base: root.yaml\noptim:\n  weight_decay: 0.1\n  base_lr: 1e-3\nschedule:\n  epochs: 50\nrun:\n  seed: 2\n")
+          "base: root.yaml\noptim:\n  weight_decay: 0.1\n  base_lr: 1e-3\nschedule:\n  epochs: 50\n  kind: cosine\n"
+          "run:\n  seed: 2\n")
     child = write(tmp_path / "exp" / "child.yaml",
                   "base: ../common/base.yaml\noptim:\n  base_lr: 2e-3\nschedule:\n  epochs: 60\n")
     defaults = PretrainConfig()
@@ -113,6 +116,15 @@ def test_optional_fields_accept_null(value):
     assert load("model.sequential_attention=4").model.sequential_attention == 4
 
 
+def test_string_overrides_are_taken_as_typed():
+    # a path from --data/--output is not YAML: ` #` would start a comment, yes/[x] would become a bool/list
+    for text in ["/data/my images #1", "yes", "[x]", "a: b", "runs/exp#2"]:
+        assert load(f"data.path={text}", f"run.output={text}").data.path == text
+    assert load('data.path="quoted #1"').data.path == "quoted #1"  # YAML quotes still work
+    assert load("data.image_column=null").data.image_column is None  # an optional string can be unset
+    assert load("data.image_column=img").data.image_column == "img"
+
+
 def test_literal_fields_accept_only_their_choices():
     assert load("schedule.kind=cosine").schedule.kind == "cosine"
     assert load("run.mixed_precision=fp16").run.mixed_precision == "fp16"
@@ -123,9 +135,8 @@ def test_literal_fields_accept_only_their_choices():
 
 
 def test_mixed_precision_no_is_the_string_no(tmp_path):
-    # BUG (simmim/config.py, _coerce's Literal branch): YAML 1.1 reads a bare `no` as False, and the Literal check
-    # compares False with 'no', so `run.mixed_precision=no` (the CPU setting) raises ConfigError instead of
-    # giving 'no'. Same for an unquoted `mixed_precision: no` in a YAML file.
+    # YAML 1.1 reads a bare `no` as False: the Literal branch must map it back to 'no' (the CPU setting), on the
+    # command line and in an unquoted `mixed_precision: no` in a file
     assert load("run.mixed_precision=no").run.mixed_precision == "no"
     path = write(tmp_path / "c.yaml", "run:\n  mixed_precision: no\n")
     assert load(path=path).run.mixed_precision == "no"
@@ -160,8 +171,7 @@ def test_unknown_override_key_names_the_dotted_key_with_a_hint():
     "model.grad_checkpointing=maybe",
     "optim.base_lr=fast",
     "optim.base_lr=true",
-    # BUG (simmim/config.py, _coerce's int branch): int(float('inf')) raises OverflowError (and NaN a bare
-    # ValueError) outside the try, so these escape as non-ConfigErrors that do not name the key.
+    # int(float('inf')) raises OverflowError and NaN a bare ValueError: both must become errors naming the key
     "data.batch_size=.inf",
     "data.batch_size=.nan",
 ])
@@ -187,6 +197,197 @@ def test_a_whole_section_cannot_be_set():
         load("optim=3")
     with pytest.raises(ConfigError, match="optim"):
         from_dict(PretrainConfig, {"optim": 3})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ranges and consistency: checked when the config is built, one line naming the real key
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.window_size=0", "model.window_size=0 must be >= 1"),
+    ("run.save_every=0", "run.save_every=0 must be >= 1"),
+    ("run.log_every=0", "run.log_every=0 must be >= 1"),
+    ("schedule.epochs=0", "schedule.epochs=0 must be >= 1"),
+    ("optim.accumulation_steps=0", "optim.accumulation_steps=0 must be >= 1"),
+    ("schedule.max_steps=-3", "schedule.max_steps=-3 must be >= 1"),
+    ("model.drop_path_rate=1.5", "model.drop_path_rate=1.5 must be in [0, 1)"),
+    ("run.max_bad_steps=0", "run.max_bad_steps=0 must be >= 1"),
+    ("optim.clip_grad=-1", "optim.clip_grad=-1.0 must be > 0; optim.clip_grad=null turns clipping off"),
+    ("optim.clip_grad=0", "optim.clip_grad=0.0 must be > 0"),  # `clip_grad or inf` would read 0 as "off"
+    ("optim.base_lr=.nan", "optim.base_lr=nan must be a finite number"),
+    ("optim.betas=[0.9,1.0]", "optim.betas[1]=1.0 must be in [0, 1)"),
+    ("data.crop_scale=[0,1]", "data.crop_scale[0]=0.0 must be in (0, 1]"),
+    ("data.std=[0.2,0.2,0]", "data.std[2]=0.0 must be > 0"),
+    ("run.seed=-1", "run.seed=-1 must be in [0, 4294967295]"),
+    ("model.pretrained_window_sizes=[12,12,12,-1]", "model.pretrained_window_sizes[3]=-1 must be >= 0"),
+])
+def test_out_of_range_values_fail_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load(override)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("overrides, keys", [
+    (["model.name=swinv2_tinny"], ["model.name", "did you mean 'swinv2_tiny'"]),
+    (["model.img_size=200"], ["model.img_size=200", "model.window_size=12", "use e.g. 192"]),
+    (["model.img_size=224"], ["model.img_size=224", "window_size"]),  # 224 / W12: stage grid 56 is not 12k
+    (["model.pretrained_window_sizes=[12,6]"], ["model.pretrained_window_sizes", "one window per stage"]),
+    (["data.mask_patch_size=30"], ["data.mask_patch_size=30", "patch size 4"]),
+    (["data.mask_patch_size=128"], ["model.img_size=192", "data.mask_patch_size=128"]),
+    (["schedule.warmup_epochs=900"], ["schedule.warmup_epochs=900", "schedule.epochs=800"]),
+    (["schedule.epochs=100"], ["schedule.milestones=[700]", "schedule.epochs=100", "schedule.kind=cosine"]),
+    (["schedule.milestones=[600,300]"], ["schedule.milestones=[600, 300] must increase"]),
+    (["data.crop_scale=[0.9,0.5]"], ["data.crop_scale=[0.9, 0.5]", "min <= max"]),
+    (["model.in_chans=1"], ["data.mean", "model.in_chans is 1"]),
+    (["simmim.norm_target_window=46"], ["simmim.norm_target_window=46 must be odd"]),
+    (["monitor.stage=4"], ["monitor.stage=4", "0..3"]),
+    (["monitor.img_size=96"], ["monitor.img_size=96", "model.img_size=192", "monitor.img_size=null"]),
+])
+def test_values_that_do_not_fit_together_fail_naming_the_keys(overrides, keys):
+    with pytest.raises(ConfigError) as err:
+        load(*overrides)
+    assert all(k in str(err.value) for k in keys), str(err.value)
+
+
+def test_consistent_changes_across_fields_are_accepted():
+    cfg = load("model.in_chans=1", "data.mean=[0.5]", "data.std=[0.25]", "schedule.epochs=100",
+               "schedule.milestones=[80,90]", "model.img_size=256", "model.window_size=16",
+               "data.mask_patch_size=32")
+    assert cfg.data.mean == (0.5,) and cfg.schedule.milestones == (80, 90)
+    assert load("schedule.epochs=100", "schedule.kind=cosine").schedule.epochs == 100  # milestones unused
+
+
+def test_finetune_specific_checks():
+    def ft(*overrides: str) -> FinetuneConfig:
+        return load_config(FinetuneConfig, None, list(overrides))
+
+    for override, key in [("data.auto_augment=rnd-m9", "data.auto_augment='rnd-m9'"),
+                          ("data.interpolation=bicubik", "data.interpolation"),
+                          ("data.batch_size=3", "data.batch_size=3 must be even"),
+                          ("mixup.label_smoothing=1", "mixup.label_smoothing=1.0"),
+                          ("ema.decay=1", "ema.decay=1.0"),
+                          ("data.crop_pct=0", "data.crop_pct=0.0"),
+                          ("model.num_classes=0", "model.num_classes=0"),
+                          ("run.eval_every=-1", "run.eval_every=-1")]:
+        with pytest.raises(ConfigError, match=re.escape(key)):
+            ft(override)
+    assert ft("data.batch_size=3", "mixup.mixup=0", "mixup.cutmix=0").data.batch_size == 3  # no mixup: any batch
+    assert ft("data.auto_augment=augmix-m5-w4-d2").data.auto_augment == "augmix-m5-w4-d2"
+    assert ft("data.auto_augment=null").data.auto_augment is None
+
+
+def test_a_section_that_is_not_a_mapping_fails_naming_it(tmp_path):
+    path = write(tmp_path / "c.yaml", "data: 5\n")
+    for overrides in ([], ["data.path=embedded"]):  # the CLI's --data adds an override into that section
+        with pytest.raises(ConfigError, match=r"section data must be a mapping of keys, got 5"):
+            load(*overrides, path=path)
+    empty = write(tmp_path / "e.yaml", "data:\nmodel:\n  name: swinv2_tiny\n")  # an empty section is no change
+    assert load("data.batch_size=4", path=empty).data == dataclasses.replace(DataConfig(), batch_size=4)
+    with pytest.raises(ConfigError, match=r"config .*l\.yaml must be a mapping of sections"):
+        load(path=write(tmp_path / "l.yaml", "- 1\n- 2\n"))
+
+
+def test_yaml_syntax_errors_name_the_file_and_line(tmp_path):
+    path = write(tmp_path / "broken.yaml", "model:\n  name: swinv2_tiny\n  img_size: [64\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml, line 3, column 13: .*flow sequence"):
+        load(path=path)
+    with pytest.raises(ConfigError, match=r"override 'model\.img_size=\[64'.*flow sequence"):
+        load("model.img_size=[64")
+    binary = tmp_path / "model.yaml"
+    binary.write_bytes(b"\x80\x02}q\x00")  # e.g. a checkpoint passed as the config
+    with pytest.raises(ConfigError, match=r"model\.yaml is not a YAML text file"):
+        load(path=binary)
+
+
+def test_python_tags_are_refused_naming_the_file_and_never_run(tmp_path):
+    marker = tmp_path / "executed"
+    tag = f'!!python/object/apply:os.system ["touch {marker}"]'
+    path = write(tmp_path / "evil.yaml", f"run:\n  seed: 1\nmodel:\n  name: {tag}\n")
+    with pytest.raises(ConfigError, match=r"evil\.yaml, line 4, column 9: .*python/object/apply:os\.system.*refused"):
+        load(path=path)
+    with pytest.raises(ConfigError, match=r"override 'model\.img_size=.*refused"):
+        load(f"model.img_size={tag}")
+    with pytest.raises(ConfigError, match=r"model\.name='!!python.* is not a SwinV2 variant"):
+        load(f"model.name={tag}")  # a string field takes the text as typed: never YAML, never run
+    assert not marker.exists()
+
+
+def test_cli_prints_config_errors_as_one_line_and_exits_2(tmp_path, capsys):
+    from simmim.cli import main
+
+    bad = write(tmp_path / "bad.yaml", "model:\n  name: !!python/name:os.system\n")
+    for argv, start in [(["pretrain", "demo/pretrain", "model.window_size=0"], "model.window_size=0 must be"),
+                        (["pretrain", str(bad)], f"config {bad}, line 2"),
+                        (["finetune", "demo/finetune", "optim.clip_grad=-1"], "optim.clip_grad=-1.0 must be"),
+                        (["pretrain", "demo/pretrain", "--data", "embedded", "run.max_bad_steps=0"],
+                         "run.max_bad_steps=0 must be")]:
+        assert main([*argv, "--output", str(tmp_path / "run")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {start}") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# messages quote real keys
+
+ROOT = Path(__file__).resolve().parents[1]
+MESSAGE_CALLS = {"debug", "info", "warning", "error", "exception", "critical", "warn", "print", "_fail",
+                 "add_argument", "add_parser"}  # logging, the CLI's output and argparse help
+
+
+def _message_strings(path: Path) -> list[tuple[int, str]]:
+    """(line, text) of every string literal (f-string parts too) inside a ``raise``, an exception constructed for
+    later, a logging/warnings/print call or an argparse help text."""
+    import ast
+
+    out, seen = [], set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call):
+            f = node.func
+            name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
+            if not (name in MESSAGE_CALLS or name.endswith(("Error", "Exception", "Warning"))):
+                continue
+        elif not isinstance(node, ast.Raise):
+            continue
+        for leaf in ast.walk(node):
+            if isinstance(leaf, ast.Constant) and isinstance(leaf.value, str) and id(leaf) not in seen:
+                seen.add(id(leaf))
+                out.append((leaf.lineno, leaf.value))
+    return out
+
+
+def _schema() -> dict[str, set[str]]:
+    """section -> keys, over PretrainConfig and FinetuneConfig together."""
+    out: dict[str, set[str]] = {}
+    for cfg in (PretrainConfig(), FinetuneConfig()):
+        for f in dataclasses.fields(cfg):
+            section = getattr(cfg, f.name)
+            if dataclasses.is_dataclass(section):
+                out.setdefault(f.name, set()).update(g.name for g in dataclasses.fields(section))
+    return out
+
+
+def test_every_key_named_in_a_message_exists():
+    """``(data.img_size)`` in a message once pointed at a key that never existed; every ``section.key`` that a
+    message, log line or help text of simmim/, models/ or data/ names must be a real key of PretrainConfig or
+    FinetuneConfig. A parenthesised ``(word.word)`` counts even when the section is unknown (``checkpoint.x``)."""
+    schema = _schema()
+    sections = "|".join(sorted(schema))
+    named = re.compile(rf"(?<![\w.])((?:{sections})\.[a-z_]+)\b(?!\.\w|\()")  # not a module path or a call
+    parenthesised = re.compile(r"\(([a-z_]+\.[a-z_]+(?:, [a-z_]+\.[a-z_]+)*)\)")
+    found, wrong = set(), []
+    for folder in ("simmim", "models", "data"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for line, text in _message_strings(path):
+                keys = set(named.findall(text))
+                keys |= {k for group in parenthesised.findall(text) for k in group.split(", ")}
+                for key in keys:
+                    found.add(key)
+                    section, name = key.split(".")
+                    if name not in schema.get(section, ()):
+                        wrong.append(f"{path.relative_to(ROOT)}:{line}: {key}")
+    assert not wrong, "messages name keys that do not exist:\n" + "\n".join(sorted(wrong))
+    assert len(found) >= 25 and {"data.batch_size", "run.keep_last", "model.img_size"} <= found  # the scan works
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -93,7 +93,7 @@ def test_mask_seeding() -> None:
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(input_size=200), r"input_size 200 is not a multiple of mask_patch_size 32 \(data.img_size\)"),
+        (dict(input_size=200), r"input_size 200 is not a multiple of mask_patch_size 32 \(model.img_size\)"),
         (dict(mask_patch_size=30), "mask_patch_size 30 is not a multiple of model_patch_size 4"),
         (dict(input_size=192, mask_patch_size=48, model_patch_size=5), "not a multiple of model_patch_size 5"),
         (dict(mask_ratio=0.0), r"mask_ratio 0.0 must be in \(0, 1\)"),

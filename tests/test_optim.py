@@ -204,9 +204,8 @@ def test_cosine_reaches_min_lr_at_the_end():
 
 
 def test_multistep_multiplies_by_gamma_per_milestone_in_absolute_steps():
-    # BUG (simmim/optim.py, build_scheduler, multistep branch): timm 1.0's MultiStepLRScheduler defaults to
-    # warmup_prefix=True and build_scheduler does not pass False, so milestones are counted from the end of warmup:
-    # with 10 warmup steps, milestones (30, 60) take effect at steps 39 and 69. pretrain.py passes absolute steps
+    # timm 1.0's MultiStepLRScheduler counts milestones from the end of warmup by default (warmup_prefix=True):
+    # with 10 warmup steps, (30, 60) would act at steps 39 and 69. plan.py passes absolute steps
     # (round(m * per_epoch)) and the official recipe means epoch 700 of 800, not 700 + warmup.
     opt = single_group_optimizer(1.0)
     sched = build_scheduler(opt, "multistep", total_steps=100, warmup_steps=10, warmup_lr=0.0, min_lr=0.0,
@@ -218,9 +217,8 @@ def test_multistep_multiplies_by_gamma_per_milestone_in_absolute_steps():
 
 
 def test_multistep_drops_exactly_at_the_milestone_step():
-    # BUG (simmim/optim.py, build_scheduler, multistep branch): timm's MultiStepLRScheduler applies milestone m at
-    # t == m - 1 (bisect_right(decay_t, t + 1)), so the lr is already decayed one step early. The official Swin
-    # scheduler (bisect_right(milestones, t)) and this function's docstring drop at step m.
+    # timm's MultiStepLRScheduler applies milestone m at t == m - 1 (bisect_right(decay_t, t + 1)), one step
+    # early; the official Swin scheduler (bisect_right(milestones, t)) and build_scheduler's docstring drop at m.
     opt = single_group_optimizer(1.0)
     sched = build_scheduler(opt, "multistep", total_steps=100, warmup_steps=0, warmup_lr=0.0, min_lr=0.0,
                             milestones=(30, 60), gamma=0.1)

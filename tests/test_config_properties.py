@@ -1,0 +1,194 @@
+"""Property-based config tests (hypothesis): for every number field of PretrainConfig and FinetuneConfig, values
+outside its declared range are rejected when the config is loaded, by one line naming the key; values inside it
+(with the fields they must agree with set to match) build a config holding exactly that value.
+
+The strategies are read from each section's ``limits`` table, so a new number field is covered as soon as it
+declares its range, and :func:`test_every_number_field_declares_a_range` fails until it does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from simmim.config import ConfigError, FinetuneConfig, PretrainConfig, Range, load_config
+
+FAST = settings(max_examples=12, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+NUMBER = (int, float)
+
+
+def _number_fields() -> list[tuple[type, str, type, bool, Range | None]]:
+    """(config class, dotted key, item type, is a tuple, declared range) for every int/float field and every tuple
+    of them, Optional included."""
+    out = []
+    for cls in (PretrainConfig, FinetuneConfig):
+        for section in dataclasses.fields(cls):
+            section_cls = typing.get_type_hints(cls)[section.name]
+            if not dataclasses.is_dataclass(section_cls):
+                continue
+            hints = typing.get_type_hints(section_cls)
+            for f in dataclasses.fields(section_cls):
+                tp = hints[f.name]
+                if typing.get_origin(tp) in (typing.Union, types.UnionType):
+                    tp = next(a for a in typing.get_args(tp) if a is not type(None))
+                is_tuple = typing.get_origin(tp) is tuple
+                item = typing.get_args(tp)[0] if is_tuple else tp
+                if item in NUMBER and item is not bool:
+                    limit = section_cls.limits.get(f.name) if hasattr(section_cls, "limits") else None
+                    out.append((cls, f"{section.name}.{f.name}", item, is_tuple, limit))
+    return out
+
+
+FIELDS = _number_fields()
+IDS = [f"{cls.__name__}:{key}" for cls, key, *_ in FIELDS]
+
+
+def _text(v: Any) -> str:
+    """An override value as a user types it (YAML): 1e-05, .nan, [1, 2]."""
+    if isinstance(v, (tuple, list)):
+        return "[" + ",".join(_text(i) for i in v) + "]"
+    if isinstance(v, float) and not math.isfinite(v):
+        return ".nan" if math.isnan(v) else (".inf" if v > 0 else "-.inf")
+    return repr(v)
+
+
+def _default(cls: type, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cls(), section), name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# strategies from a Range
+
+
+def _inside(item: type, r: Range) -> st.SearchStrategy:
+    if item is int:
+        low = None if r.low is None else math.floor(r.low) + 1 if r.low_open else math.ceil(r.low)
+        high = None if r.high is None else math.ceil(r.high) - 1 if r.high_open else math.floor(r.high)
+        return st.integers(min_value=low, max_value=high if high is not None else (low or 0) + 10**6)
+    return st.floats(min_value=r.low, max_value=r.high, exclude_min=r.low_open and r.low is not None,
+                     exclude_max=r.high_open and r.high is not None, allow_nan=False, allow_infinity=False,
+                     **({} if r.low is not None or r.high is not None else {"min_value": -1e6, "max_value": 1e6}))
+
+
+def _outside(item: type, r: Range) -> st.SearchStrategy:
+    options = []
+    if item is float:
+        options.append(st.sampled_from([math.nan, math.inf, -math.inf]))
+    if r.low is not None:
+        if item is int:
+            options.append(st.integers(max_value=math.ceil(r.low) - (0 if r.low_open else 1)))
+        else:
+            options.append(st.floats(max_value=r.low, exclude_max=not r.low_open, allow_nan=False,
+                                     allow_infinity=False))
+    if r.high is not None:
+        if item is int:
+            options.append(st.integers(min_value=math.floor(r.high) + (0 if r.high_open else 1)))
+        else:
+            options.append(st.floats(min_value=r.high, exclude_min=not r.high_open, allow_nan=False,
+                                     allow_infinity=False))
+    if item is int:  # an int field given a fraction is a type error, also named
+        options.append(st.floats(allow_nan=False, allow_infinity=False).filter(lambda v: not v.is_integer()))
+    return st.one_of(options)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# valid values of fields that must agree with others: (overrides, expected value)
+
+def _geometry(which: str) -> st.SearchStrategy:
+    """img_size = 32 * window * j tiles into windows at every stage (no clamping, every grid a multiple of W)."""
+    def build(w: int, j: int) -> tuple[list[str], int]:
+        img = 32 * w * j
+        return [f"model.img_size={img}", f"model.window_size={w}", f"monitor.img_size={img}"], \
+            img if which == "img_size" else w
+    return st.builds(build, st.integers(1, 12), st.integers(1, 3))
+
+
+def _channels() -> st.SearchStrategy:
+    return st.integers(1, 8).map(lambda n: ([f"model.in_chans={n}", f"data.mean={[0.5] * n}",
+                                             f"data.std={[0.25] * n}"], n))
+
+
+def _sorted_pair() -> st.SearchStrategy:
+    unit = st.floats(min_value=0, max_value=1, exclude_min=True)
+    return st.tuples(unit, unit).map(lambda p: tuple(sorted(p)))
+
+
+SPECIAL = {
+    "model.img_size": _geometry("img_size"),
+    "model.window_size": _geometry("window_size"),
+    "model.in_chans": _channels(),
+    "model.pretrained_window_sizes": st.tuples(*[st.integers(0, 64)] * 4),
+    "data.crop_scale": _sorted_pair(),
+    "data.mean": st.tuples(*[st.floats(-10, 10)] * 3),
+    "data.mask_patch_size": st.sampled_from([4, 8, 12, 16, 24, 32, 48, 64, 96, 192]),  # x4, dividing 192
+    "schedule.epochs": st.integers(1, 10**6).map(
+        lambda e: ([f"schedule.epochs={e}", "schedule.kind=cosine", "schedule.warmup_epochs=0"], e)),
+    "schedule.warmup_epochs": st.floats(0, 100).map(
+        lambda w: ([f"schedule.warmup_epochs={w!r}", "schedule.epochs=100", "schedule.kind=cosine"], w)),
+    "schedule.milestones": st.lists(st.integers(0, 800), max_size=4, unique=True).map(
+        lambda m: ([f"schedule.milestones={sorted(m)}", "schedule.kind=multistep", "schedule.epochs=800"],
+                   tuple(sorted(m)))),
+    "simmim.norm_target_window": st.integers(1, 100).map(lambda k: 2 * k + 1),
+    "monitor.stage": st.integers(-1, 3),
+    "monitor.img_size": st.just(192),  # the encoder's own size is the only one
+    "data.batch_size": st.integers(1, 4096).map(
+        lambda b: ([f"data.batch_size={b}", "mixup.mixup=0", "mixup.cutmix=0"], b)),  # mixup needs even ones
+}
+
+
+def _as_case(cls: type, key: str, drawn: Any) -> tuple[list[str], Any]:
+    """The overrides to load and the value expected; context for sections ``cls`` lacks (mixup, monitor) dropped."""
+    if not (isinstance(drawn, tuple) and len(drawn) == 2 and isinstance(drawn[0], list)):
+        return [f"{key}={_text(drawn)}"], drawn
+    sections = {f.name for f in dataclasses.fields(cls)}
+    return [o for o in drawn[0] if o.split(".")[0] in sections], drawn[1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the properties
+
+
+def test_every_number_field_declares_a_range():
+    assert len(FIELDS) > 60  # both configs, every section
+    missing = [key for cls, key, _, _, limit in FIELDS if limit is None]
+    assert not missing, f"number fields without a range in their section's limits: {missing}"
+
+
+@pytest.mark.parametrize("cls, key, item, is_tuple, limit", FIELDS, ids=IDS)
+@FAST
+@given(data=st.data())
+def test_values_outside_the_range_are_rejected_naming_the_key(cls, key, item, is_tuple, limit, data):
+    bad = data.draw(_outside(item, limit), label="bad")
+    if is_tuple:  # one bad item among valid ones (the default, or one valid item for an empty tuple)
+        good = list(_default(cls, key) or [data.draw(_inside(item, limit))])
+        good[data.draw(st.integers(0, len(good) - 1))] = bad
+        bad = good
+    with pytest.raises(ConfigError) as err:
+        load_config(cls, None, [f"{key}={_text(bad)}"])
+    message = str(err.value)
+    assert key in message and "\n" not in message, message
+
+
+@pytest.mark.parametrize("cls, key, item, is_tuple, limit", FIELDS, ids=IDS)
+@FAST
+@given(data=st.data())
+def test_values_inside_the_range_build(cls, key, item, is_tuple, limit, data):
+    if key in SPECIAL:
+        drawn = data.draw(SPECIAL[key], label="value")
+    elif is_tuple:
+        size = len(_default(cls, key)) or 2
+        drawn = tuple(data.draw(st.lists(_inside(item, limit), min_size=size, max_size=size)))
+    else:
+        drawn = data.draw(_inside(item, limit), label="value")
+    overrides, expected = _as_case(cls, key, drawn)
+    cfg = load_config(cls, None, overrides)
+    section, name = key.split(".")
+    assert getattr(getattr(cfg, section), name) == expected
