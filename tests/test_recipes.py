@@ -191,7 +191,7 @@ def _finetune_step_on_meta(cfg: FinetuneConfig) -> None:
              "label": torch.stack([it["label"] for it in items]).to("meta")}
     assert batch["image"].shape == (2, 3, size, size)
     model.train()
-    task = FinetuneTask(cfg, len(classes), accelerator=None, val_loader=None, eval_every=1, total_steps=1)
+    task = FinetuneTask(cfg, len(classes), accelerator=None, model=model, val_loader=None, eval_every=1)
     loss, logits = task.loss(model, batch)  # the recipe's mixup / cutmix and soft-target loss
     assert logits.shape == (2, len(classes))
     o = cfg.optim
