@@ -337,8 +337,9 @@ def _check_image_data(d: DataConfig | FinetuneDataConfig, in_chans: int) -> None
     for name in ("mean", "std"):
         values = getattr(d, name)
         if len(values) != in_chans:
+            example = "[0.5]" if in_chans == 1 else "[" + ",".join(["0.5"] * in_chans) + "]"
             raise ConfigError(f"data.{name}={list(values)} has {len(values)} values but model.in_chans is "
-                              f"{in_chans}; give one per input channel")
+                              f"{in_chans}; give one per input channel, e.g. data.{name}={example}")
 
 
 def _check_schedule(s: ScheduleConfig) -> None:
@@ -395,6 +396,9 @@ def _check_finetune(cfg: FinetuneConfig) -> None:
     d, x = cfg.data, cfg.mixup
     _check_image_data(d, cfg.model.in_chans)
     _check_schedule(cfg.schedule)
+    if cfg.model.in_chans != 3 and (d.auto_augment or d.color_jitter):
+        raise ConfigError(f"data.auto_augment and data.color_jitter work on RGB images only; with model.in_chans="
+                          f"{cfg.model.in_chans} set data.auto_augment=null data.color_jitter=0")
     if d.auto_augment:
         _check_auto_augment(d.auto_augment)
     if (x.mixup > 0 or x.cutmix > 0) and x.prob > 0 and d.batch_size % 2:

@@ -100,7 +100,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, sizes: Sequence[tuple
     if not getattr(model, "num_classes", 0):
         raise ValueError(f"{checkpoint} holds an encoder without a classifier; use --knn/--linear-probe, or "
                          "fine-tune it first with simmim finetune")
-    source = open_labeled(data, split, classes=meta.get("classes"))
+    source = open_labeled(data, split, classes=meta.get("classes"), channels=model.in_chans)
     if sizes is None:
         sizes = [(model.img_size[0], model.window_size[0])]
     rows = []
@@ -108,7 +108,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, sizes: Sequence[tuple
         moved = model if (img_size, window) == (model.img_size[0], model.window_size[0]) else \
             at_size(model, img_size, window)
         tf = eval_transform(img_size, meta.get("crop_pct", 0.875), meta.get("interpolation", "bicubic"),
-                            meta["mean"], meta["std"])
+                            meta["mean"], meta["std"], channels=model.in_chans)
         loader = DataLoader(LabeledDataset(source, tf), batch_size=batch_size, num_workers=num_workers)
         metrics = evaluate(moved, loader)
         rows.append({"img_size": img_size, "window": window,

@@ -26,7 +26,7 @@ from simmim.models import SwinTransformerV2, create_model
 from simmim.models.convert import load_pretrained
 from simmim.optim import param_groups
 from simmim.plan import build_optimization, plan_training
-from simmim.weights import Weights, geometry_metadata, read_weights, sha256, start_windows
+from simmim.weights import Weights, check_channels, geometry_metadata, read_weights, sha256, start_windows
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,8 @@ def build_classifier(cfg: FinetuneConfig, num_classes: int) -> tuple[SwinTransfo
     """The classifier at the fine-tuning geometry, with pretrained encoder weights and a new head."""
     m = cfg.model
     weights = read_weights(cfg.pretrained) if cfg.pretrained else None
+    if weights is not None:
+        check_channels(weights, m.in_chans)
     windows = start_windows(weights, m.pretrained_window_sizes)
     model = create_model(m.name, img_size=m.img_size, window_size=m.window_size, num_classes=num_classes,
                          pretrained_window_sizes=windows, drop_path_rate=m.drop_path_rate, in_chans=m.in_chans)
@@ -134,14 +136,15 @@ def build_data(cfg: FinetuneConfig, seed: int) -> tuple[LabeledDataset, LabeledD
     if not d.path:
         raise ValueError("no training data: pass --data PATH (an ImageNet-style folder with train/ and val/, a "
                          "datasets save_to_disk folder, hf:NAME or embedded:digits) or set data.path")
-    train_src = open_labeled(d.path, d.train_split, d.image_column, d.label_column)
+    channels = cfg.model.in_chans
+    train_src = open_labeled(d.path, d.train_split, d.image_column, d.label_column, channels=channels)
     classes = list(train_src.classes)
     val_src = open_labeled(d.path, d.val_split, d.image_column, d.label_column,
-                           classes=classes if hasattr(train_src, "samples") else None)
+                           classes=classes if hasattr(train_src, "samples") else None, channels=channels)
     size = cfg.model.img_size
     train_tf = finetune_transform(size, d.crop_scale, d.hflip, d.auto_augment, d.color_jitter, d.re_prob,
-                                  interpolation=d.interpolation, mean=d.mean, std=d.std)
-    val_tf = eval_transform(size, d.crop_pct, d.interpolation, d.mean, d.std)
+                                  interpolation=d.interpolation, mean=d.mean, std=d.std, channels=channels)
+    val_tf = eval_transform(size, d.crop_pct, d.interpolation, d.mean, d.std, channels=channels)
     return LabeledDataset(train_src, train_tf, seed), LabeledDataset(val_src, val_tf, seed), classes
 
 

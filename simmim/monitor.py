@@ -68,9 +68,10 @@ class FeatureMonitor:
 
     def __init__(self, data: str, img_size: int, mean: Any, std: Any, stage: int = -1, k: int = 20,
                  batch_size: int = 128, num_workers: int = 0) -> None:
-        train = open_labeled(data, "train")
-        val = open_labeled(data, "val", classes=getattr(train, "classes", None))
-        tf = eval_transform(img_size, crop_pct=1.0, mean=mean, std=std)
+        channels = len(mean)  # one normalisation value per input channel
+        train = open_labeled(data, "train", channels=channels)
+        val = open_labeled(data, "val", classes=getattr(train, "classes", None), channels=channels)
+        tf = eval_transform(img_size, crop_pct=1.0, mean=mean, std=std, channels=channels)
         self.loaders = [DataLoader(LabeledDataset(src, tf), batch_size=batch_size, num_workers=num_workers)
                         for src in (train, val)]
         self.stage, self.k = stage, k

@@ -32,7 +32,7 @@ from simmim.monitor import FeatureMonitor
 from simmim.optim import param_groups
 from simmim.plan import build_optimization, plan_training
 from simmim.visualize import reconstruction_grid
-from simmim.weights import Weights, geometry_metadata, read_weights, sha256, start_windows
+from simmim.weights import Weights, check_channels, geometry_metadata, read_weights, sha256, start_windows
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,10 @@ def build_dataset(cfg: PretrainConfig, patch_size: int, rank: int = 0, world_siz
         raise ValueError("no training data: pass --data PATH (a folder of images, a datasets save_to_disk folder, "
                          "hf:NAME or embedded) or set data.path")
     masks = MaskGenerator(cfg.model.img_size, d.mask_patch_size, patch_size, d.mask_ratio)
-    transform = pretrain_transform(cfg.model.img_size, scale=d.crop_scale, mean=d.mean, std=d.std)
-    source = open_source(d.path, split=d.split, streaming=d.streaming, image_column=d.image_column)
+    channels = cfg.model.in_chans
+    transform = pretrain_transform(cfg.model.img_size, scale=d.crop_scale, mean=d.mean, std=d.std, channels=channels)
+    source = open_source(d.path, split=d.split, streaming=d.streaming, image_column=d.image_column,
+                         channels=channels)
     if getattr(source, "is_streaming", False):
         return MaskedImageStream(source, transform, masks, seed=cfg.run.seed, rank=rank, world_size=world_size,
                                  batch_size=d.batch_size, endless=True)
@@ -191,6 +193,7 @@ def run(cfg: PretrainConfig, overwrite: bool = False) -> dict:
         init = None
         if cfg.init and start.resume is None:  # a resumed run has its warm start in its weights already
             init = read_weights(cfg.init)
+            check_channels(init, cfg.model.in_chans)
         elif cfg.init:
             log.info("resuming: init=%s was applied when the run started (%s)", cfg.init,
                      (start.resume.meta.get("init") or {}).get("path"))

@@ -47,7 +47,8 @@ def reconstruction_grid(
         max_images: rows to show; the first ``min(B, max_images)`` samples are used.
 
     Returns:
-        float32 CPU tensor in [0, 1] of shape (3, n * (H + 2) + 2, 4 * (W + 2) + 2), n = min(B, max_images),
+        float32 CPU tensor in [0, 1] of shape (3, n * (H + 2) + 2, 4 * (W + 2) + 2), n = min(B, max_images)
+        (grayscale shown as gray, multi-band images by their first three bands, see :func:`displayable`),
         ready for TensorBoard ``add_image`` (CHW). Columns: input, masked input (masked pixels 0.5 gray),
         prediction, prediction on masked pixels pasted into the input. Everything is de-normalised and clamped.
     """
@@ -76,7 +77,16 @@ def reconstruction_grid(
     pasted = torch.where(m, p, x)
 
     tiles = torch.stack([x, masked, p, pasted], dim=1).flatten(0, 1)  # (n * 4, C, H, W), row-major per sample
-    return make_grid(tiles, nrow=4, padding=GRID_PADDING)  # (3, n * (H + 2) + 2, 4 * (W + 2) + 2)
+    return make_grid(displayable(tiles), nrow=4, padding=GRID_PADDING)  # (3, n * (H + 2) + 2, 4 * (W + 2) + 2)
+
+
+def displayable(x: Tensor) -> Tensor:
+    """(B, C, H, W) images of any channel count -> (B, 1 or 3, H, W) for a picture: grayscale and RGB as they are,
+    multi-band images as their first three bands (two bands: the first, as gray)."""
+    channels = x.shape[1]
+    if channels in (1, 3):
+        return x
+    return x[:, :3] if channels > 3 else x[:, :1]
 
 
 def save_png(grid: Tensor, path: str | Path) -> Path:

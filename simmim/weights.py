@@ -239,6 +239,15 @@ def read_run_checkpoint(path: str | Path, what: str = "this command", resume: bo
 # models from weights
 
 
+def check_channels(weights: Weights, in_chans: int) -> None:
+    """Refuse weights made for another number of input channels before anything is built on them."""
+    stem = weights.encoder().get("patch_embed.proj.weight")
+    if stem is not None and stem.shape[1] != in_chans:
+        have = stem.shape[1]
+        raise ValueError(f"{weights.path} was trained on {have}-channel images but model.in_chans is {in_chans}; "
+                         f"set model.in_chans={have} (and data.mean/data.std with {have} values)")
+
+
 def start_windows(weights: Weights | None, override: Any) -> Any:
     """The ``pretrained_window_sizes`` of a model that starts from ``weights`` (fine-tuning, warm start): the
     config's ``model.pretrained_window_sizes`` when set, else the windows the weights were trained at."""
