@@ -6,10 +6,16 @@ position as fractions of the canvas, and an ink colour. :func:`render` draws the
 the original images, so a test at 128 px shows the model the *same scenes* as at 64 px with twice the pixels per
 object, as the paper tests ImageNet models at 384 and 512 px after training at 256.
 
-Why this task (and not plain digits or photo crops): the digit covers 30-60% of the canvas at a random place on a
-textured background (text, coins, gravel, faces...), so the class depends on the spatial arrangement of strokes
-spanning several windows, not on colour or texture statistics; a tiny SwinV2 reaches well below 100% in a
-CPU-minute budget, leaving room for the variants to differ.
+Why this task (and not plain digits or photo crops): the digit spans most of the canvas (70-95%) on a textured
+background (text, coins, gravel, faces...), so the class depends on how strokes 10-40 px apart are arranged, across
+several windows of the first stages; colour and texture statistics say nothing about it. With a near-zero position
+bias (a V1 table barely trained) a pilot stayed near chance, so the variants have something to differ on, and a tiny
+SwinV2 stays well below 100% in a CPU-minute budget.
+
+Training views are random square crops of the scenes magnified 1-1.6x (they may cut the digit, as RandomResizedCrop
+cuts ImageNet objects); tests show whole scenes. Digits thus look larger in training than in a test at the training
+size, and a test at 1.5x the resolution shows them at about the training scale: the train/test resolution
+discrepancy behind the paper's 384 px result exceeding its 256 px one (Touvron et al., FixRes).
 """
 
 from __future__ import annotations
