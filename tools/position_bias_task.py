@@ -10,8 +10,7 @@ Why this task (and not plain digits or photo crops): the digit spans most of the
 background (text, coins, gravel, faces...), so the class depends on how strokes 10-40 px apart are arranged, across
 several windows of the first stages; colour and texture statistics say nothing about it. In a pilot, a model whose
 V1 position table had barely moved from zero reached 21% (chance: 10%) against 67% with log-CPB, so the variants
-have something to differ on, and a tiny
-SwinV2 stays well below 100% in a CPU-minute budget.
+have something to differ on, and a tiny SwinV2 stays well below 100% in a CPU-minute budget.
 
 Training views are random square crops of the scenes magnified 1-1.6x (they may cut the digit, as RandomResizedCrop
 cuts ImageNet objects); tests show whole scenes. Digits thus look larger in training than in a test at the training
