@@ -11,14 +11,15 @@ Letters used in shape comments:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from timm.layers import DropPath, trunc_normal_
+from timm.layers import register_notrace_function as _timm_notrace
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -41,21 +42,47 @@ def to_pair(v: int | Sequence[int]) -> Pair:
     return v  # type: ignore[return-value]
 
 
+def _is_symbolic_tracing() -> bool:
+    """True inside ``torch.fx.symbolic_trace`` (shapes are proxies there, not ints)."""
+    from torch.fx import _symbolic_trace as fx
+
+    return getattr(fx, "is_fx_symbolic_tracing", fx.is_fx_tracing)()
+
+
+def is_tracing() -> bool:
+    """True while fx, TorchScript tracing, torch.compile or torch.export records the model: caches keyed on
+    Python state must not be consulted then (a traced graph would freeze the cached tensor)."""
+    return _is_symbolic_tracing() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # window helpers
 
 
+@_timm_notrace  # also a leaf for timm's fx feature wrappers
+@torch.fx.wrap  # one opaque call under fx: it branches on sizes, which fx proxies do not have
+def pad_to_multiple(x: torch.Tensor, multiple: Pair, channels_last: bool = True) -> torch.Tensor:
+    """Zero-pad the spatial dims at the bottom/right up to a multiple: (B, h, w, C) or, with ``channels_last=False``,
+    (B, C, H, W). Returns ``x`` itself (no copy) when nothing is missing, so the built size costs nothing."""
+    h, w = (x.shape[1], x.shape[2]) if channels_last else (x.shape[-2], x.shape[-1])
+    pad_h, pad_w = -h % multiple[0], -w % multiple[1]
+    if not (pad_h or pad_w):
+        return x
+    return F.pad(x, (0, 0, 0, pad_w, 0, pad_h) if channels_last else (0, pad_w, 0, pad_h))
+
+
 def window_partition(x: torch.Tensor, window: Pair) -> torch.Tensor:
     """(B, h, w, C) -> (B*nW, N, C), windows in row-major order."""
-    return rearrange(x, "b (nh wh) (nw ww) c -> (b nh nw) (wh ww) c", wh=window[0], ww=window[1])
+    B, h, w, C = x.shape
+    x = x.view(B, h // window[0], window[0], w // window[1], window[1], C)  # (B, nh, wh, nw, ww, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window[0] * window[1], C)
 
 
-def window_reverse(windows: torch.Tensor, window: Pair, grid: Pair) -> torch.Tensor:
-    """(B*nW, N, C) -> (B, h, w, C); the inverse of :func:`window_partition`."""
-    return rearrange(
-        windows, "(b nh nw) (wh ww) c -> b (nh wh) (nw ww) c",
-        nh=grid[0] // window[0], nw=grid[1] // window[1], wh=window[0], ww=window[1],
-    )
+def window_reverse(windows: torch.Tensor, window: Pair, grid: tuple[Any, Any]) -> torch.Tensor:
+    """(B*nW, N, C) -> (B, h, w, C) for the token grid ``grid = (h, w)``; the inverse of :func:`window_partition`."""
+    C = windows.shape[-1]
+    x = windows.view(-1, grid[0] // window[0], grid[1] // window[1], window[0], window[1], C)  # (B, nh, nw, wh, ww, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, grid[0], grid[1], C)
 
 
 def effective_window(resolution: Pair, window: Pair, shift: bool) -> tuple[Pair, Pair]:
@@ -83,6 +110,23 @@ def shifted_window_mask(grid: Pair, window: Pair, shift: Pair) -> torch.Tensor |
     regions = window_partition(region[None, :, :, None], window).squeeze(-1)  # (nW, N)
     diff = regions[:, None, :] - regions[:, :, None]  # (nW, N, N)
     return torch.zeros_like(diff).masked_fill(diff != 0, -100.0)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_shift_mask(grid: Pair, window: Pair, shift: Pair, device: torch.device) -> torch.Tensor:
+    return shifted_window_mask(grid, window, shift).to(device)
+
+
+@_timm_notrace  # also a leaf for timm's fx feature wrappers
+@torch.fx.wrap  # one opaque call under fx: it branches on sizes, which fx proxies do not have
+def shift_mask_for(x: torch.Tensor, built: torch.Tensor | None, built_grid: Pair, window: Pair, shift: Pair
+                   ) -> torch.Tensor:
+    """The shifted-window mask (nW, N, N) for the padded map ``x`` (B, h, w, C): the block's precomputed buffer at
+    its built resolution, else one made for this grid and cached per (grid, window, shift, device)."""
+    grid = (x.shape[1], x.shape[2])
+    if built is not None and grid == tuple(built_grid):
+        return built
+    return _cached_shift_mask((int(grid[0]), int(grid[1])), window, shift, x.device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -206,7 +250,7 @@ class WindowAttention(nn.Module):
     def position_bias_tensor(self) -> torch.Tensor:
         """The bias, cached at inference: it depends on parameters only, so it is recomputed when any of them
         changes in place (optimizer step, EMA update, ``load_state_dict``), is swapped or moves device/dtype."""
-        if self.training or torch.is_grad_enabled() or not self.cache_bias:
+        if self.training or torch.is_grad_enabled() or not self.cache_bias or is_tracing():
             self._bias_cache = None
             return self._compute_bias()
         params = [p for n, p in self.named_parameters() if n.startswith(("cpb_mlp", "relative_position"))]
@@ -220,7 +264,7 @@ class WindowAttention(nn.Module):
         B_, N, C = x.shape
         bias = None if self.q_bias is None else torch.cat((self.q_bias, self.k_bias, self.v_bias))
         qkv = F.linear(x, self.qkv.weight, bias)  # (B_, N, 3C)
-        q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads).unbind(0)
+        q, k, v = qkv.view(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B_, nH, N, d)
         if self.attention == "cosine":
             # cosine similarity with a learned per-head temperature: folding the scale into q keeps SDPA usable
             scale = torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()  # (nH, 1, 1)
@@ -229,6 +273,14 @@ class WindowAttention(nn.Module):
         else:
             q = q * (C // self.num_heads) ** -0.5
         return q, k, v  # each (B_, nH, N, d)
+
+    def _use_fused(self, q: torch.Tensor) -> bool:
+        """None = auto: the fused kernel on GPUs (it never stores the (N, N) attention maps), the explicit path on
+        CPUs, where it measured faster (docs/benchmarks.md); fx proxies carry no device, so fx graphs get the
+        explicit path."""
+        if self.fused is not None:
+            return self.fused
+        return False if _is_symbolic_tracing() else q.is_cuda
 
     def _attend(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """x (B_, N, C); bias (G, nH, N, N) with window i using bias[i % G] (G divides B_). Returns (B_, N, C).
@@ -240,9 +292,7 @@ class WindowAttention(nn.Module):
         B_, nH, N, d = q.shape
         G = bias.shape[0]
         drop = self.attn_drop if self.training else 0.0
-        # None = auto: the fused kernel on GPUs (it never stores the (N, N) attention maps), the explicit path on
-        # CPUs, where it measured faster (docs/benchmarks.md)
-        if self.fused if self.fused is not None else q.is_cuda:
+        if self._use_fused(q):
             q, k, v = (t.reshape(B_ // G, G * nH, N, d) for t in (q, k, v))
             mask = bias.reshape(G * nH, N, N).to(q.dtype)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=1.0)
@@ -251,16 +301,18 @@ class WindowAttention(nn.Module):
             attn = (q @ k.transpose(-2, -1)).view(B_ // G, G, nH, N, N) + bias  # scaled logits + bias
             attn = F.dropout(attn.softmax(dim=-1), p=drop, training=self.training).view(B_, nH, N, N)
             out = attn @ v  # (B_, nH, N, d)
-        return self.proj_drop(self.proj(rearrange(out, "b h n d -> b n (h d)")))
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B_, N, nH * d)))  # (B_, N, C)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B*nW, N, C); mask (nW, N, N) shifted-window mask or None. Returns (B*nW, N, C)."""
-        B_ = x.shape[0]
         bias = self.position_bias_tensor()[None]  # (1, nH, N, N)
         if mask is not None:
             bias = bias + mask[:, None].to(bias.dtype)  # (nW, nH, N, N)
         chunk = self.chunk_windows
-        if not chunk or chunk >= B_:
+        if not chunk:  # checked first: the windows count is a proxy under fx tracing
+            return self._attend(x, bias)
+        B_ = x.shape[0]
+        if chunk >= B_:
             return self._attend(x, bias)
         # sequential self-attention (paper §3.6): windows in chunks, so only one chunk's logits are alive at a time
         outs = []
@@ -342,14 +394,24 @@ class SwinTransformerV2Block(nn.Module):
         self.register_buffer("attn_mask", None if mask is None else mask.to(device), persistent=False)
 
     def _window_attention(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, h, w, C) -> (B, h, w, C)."""
+        """(B, h, w, C) -> (B, h, w, C), any h, w.
+
+        A map that the window does not tile is zero-padded at the bottom/right first and cropped after, and the
+        shift mask is the one for the padded grid: the order of the official detection code and HF's Swinv2 (pad,
+        then shift). At the built resolution nothing is padded and the precomputed mask is used.
+        """
+        h, w = x.shape[1], x.shape[2]
+        x = pad_to_multiple(x, self.window)  # (B, hp, wp, C)
+        grid = (x.shape[1], x.shape[2])
+        mask = None
         if any(self.shift):
             x = torch.roll(x, shifts=(-self.shift[0], -self.shift[1]), dims=(1, 2))
-        windows = self.attn(window_partition(x, self.window), self.attn_mask)  # (B*nW, N, C)
-        x = window_reverse(windows, self.window, self.resolution)
+            mask = shift_mask_for(x, self.attn_mask, self.resolution, self.window, self.shift)  # (nW, N, N)
+        windows = self.attn(window_partition(x, self.window), mask)  # (B*nW, N, C)
+        x = window_reverse(windows, self.window, grid)  # (B, hp, wp, C)
         if any(self.shift):
             x = torch.roll(x, shifts=self.shift, dims=(1, 2))
-        return x
+        return x[:, :h, :w].contiguous()  # a no-op view when nothing was padded
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, h, w, C) -> (B, h, w, C)."""
@@ -382,9 +444,11 @@ class PatchMerging(nn.Module):
         self.norm = nn.LayerNorm(out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, h, w, C) -> (B, h/2, w/2, 2C)."""
-        x = rearrange(x, "b (h sh) (w sw) c -> b h w (sw sh c)", sh=2, sw=2)  # sh fastest: (0,0),(1,0),(0,1),(1,1)
-        return self.norm(self.reduction(x))
+        """(B, h, w, C) -> (B, ceil(h/2), ceil(w/2), 2C); an odd side is zero-padded first, as timm and HF do."""
+        x = pad_to_multiple(x, (2, 2))
+        B, h, w, C = x.shape
+        x = x.view(B, h // 2, 2, w // 2, 2, C).permute(0, 1, 3, 4, 2, 5)  # (B, h/2, w/2, sw, sh, C): sh fastest
+        return self.norm(self.reduction(x.flatten(3)))  # concat order (0,0),(1,0),(0,1),(1,1)
 
 
 class SwinTransformerV2Stage(nn.Module):
@@ -437,6 +501,8 @@ class PatchEmbed(nn.Module):
         self.norm = nn.LayerNorm(embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, H, W) -> (B, ceil(H/patch), ceil(W/patch), C); a partial patch is zero-padded (bottom/right)."""
+        x = pad_to_multiple(x, (self.patch_size, self.patch_size), channels_last=False)
         return self.norm(self.proj(x).permute(0, 2, 3, 1))  # (B, h, w, C)
 
 
@@ -473,15 +539,20 @@ def stage_geometry(
 
 
 class SwinTransformerV2(nn.Module):
-    """Swin Transformer V2 image encoder / classifier.
+    """Swin Transformer V2 image encoder / classifier, with timm's model API.
 
-    Input (B, in_chans, H, W) with H, W = ``img_size``. ``forward`` returns logits (B, num_classes), or pooled
-    features (B, num_features) when ``num_classes=0``. Internally feature maps are channels-last (B, h, w, C).
+    Input (B, in_chans, H, W), any H, W: the model is built for ``img_size`` (which fixes each stage's window and
+    shift), and other sizes are zero-padded to the patch size and to each stage's window, as timm's
+    ``strict_img_size=False`` and HF's Swinv2 do; at the built size nothing is padded. ``forward`` returns logits
+    (B, num_classes), or pooled features (B, num_features) when ``num_classes=0``. Feature maps are channels-last
+    (B, h, w, C) inside (``output_fmt = 'NHWC'``); :meth:`forward_intermediates` gives per-stage maps for dense tasks.
 
     Defaults are SwinV2 (res-post-norm, scaled cosine attention, log-CPB); ``norm_placement``, ``attention`` and
     ``position_bias`` switch to the V1 choices for the paper's ablations. ``pretrained_window_sizes`` (one per stage,
     0 = none) is the window each stage's CPB MLP was trained at; coordinates are normalised by it.
     """
+
+    output_fmt = "NHWC"  # of forward_features and the stage outputs
 
     def __init__(
         self,
@@ -520,6 +591,7 @@ class SwinTransformerV2(nn.Module):
         self.pretrained_window_sizes: list[Pair] = pretrained
         geometry = stage_geometry(self.img_size, patch_size, num_stages, self.window_size)
         self.num_classes, self.in_chans, self.norm_placement = num_classes, in_chans, norm_placement
+        self.global_pool = global_pool
         self.embed_dim, self.depths, self.num_heads = embed_dim, tuple(depths), tuple(num_heads)
         dims = [embed_dim * 2 ** i for i in range(num_stages)]
         self.num_features = dims[-1]
@@ -542,13 +614,16 @@ class SwinTransformerV2(nn.Module):
                              for i in range(num_stages)]
         self.norm = nn.LayerNorm(self.num_features)
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate,
-                                   input_fmt="NHWC")
+                                   input_fmt=self.output_fmt)
+        self.head_hidden_size = self.head.num_features
         self.apply(self._init_weights)
         if norm_placement == "res_post":  # every block starts as the identity
             for blk in self.blocks():
                 for norm in (blk.norm1, blk.norm2):
                     nn.init.zeros_(norm.weight)
                     nn.init.zeros_(norm.bias)
+        # timm's builder replaces this with the registry entry's config (models/timm_registry.py)
+        self.pretrained_cfg = self.default_cfg = self._describe()
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -560,6 +635,16 @@ class SwinTransformerV2(nn.Module):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
+    def _describe(self) -> dict[str, Any]:
+        """A timm ``pretrained_cfg`` for this model as built (no weights to download)."""
+        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+        h, w = self.img_size
+        return dict(url="", num_classes=self.num_classes, input_size=(self.in_chans, h, w),
+                    pool_size=(h // self.encoder_stride, w // self.encoder_stride), crop_pct=0.9,
+                    interpolation="bicubic", fixed_input_size=False, mean=IMAGENET_DEFAULT_MEAN,
+                    std=IMAGENET_DEFAULT_STD, first_conv="patch_embed.proj", classifier="head.fc", license="mit")
+
     # -- geometry --------------------------------------------------------------------------------------------
 
     def blocks(self) -> list[SwinTransformerV2Block]:
@@ -568,7 +653,7 @@ class SwinTransformerV2(nn.Module):
 
     @property
     def grid_size(self) -> Pair:
-        """Token grid after the patch embedding (h, w)."""
+        """Token grid after the patch embedding (h, w) at the built size."""
         return (self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size)
 
     @property
@@ -603,6 +688,11 @@ class SwinTransformerV2(nn.Module):
         for stage, (res, _), pre in zip(self.layers, geometry, pretrained, strict=True):
             for blk in stage.blocks:
                 blk.set_geometry(res, win, pre)
+        try:  # timm >= 1.0.26 records the current size apart from the source checkpoint's pretrained_cfg
+            from timm.models._input import update_model_input_size
+        except ImportError:
+            return
+        update_model_input_size(self, img, window_size=win)
 
     def init_non_persistent_buffers(self) -> None:
         """Recompute every derived buffer (after ``to_empty`` from the meta device, for example)."""
@@ -615,6 +705,7 @@ class SwinTransformerV2(nn.Module):
 
     # -- memory / speed switches -----------------------------------------------------------------------------
 
+    @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Activation checkpointing per block: recompute activations in backward instead of storing them."""
         for stage in self.layers:
@@ -634,10 +725,41 @@ class SwinTransformerV2(nn.Module):
         for blk in self.blocks():
             blk.attn.fused = enable
 
+    # -- timm's model API ------------------------------------------------------------------------------------
+
+    @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         """Names of parameters that take no weight decay beyond biases/1-D (the CPB MLP, temperatures, tables)."""
         keys = ("cpb_mlp", "logit_scale", "relative_position_bias_table", "q_bias", "v_bias", "mask_token")
         return {n for n, _ in self.named_parameters() if any(k in n for k in keys)}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter groups for timm's layer-wise tools: the stem (patch embedding, mask token), then one group per
+        stage (``coarse``) or per block, a stage's patch merging going with its first block, the final norm last."""
+        return dict(
+            stem=r"^patch_embed|^mask_token",
+            blocks=r"^layers\.(\d+)" if coarse else [
+                (r"^layers\.(\d+).downsample", (0,)),
+                (r"^layers\.(\d+)\.\w+\.(\d+)", None),
+                (r"^norm", (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the head with a freshly initialised one (0 = pooled features); ``global_pool='avg'`` pools,
+        ``''`` returns the unpooled (B, h, w, C) map."""
+        self.num_classes = num_classes
+        self.head.reset(num_classes, global_pool, in_features=self.num_features)
+        self.head_hidden_size = self.head.num_features
+        if global_pool is not None:
+            self.global_pool = global_pool
+        if num_classes > 0:
+            self._init_weights(self.head.fc)
 
     # -- forward ---------------------------------------------------------------------------------------------
 
@@ -649,10 +771,6 @@ class SwinTransformerV2(nn.Module):
     def _embed(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """(B, in_chans, H, W) -> (B, h, w, C); masked tokens (mask (B, h, w), 1 = masked) become ``mask_token``
         after the patch-embedding norm (SimMIM)."""
-        if x.shape[-2:] != self.img_size:
-            raise ValueError(f"input is {x.shape[-2]}x{x.shape[-1]} but the model is built for "
-                             f"{self.img_size[0]}x{self.img_size[1]}; resize the input or call "
-                             f"set_input_size(img_size=..., window_size=...)")
         x = self.patch_embed(x)  # (B, h, w, C)
         if mask is not None:
             if self.mask_token is None:
@@ -665,14 +783,76 @@ class SwinTransformerV2(nn.Module):
         return x
 
     def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, in_chans, H, W) -> final normed map (B, H/stride, W/stride, num_features), channels-last."""
+        """(B, in_chans, H, W) -> final normed map (B, ceil(H/stride), ceil(W/stride), num_features), channels-last.
+        ``mask`` (B, h, w) on the patch grid (SimMIM) replaces masked tokens by ``mask_token``."""
         return self.norm(self.layers(self._embed(x, mask)))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Per-stage feature maps for dense tasks, with timm's semantics.
+
+        ``indices``: None = every stage, an int n = the last n stages, a sequence = those stages (negative from the
+        end). ``norm`` applies the final norm to the last stage's map (the only one it is sized for). ``stop_early``
+        skips the stages after the last one taken. Returns ``(final, intermediates)``, ``final`` as
+        :meth:`forward_features` gives it (B, h, w, C) (unnormed when stopped early), and ``intermediates`` one
+        (B, C_i, h_i, w_i) map per index (``output_fmt='NHWC'``: (B, h_i, w_i, C_i)); or only the list with
+        ``intermediates_only``. Any input size: maps are ceil(H / reduction) x ceil(W / reduction).
+        """
+        from timm.models._features import feature_take_indices
+
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        take, max_index = feature_take_indices(len(self.layers), indices)
+        stages = self.layers if not stop_early or torch.jit.is_scripting() else self.layers[:max_index + 1]
+        last = len(self.layers) - 1
+        intermediates = []
+        x = self._embed(x, None)
+        i = 0
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take:
+                y = self.norm(x) if norm and i == last else x
+                intermediates.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else y)
+        if intermediates_only:
+            return intermediates
+        if i == last:
+            x = self.norm(x)  # the final norm is sized for the last stage only
+        return x, intermediates
+
+    def prune_intermediate_layers(
+        self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the stages after the last of ``indices`` (and the final norm / head as timm does); returns the
+        absolute indices kept, for :meth:`forward_intermediates`."""
+        from timm.models._features import feature_take_indices
+
+        take, max_index = feature_take_indices(len(self.layers), indices)
+        prune_end = max_index < len(self.layers) - 1
+        if prune_norm or prune_end:
+            self.norm = nn.Identity()
+        self.layers = self.layers[:max_index + 1]
+        self.pretrained_window_sizes = self.pretrained_window_sizes[:max_index + 1]
+        if prune_end:  # features now end at the last stage kept; the head was sized for the final one
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+            self.encoder_stride = self.feature_info[max_index]["reduction"]
+        if prune_head or prune_end:
+            self.reset_classifier(0, "")
+        return take
 
     def forward_stages(
         self, x: torch.Tensor, mask: torch.Tensor | None = None, norm_last: bool = True
     ) -> list[torch.Tensor]:
-        """Multi-scale outputs for dense tasks: one (B, C_i, h_i, w_i) map per stage (channels-first), strides
-        4, 8, 16, 32 for the default patch size. The last map is normed when ``norm_last``."""
+        """Deprecated alias of ``forward_intermediates(x, norm=norm_last, intermediates_only=True)`` (one
+        (B, C_i, h_i, w_i) map per stage), with an optional SimMIM ``mask``."""
+        if mask is None:
+            return self.forward_intermediates(x, norm=norm_last, intermediates_only=True)
         x = self._embed(x, mask)
         outs = []
         for i, stage in enumerate(self.layers):
@@ -688,10 +868,3 @@ class SwinTransformerV2(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> (B, num_classes), or (B, num_features) for ``num_classes=0``."""
         return self.forward_head(self.forward_features(x))
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head with a freshly initialised one (0 = pooled features)."""
-        self.num_classes = num_classes
-        self.head.reset(num_classes)
-        if num_classes > 0:
-            self._init_weights(self.head.fc)
