@@ -8,7 +8,12 @@ from conftest import PICO, perturb_
 from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmSwinV2
 
 from simmim.models import SwinTransformerV2, create_model, list_models
-from simmim.models.swin_transformer_v2 import relative_coords_table, shifted_window_mask
+from simmim.models.swin_transformer_v2 import (
+    relative_coords_table,
+    shifted_window_mask,
+    shifted_window_order,
+    window_partition,
+)
 
 PARITY_CASES = [
     dict(img_size=192, window_size=12),
@@ -78,6 +83,15 @@ def test_shift_mask_separates_regions():
     assert (mask[0] == 0).all()  # the top-left window is one region
     assert set(mask.unique().tolist()) == {0.0, -100.0}
     assert shifted_window_mask((8, 8), (4, 4), (0, 0)) is None
+
+
+def test_shifted_window_gather_equals_roll_and_partition():
+    x = torch.randn(2, 8, 12, 5)
+    order = shifted_window_order((8, 12), (4, 4), (2, 2))
+    expected = window_partition(torch.roll(x, (-2, -2), dims=(1, 2)), (4, 4))  # (B*nW, N, C)
+    assert torch.equal(x.reshape(2, 96, 5).index_select(1, order).view(-1, 16, 5), expected)
+    assert torch.equal(order[order.argsort()], torch.arange(96))
+    assert shifted_window_order((8, 12), (4, 4), (0, 0)) is None
 
 
 def test_set_input_size_keeps_parameters_and_uses_pretrained_windows():

@@ -1,0 +1,91 @@
+"""Linear layers whose float32 CPU matrix products run in oneDNN instead of the BLAS behind ``F.linear``.
+
+Why: the backbone's training step is ~70% Linear GEMMs on a CPU. PyTorch runs float32 ``addmm``/``mm`` in its BLAS
+(MKL in the official wheels). On this project's AMD EPYC (AVX-512), oneDNN's float32 matmul, which PyTorch already
+ships (``torch.ops.mkldnn._linear_pointwise``, the op inductor uses), measured about 2x faster than MKL on the
+forward and input-gradient products of every SwinV2-T shape, and on the weight gradient except where the input
+has few channels (there the BLAS keeps it; see ``_OneDNNLinear.backward``). The result is the same float32 product
+with another summation order (differences ~1e-6 relative), not a reduced-precision mode.
+
+Where it does not apply, :func:`linear` is ``F.linear``: other devices and dtypes, autocast (PyTorch already
+sends bf16 products to oneDNN, and routing them through this op measured slower in the training step), and whenever
+the model is being traced, compiled or exported (those see plain aten ops).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .tracing import is_tracing
+
+Backend = Literal["auto", "aten"]
+SMALL_K = 128  # input channels up to which the weight gradient stays in the BLAS (see _OneDNNLinear.backward)
+
+
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+_AVAILABLE = onednn_available()
+
+
+def _autocast_on() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
+
+
+def _matmul_nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ b.T (+ bias)`` in oneDNN: a (M, K), b (N, K) -> (M, N)."""
+    return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """x (M, K) @ weight.T (K, N) + bias on 2-D inputs; the backward's two products run in oneDNN too."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _matmul_nt(x, weight, bias)  # (M, N)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _matmul_nt(grad, weight.t().contiguous())  # (M, N) @ (N, K) -> (M, K)
+        if ctx.needs_input_grad[1]:
+            # (N, M) @ (M, K) -> (N, K), a reduction over the M tokens: oneDNN needs both operands transposed into
+            # copies, which costs more than it saves when the input has few channels (measured: stage 1 of
+            # SwinV2-T/B, K = 96/128, where the BLAS, which reads transposed operands in place, is faster)
+            grad_w = grad.t() @ x if x.shape[1] <= SMALL_K else _matmul_nt(grad.t(), x.t())
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           backend: Backend = "auto") -> torch.Tensor:
+    """``F.linear`` (x (..., K) -> (..., N)), through oneDNN for float32 CPU tensors outside autocast and tracing."""
+    if (backend == "aten" or not _AVAILABLE or is_tracing()  # first: fx proxies have no device or dtype
+            or x.device.type != "cpu" or _autocast_on()
+            or not (x.dtype == weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32))):
+        return F.linear(x, weight, bias)
+    out = _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias)  # (M, N)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, names and init) computed by :func:`linear`; ``backend='aten'`` always uses
+    ``F.linear``."""
+
+    backend: Backend = "auto"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, self.backend)
