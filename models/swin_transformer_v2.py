@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from timm.layers import register_notrace_function as _timm_notrace
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .onednn_linear import Backend, Linear, linear
+from .recompute import Recompute, check_mode, recompute_in_backward, recompute_saved, run_block
 from .tracing import is_symbolic_tracing, is_tracing
 
 Pair = tuple[int, int]
@@ -192,6 +192,7 @@ class WindowAttention(nn.Module):
         self.fused = fused
         self.chunk_windows: int | None = None  # sequential self-attention: windows per chunk (None = all at once)
         self.cache_bias = True  # reuse the position bias at inference (it depends on parameters only)
+        self.recompute_core = False  # recompute the attention core in backward (set_recompute('attention'))
         self._bias_cache: tuple[tuple, torch.Tensor] | None = None
 
         if attention == "cosine":
@@ -259,21 +260,6 @@ class WindowAttention(nn.Module):
             self._bias_cache = (key, self._compute_bias())
         return self._bias_cache[1]
 
-    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        B_, N, C = x.shape
-        bias = None if self.q_bias is None else torch.cat((self.q_bias, self.k_bias, self.v_bias))
-        qkv = linear(x, self.qkv.weight, bias, self.qkv.backend)  # (B_, N, 3C)
-        q, k, v = qkv.view(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B_, nH, N, d)
-        if self.attention == "cosine":
-            # cosine similarity with a learned per-head temperature, folded into q's normalisation (one pass over
-            # q instead of two; it also keeps SDPA usable)
-            scale = torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()  # (nH, 1, 1)
-            q = q * (scale / torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min(1e-12))
-            k = F.normalize(k, dim=-1)
-        else:
-            q = q * (C // self.num_heads) ** -0.5
-        return q, k, v  # each (B_, nH, N, d)
-
     def _use_fused(self, q: torch.Tensor) -> bool:
         """None = auto: the fused kernel on GPUs (it never stores the (N, N) attention maps), the explicit path on
         CPUs, where it measured faster (docs/benchmarks.md); fx proxies carry no device, so fx graphs get the
@@ -282,30 +268,48 @@ class WindowAttention(nn.Module):
             return self.fused
         return False if is_symbolic_tracing() else q.is_cuda
 
-    def _attend(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """x (B_, N, C); bias (G, nH, N, N) with window i using bias[i % G] (G divides B_). Returns (B_, N, C).
+    def _core(self, qkv: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """The attention core: qkv (B_, N, 3C), bias (G, nH, N, N) with window i using bias[i % G] (G divides B_)
+        -> softmax(q k^T * temperature + bias) v as (B_, nH, N, d). Parameter-light and cheap next to the
+        projections, so ``recompute='attention'`` runs it again in backward instead of keeping its maps.
 
         Windows are grouped as (B_/G, G*nH) "heads" so the bias broadcasts over the batch instead of being copied
         per image: the fused kernel then sees one (G*nH, N, N) float mask.
         """
-        q, k, v = self._qkv(x)  # (B_, nH, N, d)
-        B_, nH, N, d = q.shape
+        B_, N, C3 = qkv.shape
+        nH = self.num_heads
+        q, k, v = qkv.view(B_, N, 3, nH, -1).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B_, nH, N, d)
+        d = q.shape[-1]
+        if self.attention == "cosine":
+            # cosine similarity with a learned per-head temperature, folded into q's normalisation (one pass over
+            # q instead of two; it also keeps SDPA usable)
+            scale = torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()  # (nH, 1, 1)
+            q = q * (scale / torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min(1e-12))
+            k = F.normalize(k, dim=-1)
+        else:
+            q = q * d ** -0.5
         G = bias.shape[0]
         drop = self.attn_drop if self.training else 0.0
         if self._use_fused(q):
             q, k, v = (t.reshape(B_ // G, G * nH, N, d) for t in (q, k, v))
             mask = bias.reshape(G * nH, N, N).to(q.dtype)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=1.0)
-            out = out.view(B_, nH, N, d)
-        else:
-            attn = (q @ k.transpose(-2, -1)).view(B_ // G, G, nH, N, N)  # scaled logits
-            # in place where the dtypes agree (the product's backward does not need it): one buffer fewer; under
-            # bf16 autocast the float32 bias promotes the logits to float32 for the softmax, as before
-            in_place = not is_symbolic_tracing() and attn.dtype == bias.dtype  # fx proxies carry no dtype
-            attn = attn.add_(bias) if in_place else attn + bias
-            attn = F.dropout(attn.softmax(dim=-1), p=drop, training=self.training).view(B_, nH, N, N)
-            out = attn @ v  # (B_, nH, N, d)
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B_, N, nH * d)))  # (B_, N, C)
+            return out.view(B_, nH, N, d)
+        attn = (q @ k.transpose(-2, -1)).view(B_ // G, G, nH, N, N)  # scaled logits
+        # in place where the dtypes agree (the product's backward does not need it): one buffer fewer; under bf16
+        # autocast the float32 bias promotes the logits to float32 for the softmax, as before
+        in_place = not is_symbolic_tracing() and attn.dtype == bias.dtype  # fx proxies carry no dtype
+        attn = attn.add_(bias) if in_place else attn + bias
+        attn = F.dropout(attn.softmax(dim=-1), p=drop, training=self.training).view(B_, nH, N, N)
+        return attn @ v  # (B_, nH, N, d)
+
+    def _attend(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """x (B_, N, C); bias (G, nH, N, N) as in :meth:`_core`. Returns (B_, N, C)."""
+        B_, N, C = x.shape
+        qkv_bias = None if self.q_bias is None else torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        qkv = linear(x, self.qkv.weight, qkv_bias, self.qkv.backend)  # (B_, N, 3C)
+        out = recompute_in_backward(self._core, qkv, bias) if self.recompute_core else self._core(qkv, bias)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B_, N, C)))  # (B_, N, C)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B*nW, N, C); mask (nW, N, N) shifted-window mask or None. Returns (B*nW, N, C)."""
@@ -341,9 +345,16 @@ class Mlp(nn.Module):
         self.drop1 = nn.Dropout(drop)
         self.fc2 = Linear(hidden, dim)
         self.drop2 = nn.Dropout(drop)
+        self.recompute_act = False  # keep fc1's output, not GELU's, for backward (set_recompute('attention'))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+        """(..., C) -> (..., C)."""
+        h = self.fc1(x)  # (..., hidden)
+        a = self.act(h)
+        if not self.recompute_act:
+            return self.drop2(self.fc2(self.drop1(a)))
+        with recompute_saved(a, h, self.act):  # fc2 keeps a recipe for its input, not the input
+            return self.drop2(self.fc2(self.drop1(a)))
 
 
 class SwinTransformerV2Block(nn.Module):
@@ -430,14 +441,14 @@ class SwinTransformerV2Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, h, w, C) -> (B, h, w, C)."""
-        # residuals are added in place into the branch output, a fresh tensor that no backward needs: one buffer
-        # fewer per branch (x + y and y + x are the same float sum)
         if self.norm_placement == "res_post":
+            # residuals added in place into the post-norm's output, a fresh tensor that no backward needs (and
+            # that selective recompute does not keep): one buffer fewer per branch; x + y == y + x exactly
             x = self.drop_path1(self.norm1(self._window_attention(x))).add_(x)
             x = self.drop_path2(self.norm2(self.mlp(x))).add_(x)
         else:
-            x = self.drop_path1(self._window_attention(self.norm1(x))).add_(x)
-            x = self.drop_path2(self.mlp(self.norm2(x))).add_(x)
+            x = x + self.drop_path1(self._window_attention(self.norm1(x)))
+            x = x + self.drop_path2(self.mlp(self.norm2(x)))
         if self.extra_norm is not None:
             x = self.extra_norm(x)
         return x
@@ -488,7 +499,7 @@ class SwinTransformerV2Stage(nn.Module):
     ) -> None:
         super().__init__()
         self.downsample = PatchMerging(dim, out_dim) if downsample else nn.Identity()
-        self.grad_checkpointing = False
+        self.recompute: Recompute = "none"  # models/recompute.py; set through SwinTransformerV2.set_recompute
         self.blocks = nn.ModuleList([
             SwinTransformerV2Block(
                 out_dim, num_heads, resolution, window, shifted=i % 2 == 1, pretrained_window=pretrained_window,
@@ -501,11 +512,24 @@ class SwinTransformerV2Stage(nn.Module):
         """(B, h_in, w_in, C_in) -> (B, h, w, C)."""
         x = self.downsample(x)
         for blk in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(blk, x, use_reentrant=False)
-            else:
-                x = blk(x)
+            x = run_block(blk, x, self.recompute)
         return x
+
+    def set_recompute(self, mode: Recompute) -> None:
+        """See :meth:`SwinTransformerV2.set_recompute`."""
+        check_mode(mode)
+        self.recompute = mode
+        for blk in self.blocks:
+            blk.attn.recompute_core = blk.mlp.recompute_act = mode == "attention"
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        """timm's per-stage switch: True is ``recompute='full'``."""
+        return self.recompute == "full"
+
+    @grad_checkpointing.setter
+    def grad_checkpointing(self, enable: bool) -> None:
+        self.set_recompute("full" if enable else "none")
 
 
 class PatchEmbed(nn.Module):
@@ -722,11 +746,23 @@ class SwinTransformerV2(nn.Module):
 
     # -- memory / speed switches -----------------------------------------------------------------------------
 
+    def set_recompute(self, mode: Recompute = "none") -> None:
+        """What the blocks keep for backward (models/recompute.py): ``'none'`` everything; ``'attention'`` not the
+        attention maps nor the GELU output (the attention core and GELU run again in backward: about half the
+        activation memory for a few percent of step time); ``'full'`` only each block's input (activation
+        checkpointing: the whole block runs again). Outputs and gradients are the same in every mode."""
+        check_mode(mode)
+        for stage in self.layers:
+            stage.set_recompute(mode)
+
+    @property
+    def recompute(self) -> str:
+        return self.layers[0].recompute if len(self.layers) else "none"
+
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Activation checkpointing per block: recompute activations in backward instead of storing them."""
-        for stage in self.layers:
-            stage.grad_checkpointing = enable
+        """timm's switch: activation checkpointing per block, i.e. ``set_recompute('full')`` (False: ``'none'``)."""
+        self.set_recompute("full" if enable else "none")
 
     def set_sequential_attention(self, chunk_windows: int | None) -> None:
         """Sequential self-attention: compute attention over at most ``chunk_windows`` windows at a time (None =

@@ -1,0 +1,74 @@
+"""Activation recomputation: what a training step keeps for backward and what it computes again.
+
+* ``none``: autograd keeps every activation its backward needs.
+* ``attention`` (selective recomputation, as in Korthikanti et al. 2022): a block keeps what its large matrix
+  products need and recomputes the cheap parts whose outputs are large. The attention core (q/k normalisation,
+  q k^T, bias, softmax) runs again in backward from the kept qkv projection, so the attention maps (nH x N values
+  per token, the largest activations of window attention) are never kept; and fc2 keeps a recipe for its input,
+  GELU(fc1 output), instead of the 4C-wide input itself (fc1's output is kept anyway for GELU's backward). The
+  projections (qkv, proj, fc1, fc2), LayerNorms and windowing are not recomputed.
+* ``full``: activation checkpointing: only each block's input is kept and the whole block runs again.
+
+Outputs and gradients are the same in every mode (the recomputed ops are deterministic, and checkpointing restores
+the RNG state for dropout).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .tracing import is_tracing
+
+Recompute = Literal["none", "attention", "full"]
+MODES: tuple[str, ...] = ("none", "attention", "full")
+
+
+def check_mode(mode: str) -> None:
+    """Raise a ValueError naming the choices (and the config key) for an unknown mode."""
+    if mode not in MODES:
+        raise ValueError(f"recompute must be one of {', '.join(MODES)}, got {mode!r} (model.recompute)")
+
+
+def run_block(block: nn.Module, x: torch.Tensor, mode: str) -> torch.Tensor:
+    """``block(x)``, checkpointed for ``mode='full'`` when gradients are recorded."""
+    if mode == "full" and torch.is_grad_enabled():
+        return checkpoint(block, x, use_reentrant=False)
+    return block(x)
+
+
+def recompute_in_backward(fn: Callable[..., torch.Tensor], *args: torch.Tensor) -> torch.Tensor:
+    """``fn(*args)``, keeping only ``args`` for backward and running ``fn`` again there. PyTorch's non-reentrant
+    checkpoint stops the rerun as soon as the tensors backward needs exist again, so ``fn``'s last op (probs @ v
+    in the attention core) is not repeated."""
+    if not torch.is_grad_enabled() or is_tracing():
+        return fn(*args)
+    return checkpoint(fn, *args, use_reentrant=False)
+
+
+class recompute_saved(torch.autograd.graph.saved_tensors_hooks):
+    """Inside this context, a tensor that autograd saves and that is ``out = fn(inp)`` (or a view of it) is kept as
+    ``(inp, fn)`` and recomputed when backward unpacks it. For ``fc2(GELU(h))``: fc2 keeps ``h`` (already kept for
+    GELU's own backward) instead of its 4C-wide input. Tensors other than ``out`` are saved as usual."""
+
+    def __init__(self, out: torch.Tensor, inp: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        active = torch.is_grad_enabled() and out.requires_grad and not is_tracing()
+        storage = out.untyped_storage().data_ptr() if active else None
+        base = out.storage_offset() if active else 0
+
+        def pack(t: torch.Tensor):
+            if storage is None or t.device != out.device or t.untyped_storage().data_ptr() != storage:
+                return t
+            return (inp, fn, t.size(), t.stride(), t.storage_offset() - base)
+
+        def unpack(packed):
+            if isinstance(packed, torch.Tensor):
+                return packed
+            inp_, fn_, size, stride, offset = packed
+            return fn_(inp_).as_strided(size, stride, offset)
+
+        super().__init__(pack, unpack)
