@@ -4,6 +4,7 @@ Importing this package registers the variants with timm as ``simmim_<variant>`` 
 """
 
 from . import timm_registry  # noqa: F401  (registers simmim_<variant> with timm's model registry)
+from .compile import compile_model
 from .convert import convert_state_dict, detect_format, load_pretrained, to_official
 from .swin_transformer_v2 import SwinTransformerV2
 from .variants import VARIANTS, create_model, list_models
@@ -11,6 +12,7 @@ from .variants import VARIANTS, create_model, list_models
 __all__ = [
     "VARIANTS",
     "SwinTransformerV2",
+    "compile_model",
     "convert_state_dict",
     "create_model",
     "detect_format",

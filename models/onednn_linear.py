@@ -4,12 +4,13 @@ Why: the backbone's training step is ~70% Linear GEMMs on a CPU. PyTorch runs fl
 (MKL in the official wheels). On this project's AMD EPYC (AVX-512), oneDNN's float32 matmul, which PyTorch already
 ships (``torch.ops.mkldnn._linear_pointwise``, the op inductor uses), measured about 2x faster than MKL on the
 forward and input-gradient products of every SwinV2-T shape, and on the weight gradient except where the input
-has few channels (there the BLAS keeps it; see ``_OneDNNLinear.backward``). The result is the same float32 product
+has few channels (there the BLAS keeps it; see ``_backward``). The result is the same float32 product
 with another summation order (differences ~1e-6 relative), not a reduced-precision mode.
 
 Where it does not apply, :func:`linear` is ``F.linear``: other devices and dtypes, autocast (PyTorch already
 sends bf16 products to oneDNN, and routing them through this op measured slower in the training step), and whenever
-the model is being traced, compiled or exported (those see plain aten ops).
+the model is traced or exported for another runtime (those graphs hold plain aten ops). torch.compile keeps the
+op (a registered custom op with its autograd formula) and compiles the rest around it.
 """
 
 from __future__ import annotations
@@ -20,14 +21,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .tracing import is_tracing
+from .tracing import is_symbolic_tracing
 
 Backend = Literal["auto", "aten"]
-SMALL_K = 128  # input channels up to which the weight gradient stays in the BLAS (see _OneDNNLinear.backward)
+SMALL_K = 128  # input channels up to which the weight gradient stays in the BLAS (see _backward)
+# tokens x in x out features below which F.linear is faster: the custom op's dispatch costs ~25 us forward and
+# ~90 us forward + backward, more than oneDNN saves on products this small (measured crossover 2e6-6e6)
+MIN_WORK = 4_000_000
 
 
 def onednn_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and hasattr(torch.library, "custom_op"))  # torch >= 2.4
 
 
 _AVAILABLE = onednn_available()
@@ -45,17 +50,24 @@ def _matmul_nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = Non
     return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
 
 
-class _OneDNNLinear(torch.autograd.Function):
-    """x (M, K) @ weight.T (K, N) + bias on 2-D inputs; the backward's two products run in oneDNN too."""
+if _AVAILABLE:
+    # a custom op (not an autograd.Function) so that torch.compile keeps it as one opaque call in its graphs and
+    # fuses the elementwise work around it, while the products stay in oneDNN
+    @torch.library.custom_op("simmim::onednn_linear", mutates_args=())
+    def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x (M, K) @ weight.T (K, N) + bias -> (M, N)."""
+        return _matmul_nt(x, weight, bias)
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    @_onednn_linear.register_fake
+    def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return x.new_empty(x.shape[0], weight.shape[0])
+
+    def _setup_context(ctx, inputs, output) -> None:
+        x, weight, bias = inputs
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return _matmul_nt(x, weight, bias)  # (M, N)
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def _backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
@@ -69,16 +81,30 @@ class _OneDNNLinear(torch.autograd.Function):
             grad_b = grad.sum(0)
         return grad_x, grad_w, grad_b
 
+    _onednn_linear.register_autograd(_backward, setup_context=_setup_context)
+
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            backend: Backend = "auto") -> torch.Tensor:
-    """``F.linear`` (x (..., K) -> (..., N)), through oneDNN for float32 CPU tensors outside autocast and tracing."""
-    if (backend == "aten" or not _AVAILABLE or is_tracing()  # first: fx proxies have no device or dtype
+    """``F.linear`` (x (..., K) -> (..., N)), through oneDNN for float32 CPU tensors outside autocast.
+
+    torch.compile keeps the oneDNN op; fx, TorchScript tracing and torch.export get ``F.linear``, so their graphs
+    hold standard aten ops only (ONNX, other runtimes).
+    """
+    if (backend == "aten" or not _AVAILABLE or _exporting()  # first: fx proxies have no device or dtype
             or x.device.type != "cpu" or _autocast_on()
-            or not (x.dtype == weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32))):
+            or not (x.dtype == weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32))
+            or x.numel() * weight.shape[0] < MIN_WORK):
         return F.linear(x, weight, bias)
-    out = _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias)  # (M, N)
+    out = _onednn_linear(x.reshape(-1, x.shape[-1]), weight, bias)  # (M, N)
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def _exporting() -> bool:
+    """Recorded for another runtime (fx, TorchScript tracing, torch.export), where only aten ops belong; plain
+    torch.compile is not (its graphs run here and keep the custom op)."""
+    exporting = getattr(torch.compiler, "is_exporting", torch.compiler.is_compiling)  # older torch: any compile
+    return is_symbolic_tracing() or torch.jit.is_tracing() or exporting()
 
 
 class Linear(nn.Linear):

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .tracing import is_tracing
+from .tracing import is_symbolic_tracing
 
 Recompute = Literal["none", "attention", "full"]
 MODES: tuple[str, ...] = ("none", "attention", "full")
@@ -45,7 +45,7 @@ def recompute_in_backward(fn: Callable[..., torch.Tensor], *args: torch.Tensor) 
     """``fn(*args)``, keeping only ``args`` for backward and running ``fn`` again there. PyTorch's non-reentrant
     checkpoint stops the rerun as soon as the tensors backward needs exist again, so ``fn``'s last op (probs @ v
     in the attention core) is not repeated."""
-    if not torch.is_grad_enabled() or is_tracing():
+    if not torch.is_grad_enabled() or is_symbolic_tracing() or torch.jit.is_tracing():  # torch.compile keeps it
         return fn(*args)
     return checkpoint(fn, *args, use_reentrant=False)
 
@@ -56,7 +56,7 @@ class recompute_saved(torch.autograd.graph.saved_tensors_hooks):
     GELU's own backward) instead of its 4C-wide input. Tensors other than ``out`` are saved as usual."""
 
     def __init__(self, out: torch.Tensor, inp: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        active = torch.is_grad_enabled() and out.requires_grad and not is_tracing()
+        active = torch.is_grad_enabled() and out.requires_grad
         storage = out.untyped_storage().data_ptr() if active else None
         base = out.storage_offset() if active else 0
 

@@ -351,7 +351,7 @@ class Mlp(nn.Module):
         """(..., C) -> (..., C)."""
         h = self.fc1(x)  # (..., hidden)
         a = self.act(h)
-        if not self.recompute_act:
+        if not self.recompute_act or is_tracing():  # compiled graphs choose their own recomputation
             return self.drop2(self.fc2(self.drop1(a)))
         with recompute_saved(a, h, self.act):  # fc2 keeps a recipe for its input, not the input
             return self.drop2(self.fc2(self.drop1(a)))
