@@ -357,6 +357,15 @@ class Mlp(nn.Module):
             return self.drop2(self.fc2(self.drop1(a)))
 
 
+def _residual(x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """``x + branch``. Added in place into ``branch`` (a post-norm's fresh output that no backward needs) where the
+    result keeps its dtype: one buffer fewer per branch, and ``x + y == y + x`` exactly. Under autocast the branch
+    is bf16 and the residual stream float32: then out of place, so the sum stays float32 as in timm."""
+    if not is_symbolic_tracing() and branch.dtype == torch.promote_types(branch.dtype, x.dtype):
+        return branch.add_(x)
+    return x + branch
+
+
 class SwinTransformerV2Block(nn.Module):
     """(Shifted) window attention + MLP with res-post-norm: ``x = x + drop_path(norm(f(x)))``.
 
@@ -442,10 +451,8 @@ class SwinTransformerV2Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, h, w, C) -> (B, h, w, C)."""
         if self.norm_placement == "res_post":
-            # residuals added in place into the post-norm's output, a fresh tensor that no backward needs (and
-            # that selective recompute does not keep): one buffer fewer per branch; x + y == y + x exactly
-            x = self.drop_path1(self.norm1(self._window_attention(x))).add_(x)
-            x = self.drop_path2(self.norm2(self.mlp(x))).add_(x)
+            x = _residual(x, self.drop_path1(self.norm1(self._window_attention(x))))
+            x = _residual(x, self.drop_path2(self.norm2(self.mlp(x))))
         else:
             x = x + self.drop_path1(self._window_attention(self.norm1(x)))
             x = x + self.drop_path2(self.mlp(self.norm2(x)))

@@ -46,6 +46,17 @@ def test_parity_with_timm(geometry, num_classes):
     assert expected.std() > 0.1  # the comparison is on non-trivial outputs
 
 
+def test_parity_with_timm_under_bf16_autocast():
+    """Same casts as timm under autocast: bf16 products, a float32 residual stream and float32 softmax."""
+    ref, ours = timm_pair(0, img_size=64, window_size=4)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = ref.forward_features(x), ours.forward_features(x)
+        block_out = ours.layers[0].blocks[1](torch.randn(2, 16, 16, 16))
+    assert got.dtype == expected.dtype and block_out.dtype == torch.float32
+    torch.testing.assert_close(got, expected, atol=0.05, rtol=0.05)
+
+
 def test_parity_with_timm_after_set_input_size():
     ref, ours = timm_pair(10, img_size=192, window_size=12, pretrained_window_sizes=(12, 12, 12, 6))
     ref.set_input_size(img_size=(256, 256), window_size=16)
