@@ -45,22 +45,18 @@ def _autocast_on() -> bool:
         return torch.is_autocast_cpu_enabled()
 
 
-def _matmul_nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``a @ b.T (+ bias)`` in oneDNN: a (M, K), b (N, K) -> (M, N)."""
-    return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
-
-
 if _AVAILABLE:
-    # a custom op (not an autograd.Function) so that torch.compile keeps it as one opaque call in its graphs and
-    # fuses the elementwise work around it, while the products stay in oneDNN
-    @torch.library.custom_op("simmim::onednn_linear", mutates_args=())
-    def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x (M, K) @ weight.T (K, N) + bias -> (M, N)."""
-        return _matmul_nt(x, weight, bias)
+    # A registered custom op rather than an autograd.Function or direct calls of the mkldnn op: torch.compile keeps
+    # it as one opaque call in forward and backward graphs (inductor's own lowering of the mkldnn op expects a
+    # constant, prepacked weight) and fuses the elementwise work around it, while the products stay in oneDNN.
+    @torch.library.custom_op("simmim::onednn_matmul_nt", mutates_args=())
+    def _matmul_nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``a @ b.T (+ bias)`` in oneDNN: a (M, K), b (N, K) -> (M, N)."""
+        return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
 
-    @_onednn_linear.register_fake
-    def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return x.new_empty(x.shape[0], weight.shape[0])
+    @_matmul_nt.register_fake
+    def _(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return a.new_empty(a.shape[0], b.shape[0])
 
     def _setup_context(ctx, inputs, output) -> None:
         x, weight, bias = inputs
@@ -68,20 +64,21 @@ if _AVAILABLE:
         ctx.has_bias = bias is not None
 
     def _backward(ctx, grad: torch.Tensor):
+        """For out = x @ weight.T + bias: x (M, K), weight (N, K), grad (M, N)."""
         x, weight = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = _matmul_nt(grad, weight.t().contiguous())  # (M, N) @ (N, K) -> (M, K)
+            grad_x = _matmul_nt(grad, weight.t().contiguous(), None)  # (M, N) @ (N, K) -> (M, K)
         if ctx.needs_input_grad[1]:
             # (N, M) @ (M, K) -> (N, K), a reduction over the M tokens: oneDNN needs both operands transposed into
             # copies, which costs more than it saves when the input has few channels (measured: stage 1 of
             # SwinV2-T/B, K = 96/128, where the BLAS, which reads transposed operands in place, is faster)
-            grad_w = grad.t() @ x if x.shape[1] <= SMALL_K else _matmul_nt(grad.t(), x.t())
+            grad_w = grad.t() @ x if x.shape[1] <= SMALL_K else _matmul_nt(grad.t(), x.t(), None)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum(0)
         return grad_x, grad_w, grad_b
 
-    _onednn_linear.register_autograd(_backward, setup_context=_setup_context)
+    _matmul_nt.register_autograd(_backward, setup_context=_setup_context)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -96,7 +93,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             or not (x.dtype == weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32))
             or x.numel() * weight.shape[0] < MIN_WORK):
         return F.linear(x, weight, bias)
-    out = _onednn_linear(x.reshape(-1, x.shape[-1]), weight, bias)  # (M, N)
+    out = _matmul_nt(x.reshape(-1, x.shape[-1]), weight, bias)  # (M, N)
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
