@@ -50,6 +50,55 @@ def recompute_in_backward(fn: Callable[..., torch.Tensor], *args: torch.Tensor) 
     return checkpoint(fn, *args, use_reentrant=False)
 
 
+def _autocast_state(device_type: str) -> tuple[bool, torch.dtype | None]:
+    try:
+        return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+    except (TypeError, AttributeError):  # torch < 2.4
+        return False, None
+
+
+class _RecomputedAttention(torch.autograd.Function):
+    """``out = softmax(q k^T + bias) v`` keeping only ``qkv`` and ``bias``. Backward recomputes q, k, v and the
+    probabilities under the forward's autocast state (the same ops on the same inputs: the same numbers) and
+    applies the product's backward by hand, so unlike a checkpoint it never reruns ``probs @ v``."""
+
+    @staticmethod
+    def forward(ctx, attn: nn.Module, qkv: torch.Tensor, bias: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        ctx.attn = attn
+        ctx.amp = (qkv.device.type, *_autocast_state(qkv.device.type))
+        ctx.save_for_backward(qkv, bias, *params)
+        return attn._core(qkv, bias)  # (B_, nH, N, d); the autograd graph inside is not recorded
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        qkv, bias, *params = ctx.saved_tensors
+        device_type, amp, amp_dtype = ctx.amp
+        with torch.enable_grad(), torch.autocast(device_type, dtype=amp_dtype, enabled=amp):
+            qkv_ = qkv.detach().requires_grad_()
+            bias_ = bias.detach().requires_grad_()
+            q, k, v = ctx.attn._heads(qkv_)  # graph to qkv_ and the module's own parameters (logit_scale)
+            probs = ctx.attn._probs(q, k, bias_)
+            # the backward of probs @ v as autograd computes it (bmm on the 3-D views matmul makes, in the dtypes
+            # autocast gives the forward product): grad_probs = grad v^T, grad_v = probs^T grad
+            B_, nH, N, d = v.shape
+            p3, v3 = probs.detach().reshape(B_ * nH, N, N), v.detach().reshape(B_ * nH, N, d)
+            g3 = grad.reshape(B_ * nH, N, d)
+            grad_probs = torch.bmm(g3, v3.transpose(1, 2)).view(B_, nH, N, N).to(probs.dtype)
+            grad_v = torch.bmm(p3.transpose(1, 2), g3).view(B_, nH, N, d).to(v.dtype)
+        own = [p for p in ctx.attn.parameters() if any(p is q_ for q_ in params)]
+        grads = torch.autograd.grad([probs, v], [qkv_, bias_, *own], [grad_probs, grad_v], allow_unused=True)
+        return (None, grads[0], grads[1] if ctx.needs_input_grad[2] else None, *grads[2:])
+
+
+def recompute_attention(attn: nn.Module, qkv: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``attn._core(qkv, bias)`` (explicit attention path, no attention dropout) keeping only ``qkv`` and ``bias``
+    for backward; the module's parameters used by the core (``logit_scale``) get their gradients too."""
+    if not torch.is_grad_enabled():
+        return attn._core(qkv, bias)
+    params = [attn.logit_scale] if getattr(attn, "logit_scale", None) is not None else []
+    return _RecomputedAttention.apply(attn, qkv, bias, *params)
+
+
 class recompute_saved(torch.autograd.graph.saved_tensors_hooks):
     """Inside this context, a tensor that autograd saves and that is ``out = fn(inp)`` (or a view of it) is kept as
     ``(inp, fn)`` and recomputed when backward unpacks it. For ``fc2(GELU(h))``: fc2 keeps ``h`` (already kept for

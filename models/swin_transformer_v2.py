@@ -23,7 +23,14 @@ from timm.layers import register_notrace_function as _timm_notrace
 from torch import nn
 
 from .onednn_linear import Backend, Linear, linear
-from .recompute import Recompute, check_mode, recompute_in_backward, recompute_saved, run_block
+from .recompute import (
+    Recompute,
+    check_mode,
+    recompute_attention,
+    recompute_in_backward,
+    recompute_saved,
+    run_block,
+)
 from .tracing import is_symbolic_tracing, is_tracing
 
 Pair = tuple[int, int]
@@ -268,6 +275,32 @@ class WindowAttention(nn.Module):
             return self.fused
         return False if is_symbolic_tracing() else q.is_cuda
 
+    def _heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """qkv (B_, N, 3C) -> q, k, v (B_, nH, N, d), q and k normalised and scaled for the logits."""
+        B_, N, _ = qkv.shape
+        q, k, v = qkv.view(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B_, nH, N, d)
+        if self.attention == "cosine":
+            # cosine similarity with a learned per-head temperature, folded into q's normalisation (one pass over
+            # q instead of two; it also keeps SDPA usable)
+            scale = torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()  # (nH, 1, 1)
+            q = q * (scale / torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min(1e-12))
+            k = F.normalize(k, dim=-1)
+        else:
+            q = q * q.shape[-1] ** -0.5
+        return q, k, v
+
+    def _probs(self, q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """softmax(q k^T + bias) (B_, nH, N, N), bias (G, nH, N, N) broadcast as window i -> bias[i % G]."""
+        B_, nH, N, _ = q.shape
+        G = bias.shape[0]
+        attn = (q @ k.transpose(-2, -1)).view(B_ // G, G, nH, N, N)  # scaled logits
+        # in place where the dtypes agree (the product's backward does not need it): one buffer fewer; under bf16
+        # autocast the float32 bias promotes the logits to float32 for the softmax, as before
+        in_place = not is_symbolic_tracing() and attn.dtype == bias.dtype  # fx proxies carry no dtype
+        attn = attn.add_(bias) if in_place else attn + bias
+        drop = self.attn_drop if self.training else 0.0
+        return F.dropout(attn.softmax(dim=-1), p=drop, training=self.training).view(B_, nH, N, N)
+
     def _core(self, qkv: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """The attention core: qkv (B_, N, 3C), bias (G, nH, N, N) with window i using bias[i % G] (G divides B_)
         -> softmax(q k^T * temperature + bias) v as (B_, nH, N, d). Parameter-light and cheap next to the
@@ -276,39 +309,28 @@ class WindowAttention(nn.Module):
         Windows are grouped as (B_/G, G*nH) "heads" so the bias broadcasts over the batch instead of being copied
         per image: the fused kernel then sees one (G*nH, N, N) float mask.
         """
-        B_, N, C3 = qkv.shape
-        nH = self.num_heads
-        q, k, v = qkv.view(B_, N, 3, nH, -1).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B_, nH, N, d)
-        d = q.shape[-1]
-        if self.attention == "cosine":
-            # cosine similarity with a learned per-head temperature, folded into q's normalisation (one pass over
-            # q instead of two; it also keeps SDPA usable)
-            scale = torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()  # (nH, 1, 1)
-            q = q * (scale / torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min(1e-12))
-            k = F.normalize(k, dim=-1)
-        else:
-            q = q * d ** -0.5
-        G = bias.shape[0]
-        drop = self.attn_drop if self.training else 0.0
+        q, k, v = self._heads(qkv)  # (B_, nH, N, d)
         if self._use_fused(q):
+            B_, nH, N, d = q.shape
+            G = bias.shape[0]
             q, k, v = (t.reshape(B_ // G, G * nH, N, d) for t in (q, k, v))
             mask = bias.reshape(G * nH, N, N).to(q.dtype)
+            drop = self.attn_drop if self.training else 0.0
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=1.0)
             return out.view(B_, nH, N, d)
-        attn = (q @ k.transpose(-2, -1)).view(B_ // G, G, nH, N, N)  # scaled logits
-        # in place where the dtypes agree (the product's backward does not need it): one buffer fewer; under bf16
-        # autocast the float32 bias promotes the logits to float32 for the softmax, as before
-        in_place = not is_symbolic_tracing() and attn.dtype == bias.dtype  # fx proxies carry no dtype
-        attn = attn.add_(bias) if in_place else attn + bias
-        attn = F.dropout(attn.softmax(dim=-1), p=drop, training=self.training).view(B_, nH, N, N)
-        return attn @ v  # (B_, nH, N, d)
+        return self._probs(q, k, bias) @ v  # (B_, nH, N, d)
 
     def _attend(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """x (B_, N, C); bias (G, nH, N, N) as in :meth:`_core`. Returns (B_, N, C)."""
         B_, N, C = x.shape
         qkv_bias = None if self.q_bias is None else torch.cat((self.q_bias, self.k_bias, self.v_bias))
         qkv = linear(x, self.qkv.weight, qkv_bias, self.qkv.backend)  # (B_, N, 3C)
-        out = recompute_in_backward(self._core, qkv, bias) if self.recompute_core else self._core(qkv, bias)
+        if not self.recompute_core:
+            out = self._core(qkv, bias)
+        elif (self.training and self.attn_drop > 0) or self._use_fused(qkv) or is_tracing():
+            out = recompute_in_backward(self._core, qkv, bias)  # checkpoint: replays dropout, works compiled
+        else:
+            out = recompute_attention(self, qkv, bias)  # the same without rerunning probs @ v
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B_, N, C)))  # (B_, N, C)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
