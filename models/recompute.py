@@ -72,22 +72,35 @@ class _RecomputedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         qkv, bias, *params = ctx.saved_tensors
+        attn = ctx.attn
         device_type, amp, amp_dtype = ctx.amp
-        with torch.enable_grad(), torch.autocast(device_type, dtype=amp_dtype, enabled=amp):
-            qkv_ = qkv.detach().requires_grad_()
-            bias_ = bias.detach().requires_grad_()
-            q, k, v = ctx.attn._heads(qkv_)  # graph to qkv_ and the module's own parameters (logit_scale)
-            probs = ctx.attn._probs(q, k, bias_)
-            # the backward of probs @ v as autograd computes it (bmm on the 3-D views matmul makes, in the dtypes
-            # autocast gives the forward product): grad_probs = grad v^T, grad_v = probs^T grad
-            B_, nH, N, d = v.shape
-            p3, v3 = probs.detach().reshape(B_ * nH, N, N), v.detach().reshape(B_ * nH, N, d)
-            g3 = grad.reshape(B_ * nH, N, d)
-            grad_probs = torch.bmm(g3, v3.transpose(1, 2)).view(B_, nH, N, N).to(probs.dtype)
-            grad_v = torch.bmm(p3.transpose(1, 2), g3).view(B_, nH, N, d).to(v.dtype)
-        own = [p for p in ctx.attn.parameters() if any(p is q_ for q_ in params)]
-        grads = torch.autograd.grad([probs, v], [qkv_, bias_, *own], [grad_probs, grad_v], allow_unused=True)
-        return (None, grads[0], grads[1] if ctx.needs_input_grad[2] else None, *grads[2:])
+        with torch.autocast(device_type, dtype=amp_dtype, enabled=amp):
+            with torch.enable_grad():
+                qkv_ = qkv.detach().requires_grad_()
+                q, k, v = attn._heads(qkv_)  # graph to qkv_ and the module's own parameters (logit_scale)
+            with torch.no_grad():
+                probs = attn._probs(q.detach(), k.detach(), bias)  # exactly the forward's ops: the same values
+                # each product's backward as autograd computes it: bmm on the 3-D views that matmul makes, in
+                # the dtypes autocast gave the forward; the maps are overwritten or dropped as soon as possible
+                B_, nH, N, d = q.shape
+                G = bias.shape[0]
+                g3 = grad.reshape(B_ * nH, N, d)
+                grad_v = torch.bmm(probs.view(B_ * nH, N, N).transpose(1, 2), g3).view(B_, nH, N, d).to(v.dtype)
+                v3 = v.detach().reshape(B_ * nH, N, d)
+                grad_logits = torch.bmm(g3, v3.transpose(1, 2)).view(B_, nH, N, N).to(probs.dtype)
+                del g3, v3
+                torch.ops.aten._softmax_backward_data.out(grad_logits, probs, -1, probs.dtype,
+                                                          grad_input=grad_logits)  # row by row, in place
+                del probs
+                grad_bias = grad_logits.view(B_ // G, G, nH, N, N).sum(0) if ctx.needs_input_grad[2] else None
+                gl3 = grad_logits.view(B_ * nH, N, N).to(q.dtype)
+                q3, kt3 = q.detach().reshape(B_ * nH, N, d), k.detach().transpose(-2, -1).reshape(B_ * nH, d, N)
+                grad_q = torch.bmm(gl3, kt3.transpose(1, 2)).view(B_, nH, N, d)
+                grad_k = torch.bmm(q3.transpose(1, 2), gl3).view(B_, nH, d, N).transpose(-2, -1)
+                del gl3, grad_logits
+        own = [p for p in attn.parameters() if any(p is q_ for q_ in params)]
+        grads = torch.autograd.grad([q, k, v], [qkv_, *own], [grad_q, grad_k, grad_v], allow_unused=True)
+        return (None, grads[0], grad_bias, *grads[1:])
 
 
 def recompute_attention(attn: nn.Module, qkv: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
