@@ -369,7 +369,8 @@ def main(args: argparse.Namespace) -> int:
     for s in sections:
         print(f"\n[{s.name}]\n{s.table}")
     if args.json:
-        doc = dict(machine=info, command=" ".join(sys.argv), sections={s.name: s.data for s in sections})
+        command = "simmim " + " ".join(sys.argv[1:])
+        doc = dict(machine=info, command=command, sections={s.name: s.data for s in sections})
         text = json.dumps(doc, indent=2, default=str)
         if args.json == "-":
             print(text)
