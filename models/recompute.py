@@ -98,7 +98,7 @@ class _RecomputedAttention(torch.autograd.Function):
                 grad_q = torch.bmm(gl3, kt3.transpose(1, 2)).view(B_, nH, N, d)
                 grad_k = torch.bmm(q3.transpose(1, 2), gl3).view(B_, nH, d, N).transpose(-2, -1)
                 del gl3, grad_logits
-        own = [p for p in attn.parameters() if any(p is q_ for q_ in params)]
+        own = [attn.logit_scale] if params else []  # the parameter _heads used (passed to apply for its gradient)
         grads = torch.autograd.grad([q, k, v], [qkv_, *own], [grad_q, grad_k, grad_v], allow_unused=True)
         return (None, grads[0], grad_bias, *grads[1:])
 

@@ -4,6 +4,11 @@ The file tells the paper's story bottom-up: window helpers -> position bias -> a
 -> stage -> model. Parameter names and shapes equal timm's ``SwinTransformerV2`` so weights move between the two
 with ``strict=True``; all buffers are derived from the geometry and are non-persistent.
 
+The traced path uses plain view/permute rather than einops, and keeps size-dependent branches in small leaf
+functions, so torch.fx, ``torch.jit.trace``, ``torch.export`` and ``torch.compile(fullgraph=True)`` all record it.
+Speed and memory choices live beside: :mod:`.onednn_linear` (CPU products), :mod:`.recompute` (what backward
+recomputes), :mod:`.tracing` (when caches step aside).
+
 Letters used in shape comments:
     B batch, C channels, H W pixels, h w token grid of a stage, wh ww window, N = wh*ww tokens per window,
     nW windows per image, nH heads, d head dim.
