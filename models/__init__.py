@@ -1,5 +1,10 @@
-"""Swin Transformer V2 backbone, its variants and weight converters (installed as ``simmim.models``)."""
+"""Swin Transformer V2 backbone, its variants and weight converters (installed as ``simmim.models``).
 
+Importing this package registers the variants with timm as ``simmim_<variant>`` (see :mod:`.timm_registry`).
+"""
+
+from . import timm_registry  # noqa: F401  (registers simmim_<variant> with timm's model registry)
+from .compile import compile_model
 from .convert import convert_state_dict, detect_format, load_pretrained, to_official
 from .swin_transformer_v2 import SwinTransformerV2
 from .variants import VARIANTS, create_model, list_models
@@ -7,6 +12,7 @@ from .variants import VARIANTS, create_model, list_models
 __all__ = [
     "VARIANTS",
     "SwinTransformerV2",
+    "compile_model",
     "convert_state_dict",
     "create_model",
     "detect_format",

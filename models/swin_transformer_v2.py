@@ -4,6 +4,11 @@ The file tells the paper's story bottom-up: window helpers -> position bias -> a
 -> stage -> model. Parameter names and shapes equal timm's ``SwinTransformerV2`` so weights move between the two
 with ``strict=True``; all buffers are derived from the geometry and are non-persistent.
 
+The traced path uses plain view/permute rather than einops, and keeps size-dependent branches in small leaf
+functions, so torch.fx, ``torch.jit.trace``, ``torch.export`` and ``torch.compile(fullgraph=True)`` all record it.
+Speed and memory choices live beside: :mod:`.onednn_linear` (CPU products), :mod:`.recompute` (what backward
+recomputes), :mod:`.tracing` (when caches step aside).
+
 Letters used in shape comments:
     B batch, C channels, H W pixels, h w token grid of a stage, wh ww window, N = wh*ww tokens per window,
     nW windows per image, nH heads, d head dim.
@@ -11,16 +16,27 @@ Letters used in shape comments:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from timm.layers import DropPath, trunc_normal_
+from timm.layers import register_notrace_function as _timm_notrace
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+
+from .onednn_linear import Backend, Linear, linear
+from .recompute import (
+    Recompute,
+    check_mode,
+    recompute_attention,
+    recompute_in_backward,
+    recompute_saved,
+    run_block,
+)
+from .tracing import is_symbolic_tracing, is_tracing
 
 Pair = tuple[int, int]
 NormPlacement = Literal["res_post", "pre"]
@@ -45,17 +61,30 @@ def to_pair(v: int | Sequence[int]) -> Pair:
 # window helpers
 
 
+@_timm_notrace  # also a leaf for timm's fx feature wrappers
+@torch.fx.wrap  # one opaque call under fx: it branches on sizes, which fx proxies do not have
+def pad_to_multiple(x: torch.Tensor, multiple: Pair, channels_last: bool = True) -> torch.Tensor:
+    """Zero-pad the spatial dims at the bottom/right up to a multiple: (B, h, w, C) or, with ``channels_last=False``,
+    (B, C, H, W). Returns ``x`` itself (no copy) when nothing is missing, so the built size costs nothing."""
+    h, w = (x.shape[1], x.shape[2]) if channels_last else (x.shape[-2], x.shape[-1])
+    pad_h, pad_w = -h % multiple[0], -w % multiple[1]
+    if not (pad_h or pad_w):
+        return x
+    return F.pad(x, (0, 0, 0, pad_w, 0, pad_h) if channels_last else (0, pad_w, 0, pad_h))
+
+
 def window_partition(x: torch.Tensor, window: Pair) -> torch.Tensor:
     """(B, h, w, C) -> (B*nW, N, C), windows in row-major order."""
-    return rearrange(x, "b (nh wh) (nw ww) c -> (b nh nw) (wh ww) c", wh=window[0], ww=window[1])
+    B, h, w, C = x.shape
+    x = x.view(B, h // window[0], window[0], w // window[1], window[1], C)  # (B, nh, wh, nw, ww, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window[0] * window[1], C)
 
 
-def window_reverse(windows: torch.Tensor, window: Pair, grid: Pair) -> torch.Tensor:
-    """(B*nW, N, C) -> (B, h, w, C); the inverse of :func:`window_partition`."""
-    return rearrange(
-        windows, "(b nh nw) (wh ww) c -> b (nh wh) (nw ww) c",
-        nh=grid[0] // window[0], nw=grid[1] // window[1], wh=window[0], ww=window[1],
-    )
+def window_reverse(windows: torch.Tensor, window: Pair, grid: tuple[Any, Any]) -> torch.Tensor:
+    """(B*nW, N, C) -> (B, h, w, C) for the token grid ``grid = (h, w)``; the inverse of :func:`window_partition`."""
+    C = windows.shape[-1]
+    x = windows.view(-1, grid[0] // window[0], grid[1] // window[1], window[0], window[1], C)  # (B, nh, nw, wh, ww, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, grid[0], grid[1], C)
 
 
 def effective_window(resolution: Pair, window: Pair, shift: bool) -> tuple[Pair, Pair]:
@@ -83,6 +112,32 @@ def shifted_window_mask(grid: Pair, window: Pair, shift: Pair) -> torch.Tensor |
     regions = window_partition(region[None, :, :, None], window).squeeze(-1)  # (nW, N)
     diff = regions[:, None, :] - regions[:, :, None]  # (nW, N, N)
     return torch.zeros_like(diff).masked_fill(diff != 0, -100.0)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_shift_mask(grid: Pair, window: Pair, shift: Pair, device: torch.device) -> torch.Tensor:
+    return shifted_window_mask(grid, window, shift).to(device)
+
+
+@_timm_notrace  # also a leaf for timm's fx feature wrappers
+@torch.fx.wrap  # one opaque call under fx: it branches on sizes, which fx proxies do not have
+def shift_mask_for(x: torch.Tensor, built: torch.Tensor | None, built_grid: Pair, window: Pair, shift: Pair
+                   ) -> torch.Tensor:
+    """The shifted-window mask (nW, N, N) for the padded map ``x`` (B, h, w, C): the block's precomputed buffer at
+    its built resolution, else one made for this grid and cached per (grid, window, shift, device)."""
+    grid = (x.shape[1], x.shape[2])
+    if built is not None and grid == tuple(built_grid):
+        return built
+    return _cached_shift_mask((int(grid[0]), int(grid[1])), window, shift, x.device)
+
+
+def shifted_window_order(grid: Pair, window: Pair, shift: Pair) -> torch.Tensor | None:
+    """Token indices (h*w,) that gather a (B, h*w, C) map into the windows of its cyclically shifted version: the
+    same order as ``window_partition(torch.roll(x, -shift))``. None when there is no shift."""
+    if not any(shift):
+        return None
+    index = torch.arange(grid[0] * grid[1]).view(1, *grid, 1)
+    return window_partition(torch.roll(index, (-shift[0], -shift[1]), dims=(1, 2)), window).reshape(-1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -149,6 +204,7 @@ class WindowAttention(nn.Module):
         self.fused = fused
         self.chunk_windows: int | None = None  # sequential self-attention: windows per chunk (None = all at once)
         self.cache_bias = True  # reuse the position bias at inference (it depends on parameters only)
+        self.recompute_core = False  # recompute the attention core in backward (set_recompute('attention'))
         self._bias_cache: tuple[tuple, torch.Tensor] | None = None
 
         if attention == "cosine":
@@ -160,7 +216,7 @@ class WindowAttention(nn.Module):
         else:
             self.cpb_mlp = nn.Sequential(nn.Linear(2, 512, bias=True), nn.ReLU(inplace=True),
                                          nn.Linear(512, num_heads, bias=False))
-        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        self.qkv = Linear(dim, dim * 3, bias=False)
         if qkv_bias:
             self.q_bias = nn.Parameter(torch.zeros(dim))
             self.register_buffer("k_bias", torch.zeros(dim), persistent=False)
@@ -168,7 +224,7 @@ class WindowAttention(nn.Module):
         else:
             self.q_bias = self.k_bias = self.v_bias = None
         self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.set_window(window, pretrained_window)
 
@@ -206,7 +262,7 @@ class WindowAttention(nn.Module):
     def position_bias_tensor(self) -> torch.Tensor:
         """The bias, cached at inference: it depends on parameters only, so it is recomputed when any of them
         changes in place (optimizer step, EMA update, ``load_state_dict``), is swapped or moves device/dtype."""
-        if self.training or torch.is_grad_enabled() or not self.cache_bias:
+        if self.training or torch.is_grad_enabled() or not self.cache_bias or is_tracing():
             self._bias_cache = None
             return self._compute_bias()
         params = [p for n, p in self.named_parameters() if n.startswith(("cpb_mlp", "relative_position"))]
@@ -216,51 +272,82 @@ class WindowAttention(nn.Module):
             self._bias_cache = (key, self._compute_bias())
         return self._bias_cache[1]
 
-    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        B_, N, C = x.shape
-        bias = None if self.q_bias is None else torch.cat((self.q_bias, self.k_bias, self.v_bias))
-        qkv = F.linear(x, self.qkv.weight, bias)  # (B_, N, 3C)
-        q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads).unbind(0)
+    def _use_fused(self, q: torch.Tensor) -> bool:
+        """None = auto: the fused kernel on GPUs (it never stores the (N, N) attention maps), the explicit path on
+        CPUs, where it measured faster (docs/benchmarks.md); fx proxies carry no device, so fx graphs get the
+        explicit path."""
+        if self.fused is not None:
+            return self.fused
+        return False if is_symbolic_tracing() else q.is_cuda
+
+    def _heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """qkv (B_, N, 3C) -> q, k, v (B_, nH, N, d), q and k normalised and scaled for the logits."""
+        B_, N, _ = qkv.shape
+        q, k, v = qkv.view(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B_, nH, N, d)
         if self.attention == "cosine":
-            # cosine similarity with a learned per-head temperature: folding the scale into q keeps SDPA usable
+            # cosine similarity with a learned per-head temperature, folded into q's normalisation (one pass over
+            # q instead of two; it also keeps SDPA usable)
             scale = torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()  # (nH, 1, 1)
-            q = F.normalize(q, dim=-1) * scale
+            q = q * (scale / torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min(1e-12))
             k = F.normalize(k, dim=-1)
         else:
-            q = q * (C // self.num_heads) ** -0.5
-        return q, k, v  # each (B_, nH, N, d)
+            q = q * q.shape[-1] ** -0.5
+        return q, k, v
 
-    def _attend(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """x (B_, N, C); bias (G, nH, N, N) with window i using bias[i % G] (G divides B_). Returns (B_, N, C).
+    def _probs(self, q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """softmax(q k^T + bias) (B_, nH, N, N), bias (G, nH, N, N) broadcast as window i -> bias[i % G]."""
+        B_, nH, N, _ = q.shape
+        G = bias.shape[0]
+        attn = (q @ k.transpose(-2, -1)).view(B_ // G, G, nH, N, N)  # scaled logits
+        # in place where the dtypes agree (the product's backward does not need it): one buffer fewer; under bf16
+        # autocast the float32 bias promotes the logits to float32 for the softmax, as before
+        in_place = not is_symbolic_tracing() and attn.dtype == bias.dtype  # fx proxies carry no dtype
+        attn = attn.add_(bias) if in_place else attn + bias
+        drop = self.attn_drop if self.training else 0.0
+        return F.dropout(attn.softmax(dim=-1), p=drop, training=self.training).view(B_, nH, N, N)
+
+    def _core(self, qkv: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """The attention core: qkv (B_, N, 3C), bias (G, nH, N, N) with window i using bias[i % G] (G divides B_)
+        -> softmax(q k^T * temperature + bias) v as (B_, nH, N, d). Parameter-light and cheap next to the
+        projections, so ``recompute='attention'`` runs it again in backward instead of keeping its maps.
 
         Windows are grouped as (B_/G, G*nH) "heads" so the bias broadcasts over the batch instead of being copied
         per image: the fused kernel then sees one (G*nH, N, N) float mask.
         """
-        q, k, v = self._qkv(x)  # (B_, nH, N, d)
-        B_, nH, N, d = q.shape
-        G = bias.shape[0]
-        drop = self.attn_drop if self.training else 0.0
-        # None = auto: the fused kernel on GPUs (it never stores the (N, N) attention maps), the explicit path on
-        # CPUs, where it measured faster (docs/benchmarks.md)
-        if self.fused if self.fused is not None else q.is_cuda:
+        q, k, v = self._heads(qkv)  # (B_, nH, N, d)
+        if self._use_fused(q):
+            B_, nH, N, d = q.shape
+            G = bias.shape[0]
             q, k, v = (t.reshape(B_ // G, G * nH, N, d) for t in (q, k, v))
             mask = bias.reshape(G * nH, N, N).to(q.dtype)
+            drop = self.attn_drop if self.training else 0.0
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=1.0)
-            out = out.view(B_, nH, N, d)
+            return out.view(B_, nH, N, d)
+        return self._probs(q, k, bias) @ v  # (B_, nH, N, d)
+
+    def _attend(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """x (B_, N, C); bias (G, nH, N, N) as in :meth:`_core`. Returns (B_, N, C)."""
+        B_, N, C = x.shape
+        qkv_bias = None if self.q_bias is None else torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        qkv = linear(x, self.qkv.weight, qkv_bias, self.qkv.backend)  # (B_, N, 3C)
+        if not self.recompute_core:
+            out = self._core(qkv, bias)
+        elif (self.training and self.attn_drop > 0) or self._use_fused(qkv) or is_tracing():
+            out = recompute_in_backward(self._core, qkv, bias)  # checkpoint: replays dropout, works compiled
         else:
-            attn = (q @ k.transpose(-2, -1)).view(B_ // G, G, nH, N, N) + bias  # scaled logits + bias
-            attn = F.dropout(attn.softmax(dim=-1), p=drop, training=self.training).view(B_, nH, N, N)
-            out = attn @ v  # (B_, nH, N, d)
-        return self.proj_drop(self.proj(rearrange(out, "b h n d -> b n (h d)")))
+            out = recompute_attention(self, qkv, bias)  # the same without rerunning probs @ v
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B_, N, C)))  # (B_, N, C)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B*nW, N, C); mask (nW, N, N) shifted-window mask or None. Returns (B*nW, N, C)."""
-        B_ = x.shape[0]
         bias = self.position_bias_tensor()[None]  # (1, nH, N, N)
         if mask is not None:
             bias = bias + mask[:, None].to(bias.dtype)  # (nW, nH, N, N)
         chunk = self.chunk_windows
-        if not chunk or chunk >= B_:
+        if not chunk:  # checked first: the windows count is a proxy under fx tracing
+            return self._attend(x, bias)
+        B_ = x.shape[0]
+        if chunk >= B_:
             return self._attend(x, bias)
         # sequential self-attention (paper §3.6): windows in chunks, so only one chunk's logits are alive at a time
         outs = []
@@ -280,14 +367,30 @@ class Mlp(nn.Module):
 
     def __init__(self, dim: int, hidden: int, drop: float = 0.0) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
+        self.fc1 = Linear(dim, hidden)
         self.act = nn.GELU()
         self.drop1 = nn.Dropout(drop)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc2 = Linear(hidden, dim)
         self.drop2 = nn.Dropout(drop)
+        self.recompute_act = False  # keep fc1's output, not GELU's, for backward (set_recompute('attention'))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+        """(..., C) -> (..., C)."""
+        h = self.fc1(x)  # (..., hidden)
+        a = self.act(h)
+        if not self.recompute_act or is_tracing():  # compiled graphs choose their own recomputation
+            return self.drop2(self.fc2(self.drop1(a)))
+        with recompute_saved(a, h, self.act):  # fc2 keeps a recipe for its input, not the input
+            return self.drop2(self.fc2(self.drop1(a)))
+
+
+def _residual(x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """``x + branch``. Added in place into ``branch`` (a post-norm's fresh output that no backward needs) where the
+    result keeps its dtype: one buffer fewer per branch, and ``x + y == y + x`` exactly. Under autocast the branch
+    is bf16 and the residual stream float32: then out of place, so the sum stays float32 as in timm."""
+    if not is_symbolic_tracing() and branch.dtype == torch.promote_types(branch.dtype, x.dtype):
+        return branch.add_(x)
+    return x + branch
 
 
 class SwinTransformerV2Block(nn.Module):
@@ -340,22 +443,43 @@ class SwinTransformerV2Block(nn.Module):
         mask = shifted_window_mask(resolution, self.window, self.shift)
         device = self.norm1.weight.device if self.norm1.weight.device.type != "meta" else None
         self.register_buffer("attn_mask", None if mask is None else mask.to(device), persistent=False)
+        order = shifted_window_order(resolution, self.window, self.shift)
+        self.register_buffer("token_order", None if order is None else order.to(device), persistent=False)
+        self.register_buffer("token_restore", None if order is None else order.argsort().to(device),
+                             persistent=False)
 
     def _window_attention(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, h, w, C) -> (B, h, w, C)."""
+        """(B, h, w, C) -> (B, h, w, C), any h, w.
+
+        A map that the window does not tile is zero-padded at the bottom/right first and cropped after, and the
+        shift mask is the one for the padded grid: the order of the official detection code and HF's Swinv2 (pad,
+        then shift). At the built resolution nothing is padded and the precomputed mask is used.
+        """
+        h, w = x.shape[1], x.shape[2]
+        if self.token_order is not None and not is_symbolic_tracing() and (h, w) == self.resolution:
+            # shifted windows at the built size: one gather replaces roll + partition (and one the way back),
+            # measured 2-3x faster than the copies it replaces, forward and backward
+            B, C, N = x.shape[0], x.shape[3], self.window[0] * self.window[1]
+            windows = x.reshape(B, h * w, C).index_select(1, self.token_order).view(-1, N, C)  # (B*nW, N, C)
+            windows = self.attn(windows, self.attn_mask)  # (B*nW, N, C)
+            return windows.view(B, h * w, C).index_select(1, self.token_restore).view(B, h, w, C)
+        x = pad_to_multiple(x, self.window)  # (B, hp, wp, C)
+        grid = (x.shape[1], x.shape[2])
+        mask = None
         if any(self.shift):
             x = torch.roll(x, shifts=(-self.shift[0], -self.shift[1]), dims=(1, 2))
-        windows = self.attn(window_partition(x, self.window), self.attn_mask)  # (B*nW, N, C)
-        x = window_reverse(windows, self.window, self.resolution)
+            mask = shift_mask_for(x, self.attn_mask, self.resolution, self.window, self.shift)  # (nW, N, N)
+        windows = self.attn(window_partition(x, self.window), mask)  # (B*nW, N, C)
+        x = window_reverse(windows, self.window, grid)  # (B, hp, wp, C)
         if any(self.shift):
             x = torch.roll(x, shifts=self.shift, dims=(1, 2))
-        return x
+        return x[:, :h, :w].contiguous()  # a no-op view when nothing was padded
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, h, w, C) -> (B, h, w, C)."""
         if self.norm_placement == "res_post":
-            x = x + self.drop_path1(self.norm1(self._window_attention(x)))
-            x = x + self.drop_path2(self.norm2(self.mlp(x)))
+            x = _residual(x, self.drop_path1(self.norm1(self._window_attention(x))))
+            x = _residual(x, self.drop_path2(self.norm2(self.mlp(x))))
         else:
             x = x + self.drop_path1(self._window_attention(self.norm1(x)))
             x = x + self.drop_path2(self.mlp(self.norm2(x)))
@@ -378,13 +502,15 @@ class PatchMerging(nn.Module):
     def __init__(self, dim: int, out_dim: int | None = None) -> None:
         super().__init__()
         out_dim = out_dim or 2 * dim
-        self.reduction = nn.Linear(4 * dim, out_dim, bias=False)
+        self.reduction = Linear(4 * dim, out_dim, bias=False)
         self.norm = nn.LayerNorm(out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, h, w, C) -> (B, h/2, w/2, 2C)."""
-        x = rearrange(x, "b (h sh) (w sw) c -> b h w (sw sh c)", sh=2, sw=2)  # sh fastest: (0,0),(1,0),(0,1),(1,1)
-        return self.norm(self.reduction(x))
+        """(B, h, w, C) -> (B, ceil(h/2), ceil(w/2), 2C); an odd side is zero-padded first, as timm and HF do."""
+        x = pad_to_multiple(x, (2, 2))
+        B, h, w, C = x.shape
+        x = x.view(B, h // 2, 2, w // 2, 2, C).permute(0, 1, 3, 4, 2, 5)  # (B, h/2, w/2, sw, sh, C): sh fastest
+        return self.norm(self.reduction(x.flatten(3)))  # concat order (0,0),(1,0),(0,1),(1,1)
 
 
 class SwinTransformerV2Stage(nn.Module):
@@ -407,7 +533,7 @@ class SwinTransformerV2Stage(nn.Module):
     ) -> None:
         super().__init__()
         self.downsample = PatchMerging(dim, out_dim) if downsample else nn.Identity()
-        self.grad_checkpointing = False
+        self.recompute: Recompute = "none"  # models/recompute.py; set through SwinTransformerV2.set_recompute
         self.blocks = nn.ModuleList([
             SwinTransformerV2Block(
                 out_dim, num_heads, resolution, window, shifted=i % 2 == 1, pretrained_window=pretrained_window,
@@ -420,11 +546,24 @@ class SwinTransformerV2Stage(nn.Module):
         """(B, h_in, w_in, C_in) -> (B, h, w, C)."""
         x = self.downsample(x)
         for blk in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(blk, x, use_reentrant=False)
-            else:
-                x = blk(x)
+            x = run_block(blk, x, self.recompute)
         return x
+
+    def set_recompute(self, mode: Recompute) -> None:
+        """See :meth:`SwinTransformerV2.set_recompute`."""
+        check_mode(mode)
+        self.recompute = mode
+        for blk in self.blocks:
+            blk.attn.recompute_core = blk.mlp.recompute_act = mode == "attention"
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        """timm's per-stage switch: True is ``recompute='full'``."""
+        return self.recompute == "full"
+
+    @grad_checkpointing.setter
+    def grad_checkpointing(self, enable: bool) -> None:
+        self.set_recompute("full" if enable else "none")
 
 
 class PatchEmbed(nn.Module):
@@ -437,6 +576,8 @@ class PatchEmbed(nn.Module):
         self.norm = nn.LayerNorm(embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, H, W) -> (B, ceil(H/patch), ceil(W/patch), C); a partial patch is zero-padded (bottom/right)."""
+        x = pad_to_multiple(x, (self.patch_size, self.patch_size), channels_last=False)
         return self.norm(self.proj(x).permute(0, 2, 3, 1))  # (B, h, w, C)
 
 
@@ -480,15 +621,20 @@ def trained_windows(pretrained: Sequence[Sequence[int]], effective: Sequence[Seq
 
 
 class SwinTransformerV2(nn.Module):
-    """Swin Transformer V2 image encoder / classifier.
+    """Swin Transformer V2 image encoder / classifier, with timm's model API.
 
-    Input (B, in_chans, H, W) with H, W = ``img_size``. ``forward`` returns logits (B, num_classes), or pooled
-    features (B, num_features) when ``num_classes=0``. Internally feature maps are channels-last (B, h, w, C).
+    Input (B, in_chans, H, W), any H, W: the model is built for ``img_size`` (which fixes each stage's window and
+    shift), and other sizes are zero-padded to the patch size and to each stage's window, as timm's
+    ``strict_img_size=False`` and HF's Swinv2 do; at the built size nothing is padded. ``forward`` returns logits
+    (B, num_classes), or pooled features (B, num_features) when ``num_classes=0``. Feature maps are channels-last
+    (B, h, w, C) inside (``output_fmt = 'NHWC'``); :meth:`forward_intermediates` gives per-stage maps for dense tasks.
 
     Defaults are SwinV2 (res-post-norm, scaled cosine attention, log-CPB); ``norm_placement``, ``attention`` and
     ``position_bias`` switch to the V1 choices for the paper's ablations. ``pretrained_window_sizes`` (one per stage,
     0 = none) is the window each stage's CPB MLP was trained at; coordinates are normalised by it.
     """
+
+    output_fmt = "NHWC"  # of forward_features and the stage outputs
 
     def __init__(
         self,
@@ -527,6 +673,7 @@ class SwinTransformerV2(nn.Module):
         self.pretrained_window_sizes: list[Pair] = pretrained
         geometry = stage_geometry(self.img_size, patch_size, num_stages, self.window_size)
         self.num_classes, self.in_chans, self.norm_placement = num_classes, in_chans, norm_placement
+        self.global_pool = global_pool
         self.embed_dim, self.depths, self.num_heads = embed_dim, tuple(depths), tuple(num_heads)
         dims = [embed_dim * 2 ** i for i in range(num_stages)]
         self.num_features = dims[-1]
@@ -549,13 +696,16 @@ class SwinTransformerV2(nn.Module):
                              for i in range(num_stages)]
         self.norm = nn.LayerNorm(self.num_features)
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate,
-                                   input_fmt="NHWC")
+                                   input_fmt=self.output_fmt)
+        self.head_hidden_size = self.head.num_features
         self.apply(self._init_weights)
         if norm_placement == "res_post":  # every block starts as the identity
             for blk in self.blocks():
                 for norm in (blk.norm1, blk.norm2):
                     nn.init.zeros_(norm.weight)
                     nn.init.zeros_(norm.bias)
+        # timm's builder replaces this with the registry entry's config (models/timm_registry.py)
+        self.pretrained_cfg = self.default_cfg = self._describe()
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -567,6 +717,16 @@ class SwinTransformerV2(nn.Module):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
+    def _describe(self) -> dict[str, Any]:
+        """A timm ``pretrained_cfg`` for this model as built (no weights to download)."""
+        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+        h, w = self.img_size
+        return dict(url="", num_classes=self.num_classes, input_size=(self.in_chans, h, w),
+                    pool_size=(h // self.encoder_stride, w // self.encoder_stride), crop_pct=0.9,
+                    interpolation="bicubic", fixed_input_size=False, mean=IMAGENET_DEFAULT_MEAN,
+                    std=IMAGENET_DEFAULT_STD, first_conv="patch_embed.proj", classifier="head.fc", license="mit")
+
     # -- geometry --------------------------------------------------------------------------------------------
 
     def blocks(self) -> list[SwinTransformerV2Block]:
@@ -575,7 +735,7 @@ class SwinTransformerV2(nn.Module):
 
     @property
     def grid_size(self) -> Pair:
-        """Token grid after the patch embedding (h, w)."""
+        """Token grid after the patch embedding (h, w) at the built size."""
         return (self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size)
 
     @property
@@ -614,6 +774,11 @@ class SwinTransformerV2(nn.Module):
         for stage, (res, _), pre in zip(self.layers, geometry, pretrained, strict=True):
             for blk in stage.blocks:
                 blk.set_geometry(res, win, pre)
+        try:  # timm >= 1.0.26 records the current size apart from the source checkpoint's pretrained_cfg
+            from timm.models._input import update_model_input_size
+        except ImportError:
+            return
+        update_model_input_size(self, img, window_size=win)
 
     def init_non_persistent_buffers(self) -> None:
         """Recompute every derived buffer (after ``to_empty`` from the meta device, for example)."""
@@ -626,10 +791,23 @@ class SwinTransformerV2(nn.Module):
 
     # -- memory / speed switches -----------------------------------------------------------------------------
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Activation checkpointing per block: recompute activations in backward instead of storing them."""
+    def set_recompute(self, mode: Recompute = "none") -> None:
+        """What the blocks keep for backward (models/recompute.py): ``'none'`` everything; ``'attention'`` not the
+        attention maps nor the GELU output (the attention core and GELU run again in backward: about half the
+        activation memory for a few percent of step time); ``'full'`` only each block's input (activation
+        checkpointing: the whole block runs again). Outputs and gradients are the same in every mode."""
+        check_mode(mode)
         for stage in self.layers:
-            stage.grad_checkpointing = enable
+            stage.set_recompute(mode)
+
+    @property
+    def recompute(self) -> str:
+        return self.layers[0].recompute if len(self.layers) else "none"
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's switch: activation checkpointing per block, i.e. ``set_recompute('full')`` (False: ``'none'``)."""
+        self.set_recompute("full" if enable else "none")
 
     def set_sequential_attention(self, chunk_windows: int | None) -> None:
         """Sequential self-attention: compute attention over at most ``chunk_windows`` windows at a time (None =
@@ -645,10 +823,50 @@ class SwinTransformerV2(nn.Module):
         for blk in self.blocks():
             blk.attn.fused = enable
 
+    def set_linear_backend(self, backend: Backend = "auto") -> None:
+        """Where the blocks' Linear layers compute: ``'auto'`` (oneDNN for float32 on CPU outside autocast and
+        tracing, ``F.linear`` otherwise; see :mod:`.onednn_linear`) or ``'aten'`` (always ``F.linear``)."""
+        if backend not in ("auto", "aten"):
+            raise ValueError(f"backend must be 'auto' or 'aten', got {backend!r}")
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.backend = backend
+
+    # -- timm's model API ------------------------------------------------------------------------------------
+
+    @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         """Names of parameters that take no weight decay beyond biases/1-D (the CPB MLP, temperatures, tables)."""
         keys = ("cpb_mlp", "logit_scale", "relative_position_bias_table", "q_bias", "v_bias", "mask_token")
         return {n for n, _ in self.named_parameters() if any(k in n for k in keys)}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter groups for timm's layer-wise tools: the stem (patch embedding, mask token), then one group per
+        stage (``coarse``) or per block, a stage's patch merging going with its first block, the final norm last."""
+        return dict(
+            stem=r"^patch_embed|^mask_token",
+            blocks=r"^layers\.(\d+)" if coarse else [
+                (r"^layers\.(\d+).downsample", (0,)),
+                (r"^layers\.(\d+)\.\w+\.(\d+)", None),
+                (r"^norm", (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the head with a freshly initialised one (0 = pooled features); ``global_pool='avg'`` pools,
+        ``''`` returns the unpooled (B, h, w, C) map."""
+        self.num_classes = num_classes
+        self.head.reset(num_classes, global_pool, in_features=self.num_features)
+        self.head_hidden_size = self.head.num_features
+        if global_pool is not None:
+            self.global_pool = global_pool
+        if num_classes > 0:
+            self._init_weights(self.head.fc)
 
     # -- forward ---------------------------------------------------------------------------------------------
 
@@ -660,10 +878,6 @@ class SwinTransformerV2(nn.Module):
     def _embed(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """(B, in_chans, H, W) -> (B, h, w, C); masked tokens (mask (B, h, w), 1 = masked) become ``mask_token``
         after the patch-embedding norm (SimMIM)."""
-        if x.shape[-2:] != self.img_size:
-            raise ValueError(f"input is {x.shape[-2]}x{x.shape[-1]} but the model is built for "
-                             f"{self.img_size[0]}x{self.img_size[1]}; resize the input or call "
-                             f"set_input_size(img_size=..., window_size=...)")
         x = self.patch_embed(x)  # (B, h, w, C)
         if mask is not None:
             if self.mask_token is None:
@@ -671,19 +885,80 @@ class SwinTransformerV2(nn.Module):
                                  "(SimMIM does this) before masked forwards")
             if mask.shape != x.shape[:3]:
                 raise ValueError(f"mask shape {tuple(mask.shape)} must be (B, h, w) = {tuple(x.shape[:3])}")
-            w = mask.unsqueeze(-1).to(x.dtype)  # (B, h, w, 1)
-            x = x * (1 - w) + self.mask_token.to(x.dtype) * w
+            x = torch.where(mask.unsqueeze(-1).bool(), self.mask_token.to(x.dtype), x)  # (B, h, w, C)
         return x
 
     def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, in_chans, H, W) -> final normed map (B, H/stride, W/stride, num_features), channels-last."""
+        """(B, in_chans, H, W) -> final normed map (B, ceil(H/stride), ceil(W/stride), num_features), channels-last.
+        ``mask`` (B, h, w) on the patch grid (SimMIM) replaces masked tokens by ``mask_token``."""
         return self.norm(self.layers(self._embed(x, mask)))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Per-stage feature maps for dense tasks, with timm's semantics.
+
+        ``indices``: None = every stage, an int n = the last n stages, a sequence = those stages (negative from the
+        end). ``norm`` applies the final norm to the last stage's map (the only one it is sized for). ``stop_early``
+        skips the stages after the last one taken. Returns ``(final, intermediates)``, ``final`` as
+        :meth:`forward_features` gives it (B, h, w, C) (unnormed when stopped early), and ``intermediates`` one
+        (B, C_i, h_i, w_i) map per index (``output_fmt='NHWC'``: (B, h_i, w_i, C_i)); or only the list with
+        ``intermediates_only``. Any input size: maps are ceil(H / reduction) x ceil(W / reduction).
+        """
+        from timm.models._features import feature_take_indices
+
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        take, max_index = feature_take_indices(len(self.layers), indices)
+        stages = self.layers if not stop_early or torch.jit.is_scripting() else self.layers[:max_index + 1]
+        last = len(self.layers) - 1
+        intermediates = []
+        x = self._embed(x, None)
+        i = 0
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take:
+                y = self.norm(x) if norm and i == last else x
+                intermediates.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else y)
+        if intermediates_only:
+            return intermediates
+        if i == last:
+            x = self.norm(x)  # the final norm is sized for the last stage only
+        return x, intermediates
+
+    def prune_intermediate_layers(
+        self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the stages after the last of ``indices`` (and the final norm / head as timm does); returns the
+        absolute indices kept, for :meth:`forward_intermediates`."""
+        from timm.models._features import feature_take_indices
+
+        take, max_index = feature_take_indices(len(self.layers), indices)
+        prune_end = max_index < len(self.layers) - 1
+        if prune_norm or prune_end:
+            self.norm = nn.Identity()
+        self.layers = self.layers[:max_index + 1]
+        self.pretrained_window_sizes = self.pretrained_window_sizes[:max_index + 1]
+        if prune_end:  # features now end at the last stage kept; the head was sized for the final one
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+            self.encoder_stride = self.feature_info[max_index]["reduction"]
+        if prune_head or prune_end:
+            self.reset_classifier(0, "")
+        return take
 
     def forward_stages(
         self, x: torch.Tensor, mask: torch.Tensor | None = None, norm_last: bool = True
     ) -> list[torch.Tensor]:
-        """Multi-scale outputs for dense tasks: one (B, C_i, h_i, w_i) map per stage (channels-first), strides
-        4, 8, 16, 32 for the default patch size. The last map is normed when ``norm_last``."""
+        """Deprecated alias of ``forward_intermediates(x, norm=norm_last, intermediates_only=True)`` (one
+        (B, C_i, h_i, w_i) map per stage), with an optional SimMIM ``mask``."""
+        if mask is None:
+            return self.forward_intermediates(x, norm=norm_last, intermediates_only=True)
         x = self._embed(x, mask)
         outs = []
         for i, stage in enumerate(self.layers):
@@ -699,10 +974,3 @@ class SwinTransformerV2(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> (B, num_classes), or (B, num_features) for ``num_classes=0``."""
         return self.forward_head(self.forward_features(x))
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head with a freshly initialised one (0 = pooled features)."""
-        self.num_classes = num_classes
-        self.head.reset(num_classes)
-        if num_classes > 0:
-            self._init_weights(self.head.fc)

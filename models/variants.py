@@ -42,4 +42,6 @@ def create_model(name: str, **overrides: Any) -> SwinTransformerV2:
     unknown = sorted(set(overrides) - _ALLOWED)
     if unknown:
         raise TypeError(f"unknown option(s) {unknown} for {name}; valid options: {', '.join(sorted(_ALLOWED))}")
-    return SwinTransformerV2(**{**VARIANTS[name], **overrides})
+    model = SwinTransformerV2(**{**VARIANTS[name], **overrides})
+    model.pretrained_cfg["architecture"] = f"simmim_{name}"  # timm.create_model builds the same variant
+    return model

@@ -137,23 +137,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    """Images/s (and CUDA peak memory) of our SwinV2 vs timm's, measured side by side in interleaved rounds."""
-    import torch
+    """Our SimMIM/SwinV2 vs SimMIM on timm's SwinV2 side by side: step, inference, memory (simmim/benchmark.py)."""
+    from simmim.benchmark import main as benchmark_main
 
-    from simmim.benchmark import format_results, run_benchmark
-
-    try:
-        results = run_benchmark(args.model, args.img_size, args.window_size, args.batch_size,
-                                train=not args.inference, rounds=args.rounds, iters=args.iters, device=args.device,
-                                dtype=args.dtype)
-    except ValueError as err:
-        return _fail(err)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    what = "inference" if args.inference else "forward+backward"
-    print(f"{args.model} {args.img_size}px W{args.window_size}, batch {args.batch_size}, {what}, {args.dtype}, "
-          f"{device} ({torch.get_num_threads()} threads), median of {args.rounds} rounds x {args.iters} iterations")
-    print(format_results(results))
-    return 0
+    return benchmark_main(args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -260,16 +247,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output (never the checkpoint)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("benchmark", help="throughput (and GPU memory) of our SwinV2 vs timm, side by side")
+    p = sub.add_parser("benchmark", help="SimMIM step, inference and activation memory vs timm, side by side")
+    p.add_argument("--what", nargs="+", choices=["model", "memory", "pipeline"], default=["model"],
+                   help="model: the SimMIM training step and inference vs SimMIM on timm's SwinV2; memory: "
+                        "activation memory per image per recompute mode; pipeline: the input pipeline")
     p.add_argument("--model", default="swinv2_tiny")
     p.add_argument("--img-size", type=int, default=192)
     p.add_argument("--window-size", type=int, default=12)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--inference", action="store_true", help="forward only (default: forward + backward)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="autocast dtype")
+    p.add_argument("--memory-batch-sizes", type=int, nargs=2, default=(2, 4), metavar=("B1", "B2"),
+                   help="memory: the two batch sizes whose peak-memory slope is the memory per image")
+    p.add_argument("--inference", action="store_true", help="model: inference only (default: step and inference)")
+    p.add_argument("--train", action="store_true", help="model: training step only")
+    p.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16", "float16"], default=["float32"],
+                   help="autocast dtype(s)")
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--iters", type=int, default=2)
+    p.add_argument("--compile", action="store_true", help="model: also time ours under torch.compile")
+    p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's choice)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--json", metavar="PATH", help="also write every figure as JSON ('-' = stdout)")
     p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("demo", help="the whole pipeline on images shipped in scikit-image/scikit-learn (CPU, minutes)")

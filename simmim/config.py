@@ -69,7 +69,10 @@ class ModelConfig:
     pretrained_window_sizes: tuple[int, ...] | None = None  # None: no earlier window (pretraining from scratch)
     drop_path_rate: float = 0.1  # official SwinV2-B SimMIM recipe
     in_chans: int = 3
-    grad_checkpointing: bool = False  # trade compute for activation memory
+    grad_checkpointing: bool = False  # trade compute for activation memory; true means recompute: full
+    # what blocks recompute in backward: none; attention (the attention core and GELU: ~0.6x memory for a few %
+    # of step time); full (activation checkpointing). See models/recompute.py and docs/benchmarks.md
+    recompute: Literal["none", "attention", "full"] = "none"
     sequential_attention: int | None = None  # windows per attention chunk (paper §3.6); None = all at once
 
     limits: ClassVar[dict[str, Range]] = {
