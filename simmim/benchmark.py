@@ -9,7 +9,8 @@ Sections (``--what``, several allowed):
 * ``memory``: activation memory of a training step per image for each recompute mode (none / attention / full /
   sequential attention) and timm, as the slope of the step's peak memory over two batch sizes (weights, gradients
   and optimizer-free constants cancel), with the step's images/s beside it.
-* ``pipeline``: the input-pipeline benchmark, provided by :mod:`simmim.data` (see :func:`pipeline_section`).
+* ``pipeline``: the input pipeline against the official SimMIM one (:mod:`simmim.pipeline_benchmark`);
+* ``index``: scan time and memory of the folder index on a synthetic tree of files.
 
 Timing interleaves the contenders in rounds (A, B, A, B, ...) so a noisy shared machine slows both alike, and reports
 the median images/s and the median of the per-round ratios. Peak memory is the CUDA allocator's on GPUs and, on
@@ -306,14 +307,26 @@ def memory_section(name: str = "swinv2_tiny", img_size: int = 192, window_size: 
 
 
 def pipeline_section(args: argparse.Namespace) -> Section:
-    """The input-pipeline benchmark lives with the pipeline: ``simmim.data.benchmark.pipeline_section(args)``
-    returning a :class:`Section`; its options are added by ``simmim.data.benchmark.add_arguments(parser)``."""
-    try:
-        from simmim.data import benchmark as data_benchmark  # type: ignore[attr-defined]
-    except ImportError as err:
-        raise ValueError("the input-pipeline benchmark is not available in this version (simmim.data.benchmark)"
-                         ) from err
-    return data_benchmark.pipeline_section(args)
+    """The input pipeline against the official SimMIM one (:mod:`simmim.pipeline_benchmark`): ImageNet-sized and
+    12 MP JPEGs generated from the embedded photos, or ``--folder`` of your own images."""
+    from dataclasses import asdict
+
+    from simmim.pipeline_benchmark import format_pipeline_results, run_pipeline_benchmark
+
+    results = run_pipeline_benchmark(rounds=args.rounds, img_size=args.img_size, threads=args.threads or 1,
+                                     folder=args.folder)
+    rows = [{**asdict(r), "ratio": r.ratio} for r in results]
+    return Section("pipeline", format_pipeline_results(results), dict(img_size=args.img_size, rows=rows))
+
+
+def index_section(args: argparse.Namespace) -> Section:
+    """Scan time and memory of the packed folder index on a synthetic tree of ``--index-files`` files."""
+    from dataclasses import asdict
+
+    from simmim.pipeline_benchmark import format_index_results, run_index_benchmark
+
+    results = run_index_benchmark(args.index_files, compare_list=args.compare_list)
+    return Section("index", format_index_results(results), dict(rows=[asdict(r) for r in results]))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -348,8 +361,10 @@ def run(args: argparse.Namespace) -> list[Section]:
             sections.append(memory_section(args.model, args.img_size, args.window_size,
                                            tuple(args.memory_batch_sizes), dtype=args.dtype[0],
                                            rounds=args.rounds, device=args.device))
-        else:
+        elif what == "pipeline":
             sections.append(pipeline_section(args))
+        else:
+            sections.append(index_section(args))
     return sections
 
 

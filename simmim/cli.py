@@ -248,9 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("benchmark", help="SimMIM step, inference and activation memory vs timm, side by side")
-    p.add_argument("--what", nargs="+", choices=["model", "memory", "pipeline"], default=["model"],
+    p.add_argument("--what", nargs="+", choices=["model", "memory", "pipeline", "index"], default=["model"],
                    help="model: the SimMIM training step and inference vs SimMIM on timm's SwinV2; memory: "
-                        "activation memory per image per recompute mode; pipeline: the input pipeline")
+                        "activation memory per image per recompute mode; pipeline: the input pipeline vs the "
+                        "official SimMIM one; index: the folder index on a synthetic tree of files")
     p.add_argument("--model", default="swinv2_tiny")
     p.add_argument("--img-size", type=int, default=192)
     p.add_argument("--window-size", type=int, default=12)
@@ -266,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="model: also time ours under torch.compile")
     p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's choice)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--folder", help="pipeline: time this folder of images instead of generated JPEGs")
+    p.add_argument("--index-files", type=int, default=1_000_000, help="index: files in the synthetic tree")
+    p.add_argument("--compare-list", action="store_true", help="index: also time a list of Path objects")
     p.add_argument("--json", metavar="PATH", help="also write every figure as JSON ('-' = stdout)")
     p.set_defaults(func=cmd_benchmark)
 

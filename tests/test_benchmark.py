@@ -49,7 +49,12 @@ def test_cli_prints_tables_and_writes_json(tmp_path, capsys):
     assert main(args) == 0
     table = capsys.readouterr().out
     rows = [line.split() for line in table.splitlines() if line.startswith("train ")]
-    assert [r[2] for r in rows] == ["simmim", "timm"] and rows[1][-1] == "1.00x"
+    assert [r[2] for r in rows] == ["simmim", "timm"]
+    doc_rows = {r["model"]: r for r in json.loads(out.read_text())["sections"]["model"]["rows"]}
+    ours, timm_row = doc_rows["simmim"], doc_rows["timm"]  # the ratio is the median of per-round ratios
+    per_round = sorted(a / b for a, b in zip(ours["rounds"], timm_row["rounds"], strict=True))
+    assert ours["vs_timm"] == pytest.approx(per_round[len(per_round) // 2])
+    assert f"{ours['vs_timm']:.2f}x" == rows[0][-1]
     doc = json.loads(out.read_text())
     assert doc["machine"]["torch"] == torch.__version__ and doc["sections"]["model"]["rows"][0]["images_per_sec"] > 0
 
@@ -61,10 +66,21 @@ def test_cli_errors_name_the_problem(capsys):
     assert "unknown model" in capsys.readouterr().err
 
 
-def test_pipeline_section_is_a_hook_into_the_data_package(capsys, monkeypatch):
-    import simmim.data
+def test_pipeline_and_index_sections_through_the_cli(tmp_path, capsys):
+    from PIL import Image
 
-    if hasattr(simmim.data, "benchmark"):
-        pytest.skip("simmim.data ships its pipeline benchmark")
-    assert main(["benchmark", "--what", "pipeline"]) == 2
-    assert "simmim.data.benchmark" in capsys.readouterr().err
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (300, 220), (40 * i, 90, 160)).save(folder / f"{i}.jpg", quality=90)
+    out = tmp_path / "bench.json"
+    assert main(["benchmark", "--what", "pipeline", "index", "--folder", str(folder), "--rounds", "1",
+                 "--index-files", "300", "--compare-list", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "[pipeline]" in printed and "[index]" in printed
+    sections = json.loads(out.read_text())["sections"]
+    row = sections["pipeline"]["rows"][0]
+    assert row["images"] == 3 and row["ratio"] == pytest.approx(row["ours_ips"] / row["official_ips"])
+    names = [r["name"] for r in sections["index"]["rows"]]
+    assert names == ["packed FileIndex", "list of Paths"]
+    assert all(r["files"] == 300 for r in sections["index"]["rows"])
