@@ -158,6 +158,7 @@ class RunConfig:
     resume: str | None = None  # "auto" = newest valid checkpoint in output/checkpoints, or a path
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     progress: bool = True  # tqdm bar on the main process
+    compile: bool = False  # torch.compile the encoder (fullgraph, fixed size): faster steps after a compile
 
     limits: ClassVar[dict[str, Range]] = {
         "seed": Range(0, 2**32 - 1),  # numpy's seed range (accelerate's set_seed seeds numpy too)

@@ -22,7 +22,7 @@ from simmim.data.labeled import LabeledDataset, open_labeled
 from simmim.data.transforms import eval_transform, finetune_transform
 from simmim.engine import Engine, LoopSettings, StepResult, open_run, start_run
 from simmim.evaluate import evaluate
-from simmim.models import SwinTransformerV2, create_model
+from simmim.models import SwinTransformerV2, compile_model, create_model
 from simmim.models.convert import load_pretrained
 from simmim.optim import param_groups
 from simmim.plan import build_optimization, plan_training
@@ -198,6 +198,8 @@ def run(cfg: FinetuneConfig, overwrite: bool = False) -> dict:
                  num_classes, len(train_ds), len(val_ds), plan.total_steps, plan.global_batch, plan.lr,
                  o.layer_decay)
         task = FinetuneTask(cfg, num_classes, accelerator, model, val_loader, eval_every)
+        if r.compile:  # after the EMA copy is made: a deep copy of a compiled model would call the original
+            compile_model(accelerator.unwrap_model(model))
         engine = Engine(
             accelerator, task, model, optimizer, scheduler, train_loader,
             CheckpointManager(out / "checkpoints", keep_last=r.keep_last),

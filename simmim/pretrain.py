@@ -26,7 +26,7 @@ from simmim.data import (
 )
 from simmim.engine import Engine, LoopSettings, StepResult, TrainState, open_run, start_run
 from simmim.model import SimMIM, normalize_target
-from simmim.models import SwinTransformerV2, create_model
+from simmim.models import SwinTransformerV2, compile_model, create_model
 from simmim.models.convert import encoder_state, load_pretrained
 from simmim.monitor import FeatureMonitor
 from simmim.optim import param_groups
@@ -218,6 +218,8 @@ def run(cfg: PretrainConfig, overwrite: bool = False) -> dict:
             init_meta = {"path": str(init.path.resolve()), "sha256": sha256(init.path), "source": init.source,
                          "kind": init.kind, "loaded": loaded,
                          "pretrained_window_sizes": [list(w) for w in encoder.pretrained_window_sizes]}
+        if r.compile:  # one graph per mode at the fixed size; state_dict keys do not change
+            compile_model(model)
         optimizer, scheduler = build_optimization(param_groups(model, o.weight_decay), cfg.schedule, o, plan)
         if stream:
             model, optimizer = accelerator.prepare(model, optimizer)
