@@ -21,7 +21,8 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-Format = Literal["ours", "timm", "official"]
+Format = Literal["ours", "timm", "official", "hf"]
+_HF_KEYS = ("swinv2.", "embeddings.patch_embeddings.", "encoder.layers.0.blocks.0.attention.")
 BUFFER_SUFFIXES = ("relative_coords_table", "relative_position_index", "attn_mask")
 _WRAPPER_KEYS = ("model", "state_dict", "model_ema", "module")
 _DOWNSAMPLE = re.compile(r"^(?P<pre>(?:encoder\.)?layers\.)(?P<i>\d+)(?P<post>\.downsample\..*)$")
@@ -146,7 +147,10 @@ def windows_from_coords_tables(state_dict: Mapping[str, torch.Tensor]) -> list[t
 
 
 def detect_format(state_dict: Mapping[str, torch.Tensor]) -> Format:
-    """``official`` (downsample at stage end, ``head.weight``, saved buffers, ``rpe_mlp``) or ``timm`` (= ours)."""
+    """``hf`` (transformers ``Swinv2*`` names), ``official`` (downsample at stage end, ``head.weight``, saved
+    buffers, ``rpe_mlp``) or ``timm`` (= ours)."""
+    if any(k.startswith(_HF_KEYS) for k in state_dict):
+        return "hf"
     for k in state_dict:
         key = k.removeprefix("encoder.")
         if (key.startswith("layers.0.downsample.") or key.endswith(BUFFER_SUFFIXES) or ".rpe_mlp." in key
@@ -157,12 +161,17 @@ def detect_format(state_dict: Mapping[str, torch.Tensor]) -> Format:
 
 def convert_state_dict(state_dict: Mapping[str, torch.Tensor], source: Format | Literal["auto"] = "auto"
                        ) -> dict[str, torch.Tensor]:
-    """Convert an official or timm state dict to our keys (a SimMIM ``encoder.`` prefix is preserved)."""
+    """Convert an official, timm or transformers state dict to our keys (a SimMIM ``encoder.`` prefix is
+    preserved): the one function every layout goes through."""
     source = detect_format(state_dict) if source == "auto" else source
+    if source == "hf":
+        from .hf import hf_to_ours
+
+        return hf_to_ours(state_dict)
     if source in ("timm", "ours"):
         return {k: v for k, v in state_dict.items() if not k.endswith(BUFFER_SUFFIXES)}
     if source != "official":
-        raise ValueError(f"unknown checkpoint format {source!r}; use 'official', 'timm' or 'auto'")
+        raise ValueError(f"unknown checkpoint format {source!r}; use 'official', 'timm', 'hf' or 'auto'")
     out = {}
     for k, v in state_dict.items():
         if k.endswith(BUFFER_SUFFIXES):

@@ -24,8 +24,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from .convert import convert_state_dict, unwrap
-from .hf import hf_to_ours
+from .convert import convert_state_dict, encoder_state, unwrap
 from .swin_transformer_v2 import SwinTransformerV2
 from .variants import VARIANTS
 
@@ -38,16 +37,9 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: SwinTransformerV2
     """Any supported checkpoint -> ``model``'s keys: SimMIM's ``encoder.`` prefix and decoder dropped for a bare
     encoder, official/HF layouts converted, a missing classifier taken from the model's fresh one (a pretrained
     encoder under a new head)."""
-    sd = unwrap(state_dict)
-    if any(k.startswith(("swinv2.", "embeddings.patch_embeddings.")) for k in sd):
-        sd = hf_to_ours(sd, prefix="swinv2." if any(k.startswith("swinv2.") for k in sd) else "")
-    sd = convert_state_dict(sd)
+    sd = convert_state_dict(unwrap(state_dict))
     own = model.state_dict()
-    if any(k.startswith("encoder.") for k in sd) and not any(k.startswith("encoder.") for k in own):
-        sd = {k.removeprefix("encoder."): v for k, v in sd.items() if k.startswith("encoder.")}
-    sd = {k: v for k, v in sd.items() if not k.startswith("decoder.")}
-    if "mask_token" not in own:
-        sd.pop("mask_token", None)
+    sd = encoder_state(sd, keep=("head.", "mask_token") if "mask_token" in own else ("head.",))
     fresh = [k for k in own if k.startswith("head.") and k not in sd]
     if fresh:
         log.info("the checkpoint has no classifier: %s keep their fresh initialisation", ", ".join(fresh))

@@ -179,13 +179,9 @@ def _card_meta(card: dict) -> dict:
 
 def _classify(sd: dict[str, torch.Tensor]) -> tuple[Source, dict[str, torch.Tensor], list[Pair] | None]:
     """A foreign state dict -> (source, our layout, windows recovered from saved buffers)."""
-    if any(k.startswith(("swinv2.", "embeddings.", "encoder.layers.0.blocks.0.attention")) for k in sd):
-        from simmim.models.hf import hf_to_ours
-
-        return "hf", hf_to_ours(sd), None
     fmt = detect_format(sd)
     windows = windows_from_coords_tables(sd) if fmt == "official" else None
-    return ("official" if fmt == "official" else "timm"), convert_state_dict(sd, fmt), windows
+    return ("timm" if fmt == "ours" else fmt), convert_state_dict(sd, fmt), windows
 
 
 def read_weights(path: str | Path) -> Weights:
