@@ -39,17 +39,14 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("safetensors", "timm", "hf", "onnx")
 ONNX_ATOL = 1e-4  # onnxruntime vs PyTorch, float32: op reordering alone gives ~1e-6 on these models
-# the timm entry point each variant loads through; window and image size are overridden in the call anyway.
-# pico/nano are not timm models: their embed_dim/depths/num_heads are passed explicitly
+# timm's own architecture of the same dimensions: its files load with plain timm (no simmim installed); window and
+# image size are passed in the call. Other variants (pico, nano) load through our registered simmim_<variant>.
 TIMM_ARCH = {
-    "swinv2_pico": "swinv2_tiny_window8_256",
-    "swinv2_nano": "swinv2_tiny_window8_256",
     "swinv2_tiny": "swinv2_tiny_window8_256",
     "swinv2_small": "swinv2_small_window8_256",
     "swinv2_base": "swinv2_base_window8_256",
     "swinv2_large": "swinv2_large_window12_192",
 }
-_TIMM_OWN_SIZES = {"swinv2_tiny", "swinv2_small", "swinv2_base", "swinv2_large"}
 LIBRARIES = {"timm": "timm", "hf": "Hugging Face transformers"}  # formats that load into another library's SwinV2
 
 
@@ -94,16 +91,23 @@ def check_foreign(variant: str, fmt: str) -> None:
             f"{variant} cannot be exported to {LIBRARIES[fmt]}: it adds a LayerNorm on the main branch every 6 blocks "
             f"(extra_norm_period=6, SwinV2 paper §3.2), which {LIBRARIES[fmt]}'s SwinV2 does not have, so its "
             "outputs would differ; export it as safetensors or onnx instead")
-    if variant not in TIMM_ARCH:
-        raise ValueError(f"{variant} has no {LIBRARIES[fmt]} counterpart; export it as safetensors or onnx instead")
 
 
-def timm_call(model: SwinTransformerV2, meta: dict, file: Path) -> str:
-    """The ``timm.create_model(...)`` expression that rebuilds ``model`` from ``file`` (needs ``import timm``).
+def timm_architecture(variant: str) -> tuple[str, bool]:
+    """The ``timm.create_model`` name for ``variant`` and whether it needs ``import simmim.models`` (which registers
+    ``simmim_<variant>`` with timm): timm's own architecture where one has the same dimensions, else ours."""
+    return (TIMM_ARCH[variant], False) if variant in TIMM_ARCH else (f"simmim_{variant}", True)
 
-    ``pretrained_cfg_overlay`` points timm at the file and declares its ``num_classes`` and input size, so timm's
-    loader neither drops the classifier (it does when ``num_classes`` differs from the pretrained cfg) nor adapts
-    the stem; timm's ``checkpoint_filter_fn`` leaves our keys as they are (they are timm's native layout).
+
+def timm_call(model: SwinTransformerV2, meta: dict, file: Path, registered: bool = False) -> str:
+    """The ``timm.create_model(...)`` expression that rebuilds ``model`` from ``file`` (needs ``import timm``, and
+    ``import simmim.models`` for ``simmim_*`` names): timm's own architecture where there is one (see
+    :func:`timm_architecture`), or with ``registered`` always our ``simmim_<variant>`` (timm's model API on our
+    class: ``features_only``, ``forward_intermediates``, any input size).
+
+    ``pretrained_cfg_overlay`` points timm at the file and declares its ``num_classes``, input and pool size, so
+    timm's loader neither drops the classifier (it does when ``num_classes`` differs from the pretrained cfg) nor
+    adapts the stem; timm's ``checkpoint_filter_fn`` leaves our keys as they are (they are timm's native layout).
     """
     h, w = model.img_size
     mean, std = tuple(meta.get("mean") or IMAGENET_MEAN), tuple(meta.get("std") or IMAGENET_STD)
@@ -113,12 +117,11 @@ def timm_call(model: SwinTransformerV2, meta: dict, file: Path) -> str:
     # the trained windows, not (0, 0, 0, 0): the same outputs at this size, and still right when a user changes
     # img_size/window_size in this call
     pretrained = tuple(_size(p) for p in model.trained_window_sizes)
-    args = [f"{TIMM_ARCH[_variant(meta)]!r}", "pretrained=True", f"pretrained_cfg_overlay={overlay}",
+    arch = f"simmim_{_variant(meta)}" if registered else timm_architecture(_variant(meta))[0]
+    args = [f"{arch!r}", "pretrained=True", f"pretrained_cfg_overlay={overlay}",
             f"img_size={_size(model.img_size)!r}", f"window_size={_size(model.window_size)!r}",
             f"pretrained_window_sizes={pretrained!r}", f"num_classes={model.num_classes}",
             f"in_chans={model.in_chans}"]
-    if _variant(meta) not in _TIMM_OWN_SIZES:
-        args += [f"embed_dim={model.embed_dim}", f"depths={model.depths!r}", f"num_heads={model.num_heads!r}"]
     return f"timm.create_model({', '.join(args)})"
 
 
@@ -160,9 +163,18 @@ def write_safetensors(model: SwinTransformerV2, meta: dict, out: Path, final: Pa
     """Our state dict (= timm's keys) with the geometry in the safetensors header."""
     _save_safetensors(_state_dict(model), out, _geometry_metadata(model, meta))
     load = {"simmim": simmim_code(model, meta, final)}
-    if _variant(meta) in TIMM_ARCH:
-        load["timm"] = timm_call(model, meta, final)
+    if not VARIANTS[_variant(meta)].get("extra_norm_period"):
+        load.update(_timm_loads(model, meta, final))
     return [out], {"load": load}
+
+
+def _timm_loads(model: SwinTransformerV2, meta: dict, final: Path) -> dict[str, str]:
+    """The card's timm calls: ``timm`` (timm's own architecture where there is one) and ``timm_simmim`` (our class
+    through timm, for features_only and any input size); ``requires`` says what each needs imported."""
+    arch, needs_simmim = timm_architecture(_variant(meta))
+    return {"timm": timm_call(model, meta, final), "timm_simmim": timm_call(model, meta, final, registered=True),
+            "requires": "import timm" + ("; import simmim.models  # registers simmim_* with timm" if needs_simmim
+                                         else "  (timm_simmim: also import simmim.models)")}
 
 
 def write_timm(model: SwinTransformerV2, meta: dict, out: Path, final: Path, opset: int | None
@@ -175,7 +187,7 @@ def write_timm(model: SwinTransformerV2, meta: dict, out: Path, final: Path, ops
         torch.save(sd, out)
     else:
         _save_safetensors(sd, out, _geometry_metadata(model, meta))
-    return [out], {"load": {"timm": timm_call(model, meta, final)}}
+    return [out], {"load": _timm_loads(model, meta, final)}
 
 
 def write_hf(model: SwinTransformerV2, meta: dict, out: Path, final: Path, opset: int | None
@@ -297,6 +309,7 @@ def model_card(model: SwinTransformerV2, meta: dict, checkpoint: Path, fmt: str,
         "architecture": {
             "variant": _variant(meta), "embed_dim": model.embed_dim, "depths": list(model.depths),
             "num_heads": list(model.num_heads), "num_classes": model.num_classes,
+            "timm_architecture": timm_architecture(_variant(meta))[0],
             "num_features": model.num_features, "in_chans": model.in_chans, "patch_size": model.patch_size,
             "mlp_ratio": first.mlp.fc1.out_features / first.mlp.fc1.in_features,
             "extra_norm_period": VARIANTS[_variant(meta)].get("extra_norm_period", 0),

@@ -155,7 +155,11 @@ def test_card_describes_geometry_source_and_recipe(checkpoints, exported, kind):
 
 def test_safetensors_card_timm_call_builds_the_same_model(exported, reference):
     card = json.loads(exported("finetune", "safetensors")[-1].read_text())
-    assert card["load"]["timm"].startswith("timm.create_model('swinv2_tiny_window8_256', pretrained=True")
+    # pico has no timm architecture of its dimensions: the card names our registered one, and says so
+    assert card["load"]["timm"].startswith("timm.create_model('simmim_swinv2_pico', pretrained=True")
+    assert card["architecture"]["timm_architecture"] == "simmim_swinv2_pico"
+    assert "import simmim.models" in card["load"]["requires"]
+    assert "pool_size=(3, 3)" in card["load"]["timm"]  # 96 px / 32
     model = eval(card["load"]["timm"], {"timm": timm}).eval()
     x, expected = reference("finetune")
     assert model.pretrained_cfg["mean"] == tuple(MEAN)  # data config comes from the overlay
@@ -307,3 +311,25 @@ def test_exports_loaded_at_another_window_keep_the_trained_windows(checkpoints, 
         directory = exported("pretrain", "hf")[0].parent
         hf = transformers.Swinv2Model.from_pretrained(directory, image_size=96, window_size=6).eval()
         torch.testing.assert_close(hf(x).pooler_output, expected, atol=1e-4, rtol=0)
+
+
+def test_timm_architecture_is_timms_own_where_the_dimensions_match():
+    from simmim.export import timm_architecture
+
+    assert timm_architecture("swinv2_tiny") == ("swinv2_tiny_window8_256", False)  # plain timm loads it
+    assert timm_architecture("swinv2_large") == ("swinv2_large_window12_192", False)
+    assert timm_architecture("swinv2_nano") == ("simmim_swinv2_nano", True)
+
+
+def test_a_tiny_export_loads_in_plain_timm_by_timms_own_name(tmp_path):
+    enc = perturb_(create_model("swinv2_tiny", img_size=64, window_size=4, num_classes=0), scale=0.05)
+    state = {f"encoder.{k}": v for k, v in enc.state_dict().items()}
+    meta = {**run_meta("simmim-pretrain", enc), "model": "swinv2_tiny"}
+    ckpt = save_checkpoint({"model": state, "meta": meta, "step": 1}, tmp_path / "tiny.pt")
+    card = json.loads(export(ckpt, "timm")[-1].read_text())
+    assert card["load"]["timm"].startswith("timm.create_model('swinv2_tiny_window8_256'")
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        theirs = eval(card["load"]["timm"], {"timm": timm}).eval()
+        assert type(theirs).__module__ == "timm.models.swin_transformer_v2"  # timm's class, not ours
+        torch.testing.assert_close(theirs(x), enc.eval()(x), atol=1e-5, rtol=0)
