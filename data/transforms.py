@@ -35,11 +35,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from .images import RawImage, decode_tensor, oriented_size
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+IMAGENET_MEAN: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN  # timm's constants: one source of truth
+IMAGENET_STD: tuple[float, float, float] = IMAGENET_DEFAULT_STD
 
 Box = tuple[int, int, int, int]  # (top, left, height, width) in pixels, torchvision's order
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,8 @@ class DataConfig:
     mask_patch_size: int = 32  # masks are drawn on a 32 px grid, then upsampled to tokens
     mask_ratio: float = 0.6
     crop_scale: tuple[float, float] = (0.67, 1.0)  # RandomResizedCrop scale of the official pretraining
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)  # one per input channel (model.in_chans)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN  # one per input channel (model.in_chans); ImageNet's
+    std: tuple[float, ...] = IMAGENET_DEFAULT_STD
 
     limits: ClassVar[dict[str, Range]] = {
         "batch_size": AT_LEAST_1, "num_workers": AT_LEAST_0, "mask_patch_size": AT_LEAST_1,
@@ -223,8 +224,8 @@ class FinetuneDataConfig:
     re_prob: float = 0.25  # random erasing
     interpolation: Literal["bicubic", "bilinear", "nearest", "lanczos", "box", "hamming"] = "bicubic"
     crop_pct: float = 0.875  # eval: resize to img_size / crop_pct (256 for 224), center-crop; 1.0 = plain resize
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)  # one per input channel (model.in_chans)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN  # one per input channel (model.in_chans); ImageNet's
+    std: tuple[float, ...] = IMAGENET_DEFAULT_STD
 
     limits: ClassVar[dict[str, Range]] = {
         "batch_size": AT_LEAST_1, "num_workers": AT_LEAST_0, "crop_scale": Range(0, 1, low_open=True),
