@@ -43,11 +43,13 @@ Letters: ``C`` channels, ``H, W`` pixels.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -320,6 +322,20 @@ def _pixels(img: Image.Image, padded: bool) -> torch.Tensor:
     return torch.from_numpy(a if a.ndim == 3 else a[:, :, None])
 
 
+@contextlib.contextmanager
+def _reading(raw: Image.Image) -> Iterator[None]:
+    """Decoding ``raw``: any reader error becomes :class:`UnreadableImageError` naming the file (a channel
+    mismatch stays itself), and the file is released whatever happens."""
+    try:
+        yield
+    except ChannelMismatchError:
+        raise
+    except Exception as err:  # Pillow raises OSError, ValueError, SyntaxError, DecompressionBombError ...
+        raise UnreadableImageError(f"cannot read image {_name(raw)}: {type(err).__name__}: {err}") from err
+    finally:
+        _release(raw)
+
+
 def decode_tensor(raw: RawImage | torch.Tensor, channels: int = 3, max_reduction: float = 1.0,
                   padded: bool = False) -> tuple[torch.Tensor, tuple[float, float]]:
     """Decode ``raw`` to a tensor (C, H', W'): uint8 (values read as / 255) or float32 (values as they are).
@@ -345,16 +361,10 @@ def decode_tensor(raw: RawImage | torch.Tensor, channels: int = 3, max_reduction
     if not isinstance(raw, Image.Image):
         raise TypeError(f"expected a PIL image, an array or a tensor, got {type(raw).__name__}")
     stored_w, stored_h = raw.size  # before draft, which shrinks .size
-    try:
+    with _reading(raw):
         img = _decoded(raw, channels, max_reduction)
         t = _pixels(img, padded)  # (H, W, C)
         transposed = _orientation(raw) in _TRANSPOSED  # known for sure only now (a PNG's EXIF may follow its pixels)
-    except ChannelMismatchError:
-        raise
-    except Exception as err:
-        raise UnreadableImageError(f"cannot read image {_name(raw)}: {type(err).__name__}: {err}") from err
-    finally:
-        _release(raw)
     full_w, full_h = (stored_h, stored_w) if transposed else (stored_w, stored_h)
     t = t.permute(2, 0, 1)  # (C, H, W), channels-last strides
     return t, (full_h / t.shape[1], full_w / t.shape[2])
@@ -370,14 +380,8 @@ def decode_pil(raw: RawImage | torch.Tensor, channels: int = 3) -> Image.Image:
     if channels not in (1, 3):
         raise ValueError(f"PIL images have 1 or 3 channels, not model.in_chans {channels}; use decode_tensor")
     if isinstance(raw, Image.Image):
-        try:
+        with _reading(raw):
             return finish_decode(raw, channels)
-        except ChannelMismatchError:
-            raise
-        except Exception as err:
-            raise UnreadableImageError(f"cannot read image {_name(raw)}: {type(err).__name__}: {err}") from err
-        finally:
-            _release(raw)
     t, _ = decode_tensor(raw, channels)
     if t.dtype != torch.uint8:
         t = (t.float() * 255.0).round_().clamp_(0, 255).to(torch.uint8)
