@@ -137,3 +137,22 @@ def test_official_conversion_agrees_with_timms_own_filter(num_classes):
         expected = ref(x)
         torch.testing.assert_close(through_timm(x), expected, rtol=0, atol=0)  # the fixture is really official
         torch.testing.assert_close(ours(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_pickle_that_runs_code_is_refused_by_name_and_never_executed(tmp_path):
+    import os
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {"w": torch.ones(1)}, "x": Payload()}, path)
+    with pytest.raises(ValueError) as err:
+        read_checkpoint(path)
+    message = str(err.value)
+    assert "system" in message and str(path) in message and "never executes pickled code" in message
+    assert "weights_only=False" not in message  # no advice to load unsafely
+    assert not marker.exists()
