@@ -20,12 +20,13 @@ from simmim.config import FinetuneConfig, to_dict
 from simmim.data import make_loader
 from simmim.data.labeled import LabeledDataset, open_labeled
 from simmim.data.transforms import eval_transform, finetune_transform
-from simmim.engine import Engine, LoopSettings, StepResult, open_run, start_run
+from simmim.engine import Engine, LoopSettings, StepResult
 from simmim.evaluate import evaluate
 from simmim.models import SwinTransformerV2, compile_model, create_model
 from simmim.models.convert import load_pretrained
 from simmim.optim import param_groups
 from simmim.plan import build_optimization, plan_training
+from simmim.run_dir import open_run, start_run
 from simmim.weights import Weights, check_channels, geometry_metadata, read_weights, sha256, start_windows
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,5 @@
-"""A run's output directory: one job at a time (a lock), never two runs mixed (the reuse check), and its logs.
+"""Opening a run (:func:`start_run`, :func:`open_run`) and its output directory: one job at a time (a lock), never
+two runs mixed (the reuse check), the checkpoint to resume read and checked up front, and the logs.
 
 Every check here runs before anything is written into the directory; :meth:`RunDir.open` writes (``config.yaml``,
 ``train.log``) only once the caller's own checks (data, model, resume checkpoint) have passed too.
@@ -9,6 +10,7 @@ Layout: ``config.yaml``, ``train.log``, ``checkpoints/``, ``tensorboard/``, ``im
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import logging.handlers
@@ -17,10 +19,17 @@ import shutil
 import socket
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from simmim.checkpoint import CHECKPOINT_DIRNAME, pid_alive
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, set_seed
+
+from simmim.checkpoint import CHECKPOINT_DIRNAME, pid_alive, resolve_resume
+from simmim.weights import Weights, read_run_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -238,3 +247,100 @@ def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif a != b:
             out.append(f"{path}: {a!r} -> {b!r}")
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# opening a run: the accelerator, the lock, the checks, then the files
+
+
+def make_accelerator(output: Path, mixed_precision: str, accumulation_steps: int = 1) -> Accelerator:
+    """An Accelerator logging to ``output/tensorboard`` that accumulates ``accumulation_steps`` micro-batches per
+    optimizer step. On machines without a GPU it runs on the CPU, and under ``torchrun`` its processes join one
+    gloo group (accelerate only does this when told it is on the CPU)."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import ProjectConfiguration
+
+    if AcceleratorState._shared_state:  # a second run in one process (tests, the demo) may change precision
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+    has_accelerator = torch.cuda.is_available() or torch.backends.mps.is_available() or (
+        hasattr(torch, "xpu") and torch.xpu.is_available())
+    return Accelerator(
+        cpu=not has_accelerator,
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=accumulation_steps,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output)),
+    )
+
+
+@dataclass
+class RunStart:
+    """What every run opens with: its directory (locked), the accelerator and the checkpoint to resume."""
+
+    run_dir: RunDir
+    accelerator: Accelerator
+    resume: Weights | None
+
+    @property
+    def out(self) -> Path:
+        return self.run_dir.path
+
+
+def _agree(acc: Accelerator, check: Any) -> None:
+    """Run ``check`` on the main process; every process raises what it raised (a :class:`RunDirError`), so the
+    ranks of one distributed run fail together instead of waiting for each other."""
+    message = [None]
+    if acc.is_main_process:
+        try:
+            check()
+        except RunDirError as err:
+            message = [str(err)]
+    if acc.num_processes > 1:
+        broadcast_object_list(message)
+    if message[0]:
+        raise RunDirError(message[0])
+
+
+@contextlib.contextmanager
+def start_run(output: str | Path, mixed_precision: str, resume: str | None, seed: int, accumulation_steps: int = 1,
+              overwrite: bool = False, model_name: str | None = None) -> Iterator[RunStart]:
+    """The opening every run shares, before any heavy work and before anything is written: the accelerator,
+    console logging, the run directory's lock and reuse check, and the checkpoint to resume (read and checked
+    here, so a bad ``--resume`` fails before the model and data are built). The caller writes into the directory
+    with :func:`open_run` once its own checks passed. Seeds the initial weights (equal on every process)."""
+    out = Path(output).expanduser()
+    accelerator = make_accelerator(out, mixed_precision, accumulation_steps)
+    setup_logging(None, main_process=accelerator.is_main_process)  # console only until the directory opens
+    run_dir = RunDir(out, main_process=accelerator.is_main_process)
+    with run_dir:
+        _agree(accelerator, run_dir.acquire)  # the main process locks for every rank of the run
+        found = resolve_resume(resume, out, load=lambda p: read_run_checkpoint(p, "--resume", resume=True))
+        weights = found[1] if found else None
+        _agree(accelerator, lambda: run_dir.check_reuse(fresh=weights is None, overwrite=overwrite,
+                                                        resume_asked=str(resume) == "auto"))
+        if weights is not None and model_name and weights.meta.get("model") != model_name:
+            raise ValueError(f"resume checkpoint {weights.path} holds a {weights.meta.get('model')} model, the "
+                             f"config asks for {model_name} (was the model config changed?); resume with "
+                             "model.name set as in that run, or start a new run in another --output")
+        set_seed(seed)
+        yield RunStart(run_dir, accelerator, weights)
+
+
+def open_run(start: RunStart, config: Any, overwrite: bool = False) -> None:
+    """Every check passed: write ``config.yaml`` and ``train.log`` (main process), start TensorBoard, and log
+    how the config differs from the resumed checkpoint's."""
+    from simmim.config import save_config, to_dict
+
+    acc, out = start.accelerator, start.out
+    start.run_dir.open(overwrite=overwrite and start.resume is None)
+    setup_logging(out / "train.log", main_process=acc.is_main_process)
+    if acc.is_main_process:
+        save_config(config, out / "config.yaml")
+    acc.init_trackers("tensorboard")
+    if start.resume is not None:
+        old = start.resume.meta.get("config") or {}
+        changes = [c for c in config_changes(old, to_dict(config)) if not c.startswith(("run.resume", "run.output"))]
+        if changes:
+            log.info("resuming with a changed config (the schedule follows the new one from step %d): %s",
+                     start.resume.checkpoint["step"], "; ".join(changes))
