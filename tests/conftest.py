@@ -42,3 +42,13 @@ def torchrun(nproc: int, *args: str) -> list[str]:
 
 
 CPU_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+
+@pytest.fixture
+def hf(monkeypatch, tmp_path):
+    """The ``datasets`` module with its cache redirected into tmp_path and no network."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    return datasets

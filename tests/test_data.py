@@ -126,6 +126,7 @@ def test_pretrain_transform_shape_and_seeding() -> None:
     torch.manual_seed(0)
     b = t(img)
     assert a.shape == (3, 48, 48) and a.dtype == torch.float32 and torch.equal(a, b)
+    assert not torch.equal(a, t(img))  # called like torchvision (no generator): draws from torch's global one
     assert a.min() < -1.0 and a.max() > 1.5  # normalised with the ImageNet statistics, not in [0, 1]
 
 
@@ -378,15 +379,6 @@ def test_embedded_source_and_open_source() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- HF datasets
-
-
-@pytest.fixture
-def hf(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    """The ``datasets`` module with its cache redirected into tmp_path and no network."""
-    datasets = pytest.importorskip("datasets")
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    return datasets
 
 
 def _hf_dataset(hf, n: int = 5, column: str = "image"):

@@ -59,14 +59,6 @@ def all_keys(rows: int = ROWS, shards: int = SHARDS) -> list[int]:
     return [(k << SHARD_KEY_BITS) | i for k in range(shards) for i in range(per)]
 
 
-@pytest.fixture
-def hf(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    datasets = pytest.importorskip("datasets")
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    return datasets
-
-
 @pytest.mark.parametrize("shards", [1, 2, 3, 4, 6, 7, 12])
 def test_reader_shares_cover_every_record_once(shards: int) -> None:
     per_shard = 5

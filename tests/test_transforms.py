@@ -113,18 +113,6 @@ def test_exif_orientation_is_applied_before_the_crop(tmp_path: Path) -> None:
         assert (a - b).abs().mean() < 4 * GREY_LEVEL  # same crop of the same picture (two JPEG encodings)
 
 
-def test_transform_on_global_rng_without_generator() -> None:
-    """Called like a torchvision transform (no generator), it draws from torch's global generator."""
-    t = pretrain_transform(48)
-    img = _photo((80, 60))
-    torch.manual_seed(3)
-    a = t(img)
-    torch.manual_seed(3)
-    b = t(img)
-    assert torch.equal(a, b)
-    assert not torch.equal(a, t(img))
-
-
 def test_pipeline_benchmark_runs(tmp_path: Path) -> None:
     from simmim.pipeline_benchmark import format_pipeline_results, official_pipeline, run_pipeline_benchmark
 
