@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import json
 import platform
 import statistics
 import sys
@@ -368,28 +367,13 @@ def run(args: argparse.Namespace) -> list[Section]:
     return sections
 
 
-def main(args: argparse.Namespace) -> int:
-    """Run the requested sections, print their tables, optionally write JSON. Returns the exit code."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        sections = run(args)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def report(args: argparse.Namespace, sections: list[Section]) -> tuple[str, dict]:
+    """The text the command prints (a header with the machine, then each section's table) and the JSON document
+    (machine, command, every section's data)."""
     info = machine()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"{args.model} {args.img_size}px W{args.window_size}, {device} ({info['threads']} threads), "
-          f"torch {info['torch']}, timm {info['timm']}, {info['date']}; median of {args.rounds} interleaved rounds")
-    for s in sections:
-        print(f"\n[{s.name}]\n{s.table}")
-    if args.json:
-        command = "simmim " + " ".join(sys.argv[1:])
-        doc = dict(machine=info, command=command, sections={s.name: s.data for s in sections})
-        text = json.dumps(doc, indent=2, default=str)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as f:
-                f.write(text + "\n")
-    return 0
+    lines = [f"{args.model} {args.img_size}px W{args.window_size}, {device} ({info['threads']} threads), "
+             f"torch {info['torch']}, timm {info['timm']}, {info['date']}; median of {args.rounds} interleaved rounds"]
+    lines += [f"\n[{s.name}]\n{s.table}" for s in sections]
+    doc = dict(machine=info, command="simmim " + " ".join(sys.argv[1:]), sections={s.name: s.data for s in sections})
+    return "\n".join(lines), doc
