@@ -205,8 +205,10 @@ class Engine:
         return path
 
     def _weights_finite(self) -> bool:
+        """Whether every weight is finite, agreed by all processes (under FSDP each holds only its shards)."""
         flags = [torch.isfinite(p).all() for p in self.model.parameters() if p.is_floating_point()]
-        return bool(torch.stack(flags).all()) if flags else True
+        bad = (~torch.stack(flags).all()).float() if flags else torch.zeros((), device=self.acc.device)
+        return float(self.acc.reduce(bad.to(self.acc.device), "sum")) == 0
 
     def _confirm(self) -> None:
         """The pending checkpoint proved good: it becomes the last good one and older ones rotate away."""
