@@ -269,6 +269,9 @@ def memory_section(name: str = "swinv2_tiny", img_size: int = 192, window_size: 
     ours.train(), ref.train()
     amp = DTYPES[dtype]
     small, large = batch_sizes
+    if small == large:
+        raise ValueError(f"--memory-batch-sizes {small} {large}: the memory per image is the slope between two "
+                         "different batch sizes, e.g. 4 8")
     batches = {b: make_batch(b, img_size, dev) for b in batch_sizes}
     peaks: dict[str, dict[int, float]] = {}
     for mode in (*modes, "timm"):

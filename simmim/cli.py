@@ -196,6 +196,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low``, else a one-line usage error naming the argument."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
 def _run_arguments(p: argparse.ArgumentParser, recipe: str, data: str) -> None:
     """The arguments pretraining and fine-tuning share."""
     p.add_argument("config", help=f"YAML file, or a bundled recipe such as {recipe}")
@@ -214,8 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("models", help="list the SwinV2 variants with parameter counts and effective windows")
     p.add_argument("name", nargs="?", help="one variant (default: all)")
-    p.add_argument("--img-size", type=int, default=192)
-    p.add_argument("--window-size", type=int, default=12)
+    p.add_argument("--img-size", type=at_least(1), default=192)
+    p.add_argument("--window-size", type=at_least(1), default=12)
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("pretrain", help="SimMIM pretraining on a folder of images or a datasets dataset",
@@ -242,16 +257,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--data", required=True, help="labelled data (same forms as finetune --data)")
     p.add_argument("--split", default="val")
-    p.add_argument("--img-size", type=int)
-    p.add_argument("--window-size", type=int)
+    p.add_argument("--img-size", type=at_least(1))
+    p.add_argument("--window-size", type=at_least(1))
     p.add_argument("--sweep", help="IMG:WINDOW pairs, e.g. 256:8,384:12,512:16")
     p.add_argument("--knn", action="store_true", help="k-NN accuracy of pooled features (train split -> --split)")
     p.add_argument("--linear-probe", action="store_true", help="logistic-regression accuracy of pooled features")
     p.add_argument("--model", help="variant of an official/timm checkpoint (built at --img-size/--window-size)")
     p.add_argument("--stage", type=int, default=-1, help="encoder stage probed (-1 = last)")
-    p.add_argument("--k", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--k", type=at_least(1), default=20)
+    p.add_argument("--batch-size", type=at_least(1), default=64)
+    p.add_argument("--num-workers", type=at_least(0), default=0)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="export an encoder or classifier: safetensors, timm, hf, onnx",
@@ -261,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--format", default="safetensors", help="safetensors (default), timm, hf or onnx")
     p.add_argument("--out", help="output file (directory for hf); default: beside the checkpoint")
-    p.add_argument("--opset", type=int, help="ONNX opset (onnx only; default: the exporter's)")
+    p.add_argument("--opset", type=at_least(1), help="ONNX opset (onnx only; default: the exporter's)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output (never the checkpoint)")
     p.set_defaults(func=cmd_export)
 
@@ -271,30 +286,30 @@ def build_parser() -> argparse.ArgumentParser:
                         "activation memory per image per recompute mode; pipeline: the input pipeline vs the "
                         "official SimMIM one; index: the folder index on a synthetic tree of files")
     p.add_argument("--model", default="swinv2_tiny")
-    p.add_argument("--img-size", type=int, default=192)
-    p.add_argument("--window-size", type=int, default=12)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--memory-batch-sizes", type=int, nargs=2, default=(2, 4), metavar=("B1", "B2"),
+    p.add_argument("--img-size", type=at_least(1), default=192)
+    p.add_argument("--window-size", type=at_least(1), default=12)
+    p.add_argument("--batch-size", type=at_least(1), default=8)
+    p.add_argument("--memory-batch-sizes", type=at_least(1), nargs=2, default=(2, 4), metavar=("B1", "B2"),
                    help="memory: the two batch sizes whose peak-memory slope is the memory per image")
     p.add_argument("--inference", action="store_true", help="model: inference only (default: step and inference)")
     p.add_argument("--train", action="store_true", help="model: training step only")
     p.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16", "float16"], default=["float32"],
                    help="autocast dtype(s)")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--iters", type=int, default=2)
+    p.add_argument("--rounds", type=at_least(1), default=5)
+    p.add_argument("--iters", type=at_least(1), default=2)
     p.add_argument("--compile", action="store_true", help="model: also time ours under torch.compile")
-    p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's choice)")
+    p.add_argument("--threads", type=at_least(1), help="CPU threads (default: PyTorch's choice)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--folder", help="pipeline: time this folder of images instead of generated JPEGs")
-    p.add_argument("--index-files", type=int, default=1_000_000, help="index: files in the synthetic tree")
+    p.add_argument("--index-files", type=at_least(1), default=1_000_000, help="index: files in the synthetic tree")
     p.add_argument("--compare-list", action="store_true", help="index: also time a list of Path objects")
     p.add_argument("--json", metavar="PATH", help="also write every figure as JSON ('-' = stdout)")
     p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("demo", help="the whole pipeline on images shipped in scikit-image/scikit-learn (CPU, minutes)")
     p.add_argument("--output", default="runs/demo")
-    p.add_argument("--pretrain-steps", type=int, default=300)
-    p.add_argument("--finetune-epochs", type=int, default=4)
+    p.add_argument("--pretrain-steps", type=at_least(1), default=300)
+    p.add_argument("--finetune-epochs", type=at_least(1), default=4)
     p.add_argument("--compare", action="store_true", help="also fine-tune from scratch with the same budget")
     p.add_argument("--quick", action="store_true", help="a much shorter run (40 pretraining steps, 1 epoch)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from simmim import finetune, pretrain
-from simmim.config import FinetuneConfig, PretrainConfig, load_config
+from simmim.config import FinetuneConfig, PretrainConfig, load_config, replace
 from simmim.configs import resolve
 from simmim.evaluate import evaluate_checkpoint, format_table
 
@@ -39,24 +39,22 @@ def run_demo(output: str | Path = "runs/demo", pretrain_steps: int = 300, finetu
 
     A previous demo in ``output`` is replaced; any other non-empty folder is refused (nothing of yours is lost)."""
     out = Path(output)
+    # both configs are loaded (and checked) before anything runs: a bad epoch count fails now, not after pretraining
+    shared = [f"run.{o}" for o in (extra or [])]
+    pre_cfg = load_config(PretrainConfig, resolve("demo/pretrain"),
+                          [f"run.output={out / 'pretrain'}", f"schedule.max_steps={pretrain_steps}", *shared])
+    ft_args = [f"schedule.epochs={finetune_epochs}", *shared]
+    base_cfg = load_config(FinetuneConfig, resolve("demo/finetune"), [f"run.output={out / 'finetune-scratch'}",
+                                                                        *ft_args])
     if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
         raise ValueError(f"{out} is not empty and was not written by simmim demo; pass another --output")
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("written by simmim demo; a later demo replaces this folder\n")
-    shared = [f"run.{o}" for o in (extra or [])]
-    pre_cfg = load_config(PretrainConfig, resolve("demo/pretrain"),
-                          [f"run.output={out / 'pretrain'}", f"schedule.max_steps={pretrain_steps}", *shared])
     pre = pretrain.run(pre_cfg, overwrite=True)
 
-    ft_args = [f"schedule.epochs={finetune_epochs}", *shared]
-    ft_cfg = load_config(FinetuneConfig, resolve("demo/finetune"),
-                         [f"pretrained={pre['checkpoint']}", f"run.output={out / 'finetune'}", *ft_args])
+    ft_cfg = replace(base_cfg, **{"pretrained": pre["checkpoint"], "run.output": str(out / "finetune")})
     ft = finetune.run(ft_cfg, overwrite=True)
-    baseline = None
-    if compare:
-        base_cfg = load_config(FinetuneConfig, resolve("demo/finetune"),
-                               [f"run.output={out / 'finetune-scratch'}", *ft_args])
-        baseline = finetune.run(base_cfg, overwrite=True)
+    baseline = finetune.run(base_cfg, overwrite=True) if compare else None
 
     size, window = ft_cfg.model.img_size, ft_cfg.model.window_size
     rows = evaluate_checkpoint(ft["checkpoint"], ft_cfg.data.path, [(size, window), (size * 4 // 3, window * 4 // 3)])

@@ -56,8 +56,8 @@ def parse_sweep(spec: str) -> list[tuple[int, int]]:
     pairs = []
     for item in spec.split(","):
         size, _, window = item.strip().partition(":")
-        if not size.isdigit() or not window.isdigit():
-            raise ValueError(f"--sweep item {item!r} must look like IMG_SIZE:WINDOW, e.g. 384:12")
+        if not size.isdigit() or not window.isdigit() or int(size) < 1 or int(window) < 1:
+            raise ValueError(f"--sweep item {item!r} must look like IMG_SIZE:WINDOW with positive numbers, e.g. 384:12")
         pairs.append((int(size), int(window)))
     return pairs
 

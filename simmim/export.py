@@ -258,6 +258,17 @@ def _opset(path: Path) -> int | None:
     return next((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
+def check_opset(opset: int) -> None:
+    """Refuse an ONNX opset the installed onnx package cannot describe, before anything is exported."""
+    try:
+        import onnx
+    except ImportError as err:
+        raise ImportError("the onnx export needs onnx, onnxscript and onnxruntime: pip install -e '.[onnx]'") from err
+    newest = onnx.defs.onnx_opset_version()
+    if not 7 <= opset <= newest:
+        raise ValueError(f"--opset {opset} is not an ONNX opset this installation supports (7..{newest}); e.g. 17")
+
+
 def check_onnx(model: SwinTransformerV2, path: Path, batch: int = 3, atol: float = ONNX_ATOL) -> float:
     """Run the graph in onnxruntime on a random (batch, C, H, W) input; return the max abs difference to PyTorch,
     raising :class:`ExportMismatchError` above ``atol``. ``batch`` differs from the export's 2 to check that the
@@ -267,7 +278,11 @@ def check_onnx(model: SwinTransformerV2, path: Path, batch: int = 3, atol: float
     except ImportError as err:
         raise ImportError("the onnx export verifies its graph with onnxruntime: pip install onnxruntime") from err
     x = torch.randn(batch, model.in_chans, *model.img_size, generator=torch.Generator().manual_seed(1))
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime's InvalidGraph, NotImplemented, ... when it cannot run the graph
+        raise ExportMismatchError(f"onnxruntime cannot load the exported graph: {str(err).splitlines()[0][:300]}; "
+                                  "try another opset (simmim export --opset N) or report it") from err
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():
         expected = model(x).numpy()
@@ -384,6 +399,8 @@ def export(checkpoint: str | Path, fmt: str = "safetensors", out: str | Path | N
         raise ValueError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     if opset is not None and fmt != "onnx":
         raise ValueError(f"opset applies to the onnx format only, not {fmt!r}")
+    if opset is not None:
+        check_opset(opset)
     path = Path(checkpoint)
     if out is None:
         target = default_out(path, fmt)

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from simmim import __version__
 from simmim.cli import main
 
@@ -36,3 +38,23 @@ def test_demo_runs_the_whole_pipeline(tmp_path, capsys):
     assert (tmp_path / "demo" / "export" / "swinv2_pico_digits.safetensors").is_file()
     assert list((tmp_path / "demo" / "pretrain" / "images").glob("*.png"))
     assert list((tmp_path / "demo").rglob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["benchmark", "--batch-size", "0"], "--batch-size: must be >= 1, got 0"),
+    (["benchmark", "--rounds", "-2"], "--rounds: must be >= 1"),
+    (["benchmark", "--iters", "x"], "--iters: expected an integer"),
+    (["benchmark", "--what", "memory", "--memory-batch-sizes", "4", "4"], "two different batch sizes"),
+    (["eval", "x.pt", "--data", "embedded:digits", "--sweep", "0:0"], "positive numbers"),
+    (["eval", "x.pt", "--data", "embedded:digits", "--img-size", "0", "--window-size", "4"], "--img-size: must be"),
+    (["eval", "x.pt", "--data", "embedded:digits", "--num-workers", "-1"], "--num-workers: must be >= 0"),
+    (["export", "x.pt", "--format", "onnx", "--opset", "0"], "--opset: must be >= 1"),
+    (["demo", "--finetune-epochs", "0"], "--finetune-epochs: must be >= 1"),
+])
+def test_bad_numbers_on_the_command_line_are_one_line_errors(argv, message, capsys):
+    try:
+        code = main(argv)  # commands that validate a value themselves return 2
+    except SystemExit as exit_:  # argparse's usage error for a value its type refuses
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
