@@ -74,10 +74,6 @@ class Weights:
         kind = self.meta.get("kind")
         return kind if kind in KINDS else None
 
-    @property
-    def has_decoder(self) -> bool:
-        return any(k.startswith("decoder.") for k in self.state_dict)
-
     def encoder(self) -> dict[str, torch.Tensor]:
         """The bare encoder: no ``encoder.`` prefix, no mask token, decoder or classifier head."""
         return encoder_state(self.state_dict)
