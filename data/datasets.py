@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from simmim.errors import UserError
+
 from .images import ChannelMismatchError, RawImage, decode_pil, decode_tensor
 from .mask import MaskGenerator, sample_seed
 from .sources import MapSource, _describe
@@ -95,7 +97,7 @@ def probe_source(source: Any, channels: int = 3, items: int = PROBE_ITEMS, searc
     """
     n = len(source)
     if n == 0:
-        raise ValueError(f"{_source_name(source)} is empty; point data.path at a folder of images")
+        raise UserError(f"{_source_name(source)} is empty; point data.path at a folder of images")
     probes = sorted({i * n // min(n, items) for i in range(min(n, items))})
     tries = probes + [i for i in range(min(n, search + len(probes))) if i not in set(probes)][:search]
     failures: list[tuple[int, BaseException]] = []
@@ -113,8 +115,8 @@ def probe_source(source: Any, channels: int = 3, items: int = PROBE_ITEMS, searc
         return len(failures)
     err = failures[0][1]
     if all(isinstance(e, ChannelMismatchError) for _, e in failures):
-        raise ValueError(f"no image with model.in_chans={channels} channels in {_source_name(source)} ({err})")
-    raise ValueError(f"no readable image in {_source_name(source)}: all {len(failures)} tried are unreadable "
+        raise UserError(f"no image with model.in_chans={channels} channels in {_source_name(source)} ({err})")
+    raise UserError(f"no readable image in {_source_name(source)}: all {len(failures)} tried are unreadable "
                      f"(first: {err}); point data.path at a folder of images or remove the unreadable files")
 
 

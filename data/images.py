@@ -57,6 +57,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from simmim.errors import InputNotFoundError, UserError
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
@@ -92,7 +94,7 @@ def is_image_file(path: str | Path) -> bool:
 
 def _check_channels(channels: int) -> None:
     if not isinstance(channels, int) or channels < 1:
-        raise ValueError(f"channels must be a positive integer, got {channels!r} (model.in_chans)")
+        raise UserError(f"channels must be a positive integer, got {channels!r} (model.in_chans)")
 
 
 # ------------------------------------------------------------------------------------------------ opening files
@@ -126,7 +128,7 @@ def read_raw(path: str | Path, channels: int = 3) -> RawImage:
             return _read_tiff(path)
         return Image.open(path)  # lazy: pixels are decoded in decode_pil / decode_tensor
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"image file {path} does not exist") from err
+        raise InputNotFoundError(f"image file {path} does not exist") from err
     except IsADirectoryError as err:
         raise UnreadableImageError(f"cannot read image {path}: it is a folder") from err
     except Exception as err:  # Pillow raises OSError, ValueError, SyntaxError, DecompressionBombError ...

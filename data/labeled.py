@@ -19,6 +19,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from simmim.errors import InputNotFoundError, UserError
+
 from .datasets import BadItems, Transform, fill_unreadable, probe_source, seeded_transform, split_key, try_item
 from .file_index import FileIndex, walk_sorted
 from .images import RawImage, decode_pil, is_image_file, load_image, read_raw
@@ -43,13 +45,13 @@ class ClassFolderSource:
         self.channels = channels
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
-            raise FileNotFoundError(f"labelled image folder {self.root} does not exist")
+            raise InputNotFoundError(f"labelled image folder {self.root} does not exist")
         found = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
         self.classes = classes if classes is not None else found
         index = {c: i for i, c in enumerate(self.classes)}
         unknown = sorted(set(found) - set(index))
         if unknown:
-            raise ValueError(f"{self.root} has class folders not in the training classes: {unknown[:5]}")
+            raise UserError(f"{self.root} has class folders not in the training classes: {unknown[:5]}")
         counts: list[int] = []
 
         def relative_paths() -> Iterator[str]:
@@ -62,7 +64,7 @@ class ClassFolderSource:
         self.files = FileIndex.from_paths(self.root, relative_paths())
         self.labels = np.repeat(np.array([index[c] for c in found], dtype=np.int32), counts)
         if not len(self.files):
-            raise ValueError(f"no images in class sub-folders of {self.root}; expected {self.root}/<class>/<image>")
+            raise UserError(f"no images in class sub-folders of {self.root}; expected {self.root}/<class>/<image>")
         self.samples = _Samples(self.files, self.labels)
 
     def __len__(self) -> int:
@@ -105,7 +107,7 @@ class HFLabeledSource:
         columns = list(ds.column_names)
         label_column = label_column or next((c for c in ("label", "labels", "target") if c in columns), None)
         if label_column is None or label_column not in columns:
-            raise ValueError(f"{name_or_path}[{split}] has no label column (columns: {columns}); "
+            raise UserError(f"{name_or_path}[{split}] has no label column (columns: {columns}); "
                              "set data.label_column")
         self.labels = [int(v) for v in ds[label_column]]
         feature = ds.features[label_column]
@@ -132,7 +134,7 @@ class DigitsSource:
 
     def __init__(self, split: str = "train", size: int = 32, channels: int = 3) -> None:
         if channels not in (1, 3):
-            raise ValueError(f"embedded:digits has 1 or 3 channels, not model.in_chans {channels}")
+            raise UserError(f"embedded:digits has 1 or 3 channels, not model.in_chans {channels}")
         self.channels = channels
         images, labels = sample_digits(size)
         keep = [i for i in range(len(images)) if (i % 5 == 0) == (split in VAL_SPLIT_NAMES)]
@@ -168,7 +170,7 @@ def open_labeled(spec: str, split: str = "train", image_column: str | None = Non
         return HFLabeledSource(spec[3:], split, image_column, label_column, channels)
     path = Path(spec).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(f"data path {spec} does not exist; pass an ImageNet-style folder (train/<class>/..., "
+        raise InputNotFoundError(f"data path {spec} does not exist; pass an ImageNet-style folder (train/<class>/..., "
                                 "val/<class>/...), a datasets save_to_disk folder, hf:NAME or embedded:digits")
     if _looks_saved(path):
         return HFLabeledSource(str(path), split, image_column, label_column, channels)
@@ -178,7 +180,7 @@ def open_labeled(spec: str, split: str = "train", image_column: str | None = Non
             return ClassFolderSource(path / name, classes, channels)
     if split == "train":
         return ClassFolderSource(path, classes, channels)
-    raise FileNotFoundError(f"{path} has no {split!r} sub-folder (looked for {', '.join(names)}); use the ImageNet "
+    raise InputNotFoundError(f"{path} has no {split!r} sub-folder (looked for {', '.join(names)}); use the ImageNet "
                             "layout train/<class>/... and val/<class>/...")
 
 
@@ -194,7 +196,7 @@ class LabeledDataset(Dataset):
     def __init__(self, source: Any, transform: Transform, seed: int = 0, probe: bool = True,
                  channels: int | None = None) -> None:
         if len(source) == 0:
-            raise ValueError("the labelled data source is empty")
+            raise UserError("the labelled data source is empty")
         self.source, self.transform, self.seed, self.epoch = source, transform, seed, 0
         self.channels = channels or getattr(transform, "channels", None) or getattr(source, "channels", 3)
         self.bad = BadItems()

@@ -13,6 +13,8 @@ from typing import Any
 
 from torch.utils.data import DataLoader, IterableDataset
 
+from simmim.errors import UserError
+
 from .sampler import EpochSampler
 
 
@@ -27,9 +29,9 @@ def make_loader(dataset: Any, batch_size: int, num_workers: int = 0, seed: int =
         prefetch_factor: batches each worker prepares ahead (DataLoader default 2); only with workers.
     """
     if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size} (data.batch_size)")
+        raise UserError(f"batch_size must be positive, got {batch_size} (data.batch_size)")
     if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers} (data.num_workers)")
+        raise UserError(f"num_workers must be >= 0, got {num_workers} (data.num_workers)")
     sampler = None if isinstance(dataset, IterableDataset) else EpochSampler(len(dataset), seed, shuffle)
     extra = {"prefetch_factor": prefetch_factor} if num_workers > 0 and prefetch_factor else {}
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last,

@@ -15,6 +15,8 @@ import math
 import numpy as np
 import torch
 
+from simmim.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 RngLike = np.random.Generator | int | None
@@ -58,26 +60,26 @@ class MaskGenerator:
         if isinstance(input_size, (int, np.integer)):
             input_size = (int(input_size), int(input_size))
         if len(input_size) != 2:
-            raise ValueError(f"input_size must be an int or (H, W), got {input_size!r} (model.img_size)")
+            raise UserError(f"input_size must be an int or (H, W), got {input_size!r} (model.img_size)")
         H, W = (int(s) for s in input_size)
         if model_patch_size <= 0 or mask_patch_size <= 0 or H <= 0 or W <= 0:
-            raise ValueError(
+            raise UserError(
                 f"input_size {input_size}, mask_patch_size {mask_patch_size} and model_patch_size "
                 f"{model_patch_size} must all be positive (model.img_size, data.mask_patch_size; model_patch_size is "
                 f"the backbone's patch size, 4 for every SwinV2 variant)"
             )
         if mask_patch_size % model_patch_size:
-            raise ValueError(
+            raise UserError(
                 f"mask_patch_size {mask_patch_size} is not a multiple of model_patch_size {model_patch_size} "
                 f"(data.mask_patch_size)"
             )
         for side in (H, W):
             if side % mask_patch_size:
-                raise ValueError(
+                raise UserError(
                     f"input_size {side} is not a multiple of mask_patch_size {mask_patch_size} (model.img_size)"
                 )
         if not 0.0 < mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio {mask_ratio} must be in (0, 1), e.g. 0.6 (data.mask_ratio)")
+            raise UserError(f"mask_ratio {mask_ratio} must be in (0, 1), e.g. 0.6 (data.mask_ratio)")
         self.input_size = (H, W)
         self.mask_patch_size = mask_patch_size
         self.model_patch_size = model_patch_size

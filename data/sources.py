@@ -16,6 +16,8 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
+from simmim.errors import InputNotFoundError, UserError
+
 from .file_index import FileIndex
 from .images import (
     IMAGE_EXTENSIONS,
@@ -63,12 +65,12 @@ class ImageFolderSource:
         self.channels = channels
         self.root = Path(root).expanduser()
         if not self.root.exists():
-            raise FileNotFoundError(f"image folder {self.root} does not exist")
+            raise InputNotFoundError(f"image folder {self.root} does not exist")
         if not self.root.is_dir():
             raise NotADirectoryError(f"image folder {self.root} is a file, not a folder")
         self.paths = FileIndex.scan(self.root, is_image_file)
         if not len(self.paths):
-            raise ValueError(
+            raise UserError(
                 f"no image files under {self.root} (searched recursively for "
                 f"{' '.join(sorted(IMAGE_EXTENSIONS))}, any case; hidden files and folders are ignored)"
             )
@@ -104,7 +106,7 @@ def load_hf_dataset(name_or_path: str, split: str = "train", streaming: bool = F
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict | datasets.IterableDatasetDict):
             if split not in ds:
-                raise ValueError(f"split {split!r} not found in {path}; available splits: {list(ds)} (data.split)")
+                raise UserError(f"split {split!r} not found in {path}; available splits: {list(ds)} (data.split)")
             ds = ds[split]
         if streaming and isinstance(ds, datasets.Dataset):
             # one shard per file, at least 64 when there are that many rows: shards are what readers take whole
@@ -157,7 +159,7 @@ class HFImageSource:
             ds = ds.cast_column(self.image_column, datasets.Image(decode=False))
         self.dataset = ds
         if not self.is_streaming and len(ds) == 0:
-            raise ValueError(f"dataset {name} is empty (0 rows)")
+            raise UserError(f"dataset {name} is empty (0 rows)")
 
     def __len__(self) -> int:
         if self.is_streaming:
@@ -248,7 +250,7 @@ def _pick_image_column(features: Any, columns: list[str], image_column: str | No
 
     if image_column is not None:
         if image_column not in columns:
-            raise ValueError(f"image_column {image_column!r} is not a column of {name}; columns: {columns}")
+            raise UserError(f"image_column {image_column!r} is not a column of {name}; columns: {columns}")
         return image_column
     if features is not None:
         for col, feature in features.items():
@@ -257,7 +259,7 @@ def _pick_image_column(features: Any, columns: list[str], image_column: str | No
     for col in ("image", "img"):
         if col in columns:
             return col
-    raise ValueError(
+    raise UserError(
         f"{name} has no image column (no column of type datasets.Image, none named 'image' or 'img'); "
         f"columns: {columns}. Pass image_column=NAME (data.image_column)"
     )
@@ -275,9 +277,9 @@ class EmbeddedSource:
 
     def __init__(self, kind: str = "photos", digit_size: int = 32, channels: int = 3) -> None:
         if kind not in EMBEDDED_KINDS:
-            raise ValueError(f"unknown embedded kind {kind!r}; choose one of {', '.join(EMBEDDED_KINDS)}")
+            raise UserError(f"unknown embedded kind {kind!r}; choose one of {', '.join(EMBEDDED_KINDS)}")
         if channels not in (1, 3):
-            raise ValueError(f"embedded images have 1 or 3 channels, not model.in_chans {channels}")
+            raise UserError(f"embedded images have 1 or 3 channels, not model.in_chans {channels}")
         self.kind, self.channels = kind, channels
         self.images: list[Image.Image] = []
         self.names: list[str] = []
@@ -325,7 +327,7 @@ def open_source(spec: str, split: str = "train", streaming: bool = False, image_
     if spec.startswith("hf:"):
         name = spec[len("hf:") :]
         if not name:
-            raise ValueError("hf: needs a dataset name, e.g. hf:user/dataset")
+            raise UserError("hf: needs a dataset name, e.g. hf:user/dataset")
         return HFImageSource(name, split=split, image_column=image_column, streaming=streaming, channels=channels)
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -334,6 +336,6 @@ def open_source(spec: str, split: str = "train", streaming: bool = False, image_
                                  channels=channels)
         return ImageFolderSource(path, channels=channels)
     what = "is not a folder" if path.exists() else "does not exist"
-    raise FileNotFoundError(
+    raise InputNotFoundError(
         f"data path {spec} {what}; pass a folder of images, a datasets save_to_disk folder, hf:NAME or embedded"
     )

@@ -37,6 +37,8 @@ from typing import Any
 
 from torch.utils.data import IterableDataset, get_worker_info
 
+from simmim.errors import UserError
+
 from .datasets import PROBE_ITEMS, PROBE_SEARCH, BadItems, Sample, Transform, _SeededSamples, probe_source
 from .images import decode_tensor
 from .mask import MaskGenerator
@@ -85,7 +87,7 @@ class MaskedImageStream(_SeededSamples, IterableDataset):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} must be in [0, world_size {world_size})")
         if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size} (data.batch_size)")
+            raise UserError(f"batch_size must be positive, got {batch_size} (data.batch_size)")
         _SeededSamples.__init__(self, source, transform, mask_generator, seed)
         self.rank, self.world_size, self.batch_size, self.endless = rank, world_size, batch_size, endless
         self.start_batches = 0
@@ -158,8 +160,8 @@ class MaskedImageStream(_SeededSamples, IterableDataset):
             if count + 1 >= PROBE_ITEMS + PROBE_SEARCH:
                 break
         if not failures:
-            raise ValueError(f"stream {getattr(self.source, 'name', '')} is empty")
-        raise ValueError(f"no readable image in the first {len(failures)} records of stream "
+            raise UserError(f"stream {getattr(self.source, 'name', '')} is empty")
+        raise UserError(f"no readable image in the first {len(failures)} records of stream "
                          f"{getattr(self.source, 'name', type(self.source).__name__)} (e.g. record "
                          f"{failures[0][0]}: {failures[0][1]}); check data.path and data.image_column")
 

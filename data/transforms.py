@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from simmim.errors import UserError
+
 from .images import RawImage, decode_tensor, oriented_size
 
 IMAGENET_MEAN: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN  # timm's constants: one source of truth
@@ -88,10 +90,10 @@ def image_size(img: RawImage | torch.Tensor) -> tuple[int, int]:
 
 def _check_stats(mean: Sequence[float], std: Sequence[float], channels: int) -> None:
     if len(mean) != channels or len(std) != channels:
-        raise ValueError(f"data.mean and data.std need one value per channel: model.in_chans is {channels}, got "
+        raise UserError(f"data.mean and data.std need one value per channel: model.in_chans is {channels}, got "
                          f"{len(mean)} mean and {len(std)} std values")
     if any(s <= 0 for s in std):
-        raise ValueError(f"data.std values must be positive, got {tuple(std)}")
+        raise UserError(f"data.std values must be positive, got {tuple(std)}")
 
 
 class TensorTransform:
@@ -104,9 +106,9 @@ class TensorTransform:
     def __init__(self, size: int, mean: Sequence[float], std: Sequence[float], channels: int,
                  interpolation: str) -> None:
         if size <= 0:
-            raise ValueError(f"img_size must be positive, got {size} (model.img_size)")
+            raise UserError(f"img_size must be positive, got {size} (model.img_size)")
         if interpolation not in ("bilinear", "bicubic"):
-            raise ValueError(f"interpolation must be bilinear or bicubic, got {interpolation!r} (data.interpolation)")
+            raise UserError(f"interpolation must be bilinear or bicubic, got {interpolation!r} (data.interpolation)")
         _check_stats(mean, std, channels)
         self.size, self.channels, self.interpolation = size, channels, interpolation
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
@@ -145,11 +147,11 @@ class RandomResizedCropFlip(TensorTransform):
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, channels: int = 3,
                  hflip: float = 0.5, interpolation: str = "bilinear") -> None:
         if not 0.0 < scale[0] <= scale[1] <= 1.0:
-            raise ValueError(f"crop scale {tuple(scale)} must satisfy 0 < min <= max <= 1 (data.crop_scale)")
+            raise UserError(f"crop scale {tuple(scale)} must satisfy 0 < min <= max <= 1 (data.crop_scale)")
         if not 0.0 < ratio[0] <= ratio[1]:
-            raise ValueError(f"crop ratio {tuple(ratio)} must satisfy 0 < min <= max")
+            raise UserError(f"crop ratio {tuple(ratio)} must satisfy 0 < min <= max")
         if not 0.0 <= hflip <= 1.0:
-            raise ValueError(f"hflip {hflip} must be a probability in [0, 1] (data.hflip)")
+            raise UserError(f"hflip {hflip} must be a probability in [0, 1] (data.hflip)")
         super().__init__(size, mean, std, channels, interpolation)
         self.scale, self.ratio, self.hflip = tuple(scale), tuple(ratio), float(hflip)
 
@@ -186,7 +188,7 @@ class ResizeCenterCrop(TensorTransform):
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                  channels: int = 3) -> None:
         if not 0.0 < crop_pct <= 1.0:
-            raise ValueError(f"crop_pct {crop_pct} must be in (0, 1] (data.crop_pct)")
+            raise UserError(f"crop_pct {crop_pct} must be in (0, 1] (data.crop_pct)")
         super().__init__(size, mean, std, channels, interpolation)
         self.crop_pct = crop_pct
 
@@ -241,7 +243,7 @@ def denormalize(
 ) -> torch.Tensor:
     """Undo ``Normalize``: (C, H, W) or (B, C, H, W) -> same shape, values clamped to [0, 1]."""
     if x.dim() not in (3, 4) or x.shape[-3] != len(mean) or len(std) != len(mean):
-        raise ValueError(f"expected (C, H, W) or (B, C, H, W) images with as many channels as mean/std values "
+        raise UserError(f"expected (C, H, W) or (B, C, H, W) images with as many channels as mean/std values "
                          f"({len(mean)}/{len(std)}), got {tuple(x.shape)} (data.mean, data.std)")
     m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)  # (C, 1, 1)
     s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1)  # (C, 1, 1)
@@ -272,7 +274,7 @@ def finetune_transform(
     """
     if channels != 3:
         if auto_augment or color_jitter:
-            raise ValueError(f"RandAugment and colour jitter work on RGB images only; with model.in_chans {channels} "
+            raise UserError(f"RandAugment and colour jitter work on RGB images only; with model.in_chans {channels} "
                              "set data.auto_augment=null and data.color_jitter=0")
         return FinetuneTensorTransform(img_size, scale, hflip, re_prob, re_mode, re_count, interpolation, mean, std,
                                        channels)

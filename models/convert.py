@@ -19,6 +19,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from simmim.errors import InputNotFoundError, UserError
+
 log = logging.getLogger(__name__)
 
 Format = Literal["ours", "timm", "official", "hf"]
@@ -28,7 +30,7 @@ _WRAPPER_KEYS = ("model", "state_dict", "model_ema", "module")
 _DOWNSAMPLE = re.compile(r"^(?P<pre>(?:encoder\.)?layers\.)(?P<i>\d+)(?P<post>\.downsample\..*)$")
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError):
     """A checkpoint does not fit the model: lists missing, unexpected and wrongly shaped keys."""
 
 
@@ -55,7 +57,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:  # truncated, foreign (a renamed pickle), empty
-        raise ValueError(f"{path} is not a readable safetensors file (truncated, or another format renamed "
+        raise UserError(f"{path} is not a readable safetensors file (truncated, or another format renamed "
                          f"to .safetensors?): {_first_line(err)}") from err
 
 
@@ -73,7 +75,7 @@ def read_checkpoint(path: str | Path, stub_classes: bool = True) -> dict:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist (check the path)")
+        raise InputNotFoundError(f"checkpoint {path} does not exist (check the path)")
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
     zipped = zipfile.is_zipfile(path)
@@ -93,11 +95,11 @@ def read_checkpoint(path: str | Path, stub_classes: bool = True) -> dict:
     except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError, ... depending on the damage
         refused = re.findall(r"GLOBAL ([\w.]+)", str(err))
         if refused:
-            raise ValueError(
+            raise UserError(
                 f"{path} was not loaded: it pickles Python objects ({', '.join(dict.fromkeys(refused))}), not only "
                 "tensors and plain data, and simmim never executes pickled code; re-save the weights as a plain "
                 "state dict (torch.save(model.state_dict(), ...)) or as .safetensors") from None
-        raise ValueError(f"{path} is not a readable checkpoint (truncated or corrupt?): {_first_line(err)}") from err
+        raise UserError(f"{path} is not a readable checkpoint (truncated or corrupt?): {_first_line(err)}") from err
     return state
 
 
@@ -107,7 +109,7 @@ def unwrap(checkpoint: Mapping) -> dict[str, torch.Tensor]:
     while isinstance(sd, Mapping) and not any(isinstance(v, torch.Tensor) for v in sd.values()):
         inner = next((sd[k] for k in _WRAPPER_KEYS if isinstance(sd.get(k), Mapping)), None)
         if inner is None:
-            raise ValueError(f"no state dict found in checkpoint with keys {sorted(sd)[:8]}")
+            raise UserError(f"no state dict found in checkpoint with keys {sorted(sd)[:8]}")
         sd = inner
     return {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
@@ -171,7 +173,7 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], source: Format | 
     if source in ("timm", "ours"):
         return {k: v for k, v in state_dict.items() if not k.endswith(BUFFER_SUFFIXES)}
     if source != "official":
-        raise ValueError(f"unknown checkpoint format {source!r}; use 'official', 'timm', 'hf' or 'auto'")
+        raise UserError(f"unknown checkpoint format {source!r}; use 'official', 'timm', 'hf' or 'auto'")
     out = {}
     for k, v in state_dict.items():
         if k.endswith(BUFFER_SUFFIXES):

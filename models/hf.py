@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from simmim.errors import UserError
+
 PREFIX = "swinv2."
 # HF checkpoints saved by older transformers versions may hold these geometry buffers: they are rebuilt on load
 _HF_BUFFERS = ("relative_position_index", "relative_coords_table", "attn_mask")
@@ -94,7 +96,7 @@ def ours_to_hf(state_dict: Mapping[str, torch.Tensor], prefix: str = PREFIX) -> 
         else:
             unknown.append(k)
     if unknown:
-        raise ValueError(f"{len(unknown)} key(s) have no Hugging Face Swinv2 equivalent: {', '.join(unknown[:4])}; "
+        raise UserError(f"{len(unknown)} key(s) have no Hugging Face Swinv2 equivalent: {', '.join(unknown[:4])}; "
                          "HF's Swinv2 has no extra main-branch norms (SwinV2-H/G) and no V1 ablations")
     return out
 
@@ -119,7 +121,7 @@ def hf_to_ours(state_dict: Mapping[str, torch.Tensor], prefix: str = PREFIX) -> 
         elif k.startswith("decoder."):
             out[k] = v
         elif k == "embeddings.position_embeddings":
-            raise ValueError("the HF checkpoint uses absolute position embeddings (use_absolute_embeddings=True), "
+            raise UserError("the HF checkpoint uses absolute position embeddings (use_absolute_embeddings=True), "
                              "which SwinV2 with log-CPB does not have")
         elif m := _HF_DOWNSAMPLE.match(k):  # end of stage i -> start of stage i+1
             out[f"layers.{int(m['i']) + 1}.downsample.{m['rest']}"] = v
@@ -133,7 +135,7 @@ def hf_to_ours(state_dict: Mapping[str, torch.Tensor], prefix: str = PREFIX) -> 
                     qkv.setdefault(base, {})[which] = v
                 elif which == "key":
                     if torch.any(v != 0):
-                        raise ValueError(f"{prefix}{k} is non-zero; SwinV2 fixes the key bias at 0")
+                        raise UserError(f"{prefix}{k} is non-zero; SwinV2 fixes the key bias at 0")
                 else:
                     out[base + ("attn.q_bias" if which == "query" else "attn.v_bias")] = v
             elif (new := _rename(rest, {v_: k_ for k_, v_ in _BLOCK_NAMES.items()})) is not None:
@@ -145,10 +147,10 @@ def hf_to_ours(state_dict: Mapping[str, torch.Tensor], prefix: str = PREFIX) -> 
         else:
             unknown.append(k)
     if unknown:
-        raise ValueError(f"{len(unknown)} key(s) are not part of HF's Swinv2: {', '.join(unknown[:4])}")
+        raise UserError(f"{len(unknown)} key(s) are not part of HF's Swinv2: {', '.join(unknown[:4])}")
     for base, parts in qkv.items():
         if set(parts) != {"query", "key", "value"}:
-            raise ValueError(f"{base}: the HF checkpoint lacks {sorted({'query', 'key', 'value'} - set(parts))}")
+            raise UserError(f"{base}: the HF checkpoint lacks {sorted({'query', 'key', 'value'} - set(parts))}")
         out[base + "attn.qkv.weight"] = torch.cat([parts["query"], parts["key"], parts["value"]])  # (3C, C)
     return out
 
@@ -159,7 +161,7 @@ def hf_to_ours(state_dict: Mapping[str, torch.Tensor], prefix: str = PREFIX) -> 
 
 def _square(pair: tuple[int, int], what: str) -> int:
     if pair[0] != pair[1]:
-        raise ValueError(f"{what} is {pair[0]}x{pair[1]}; Hugging Face's Swinv2 supports square windows only")
+        raise UserError(f"{what} is {pair[0]}x{pair[1]}; Hugging Face's Swinv2 supports square windows only")
     return pair[0]
 
 
@@ -167,12 +169,12 @@ def check_hf_compatible(model: nn.Module) -> None:
     """Raise ValueError (naming why) unless HF's ``Swinv2`` computes exactly what ``model`` computes."""
     blocks = model.blocks()
     if any(blk.extra_norm is not None for blk in blocks):
-        raise ValueError("this model adds a LayerNorm on the main branch every 6 blocks (SwinV2-H/G, "
+        raise UserError("this model adds a LayerNorm on the main branch every 6 blocks (SwinV2-H/G, "
                          "extra_norm_period=6), which Hugging Face's Swinv2 cannot represent; export it as "
                          "safetensors or onnx instead")
     if model.norm_placement != "res_post" or any(
             blk.attn.attention != "cosine" or blk.attn.position_bias != "log_cpb" for blk in blocks):
-        raise ValueError("Hugging Face's Swinv2 supports only res-post-norm, cosine attention and log-CPB; this "
+        raise UserError("Hugging Face's Swinv2 supports only res-post-norm, cosine attention and log-CPB; this "
                          "model uses a V1 ablation setting")
     _square(model.window_size, "window_size")
     for i, w in enumerate(model.effective_window_sizes):
@@ -221,7 +223,7 @@ def hf_config(model: nn.Module, id2label: Mapping[int, str] | None = None) -> di
     if model.num_classes > 0:
         labels = dict(id2label) if id2label is not None else {i: f"LABEL_{i}" for i in range(model.num_classes)}
         if sorted(labels) != list(range(model.num_classes)):
-            raise ValueError(f"id2label must name classes 0..{model.num_classes - 1}, got keys {sorted(labels)[:8]}")
+            raise UserError(f"id2label must name classes 0..{model.num_classes - 1}, got keys {sorted(labels)[:8]}")
         config["id2label"] = {str(i): labels[i] for i in range(model.num_classes)}
         config["label2id"] = {labels[i]: i for i in range(model.num_classes)}
     return config

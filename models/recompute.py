@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from simmim.errors import UserError
+
 from .tracing import is_symbolic_tracing
 
 Recompute = Literal["none", "attention", "full"]
@@ -31,7 +33,7 @@ MODES: tuple[str, ...] = ("none", "attention", "full")
 def check_mode(mode: str) -> None:
     """Raise a ValueError naming the choices (and the config key) for an unknown mode."""
     if mode not in MODES:
-        raise ValueError(f"recompute must be one of {', '.join(MODES)}, got {mode!r} (model.recompute)")
+        raise UserError(f"recompute must be one of {', '.join(MODES)}, got {mode!r} (model.recompute)")
 
 
 def run_block(block: nn.Module, x: torch.Tensor, mode: str) -> torch.Tensor:

@@ -27,6 +27,8 @@ from timm.layers import DropPath, trunc_normal_
 from timm.layers import register_notrace_function as _timm_notrace
 from torch import nn
 
+from simmim.errors import UserError
+
 from .onednn_linear import Backend, Linear, linear
 from .recompute import (
     Recompute,
@@ -196,9 +198,9 @@ class WindowAttention(nn.Module):
     ) -> None:
         super().__init__()
         if attention not in ("cosine", "dot"):
-            raise ValueError(f"attention must be 'cosine' or 'dot', got {attention!r}")
+            raise UserError(f"attention must be 'cosine' or 'dot', got {attention!r}")
         if position_bias not in ("log_cpb", "linear_cpb", "table"):
-            raise ValueError(f"position_bias must be 'log_cpb', 'linear_cpb' or 'table', got {position_bias!r}")
+            raise UserError(f"position_bias must be 'log_cpb', 'linear_cpb' or 'table', got {position_bias!r}")
         self.dim, self.num_heads = dim, num_heads
         self.attention, self.position_bias = attention, position_bias
         self.fused = fused
@@ -421,7 +423,7 @@ class SwinTransformerV2Block(nn.Module):
     ) -> None:
         super().__init__()
         if norm_placement not in ("res_post", "pre"):
-            raise ValueError(f"norm_placement must be 'res_post' or 'pre', got {norm_placement!r}")
+            raise UserError(f"norm_placement must be 'res_post' or 'pre', got {norm_placement!r}")
         self.norm_placement = norm_placement
         self.shifted = shifted
         win, _ = effective_window(resolution, window, shifted)
@@ -592,20 +594,20 @@ def stage_geometry(
     cannot be tiled (not a multiple of the patch size, of the total downsampling, or of a stage's window)."""
     for side in img_size:
         if side % patch_size:
-            raise ValueError(f"img_size {side} is not a multiple of patch_size {patch_size}; "
+            raise UserError(f"img_size {side} is not a multiple of patch_size {patch_size}; "
                              f"use a multiple of {patch_size} (e.g. {side - side % patch_size or patch_size})")
     grid = (img_size[0] // patch_size, img_size[1] // patch_size)
     stride = patch_size * 2 ** (num_stages - 1)
     if grid[0] % 2 ** (num_stages - 1) or grid[1] % 2 ** (num_stages - 1):
         shown = img_size[0] if img_size[0] == img_size[1] else f"{img_size[0]}x{img_size[1]}"
-        raise ValueError(f"img_size {shown} is not a multiple of {stride} (patch_size {patch_size} x "
+        raise UserError(f"img_size {shown} is not a multiple of {stride} (patch_size {patch_size} x "
                          f"2^{num_stages - 1} patch merges); use e.g. {max(stride, img_size[0] // stride * stride)}")
     out = []
     for i in range(num_stages):
         res = (grid[0] // 2 ** i, grid[1] // 2 ** i)
         win, _ = effective_window(res, window, shift=False)
         if res[0] % win[0] or res[1] % win[1]:
-            raise ValueError(
+            raise UserError(
                 f"stage {i} token grid {res[0]}x{res[1]} (img_size {img_size[0]}x{img_size[1]}) is not a multiple "
                 f"of window_size {win[0]}x{win[1]}; choose window_size so that img_size / {patch_size * 2 ** i} "
                 f"is a multiple of it (e.g. img_size 192 with window 12, 224 with 14, 256 with 8 or 16)")
@@ -664,12 +666,12 @@ class SwinTransformerV2(nn.Module):
         from timm.layers import ClassifierHead  # the head's keys (head.fc.*) match timm's
 
         if len(depths) != len(num_heads):
-            raise ValueError(f"depths {tuple(depths)} and num_heads {tuple(num_heads)} must have the same length")
+            raise UserError(f"depths {tuple(depths)} and num_heads {tuple(num_heads)} must have the same length")
         num_stages = len(depths)
         self.img_size, self.window_size, self.patch_size = to_pair(img_size), to_pair(window_size), patch_size
         pretrained = [to_pair(p) for p in (pretrained_window_sizes or [0] * num_stages)]
         if len(pretrained) != num_stages:
-            raise ValueError(f"pretrained_window_sizes needs one entry per stage ({num_stages}), got {len(pretrained)}")
+            raise UserError(f"pretrained_window_sizes needs one entry per stage ({num_stages}), got {len(pretrained)}")
         self.pretrained_window_sizes: list[Pair] = pretrained
         geometry = stage_geometry(self.img_size, patch_size, num_stages, self.window_size)
         self.num_classes, self.in_chans, self.norm_placement = num_classes, in_chans, norm_placement
@@ -768,7 +770,7 @@ class SwinTransformerV2(nn.Module):
         else:
             pretrained = [to_pair(p) for p in pretrained_window_sizes]
             if len(pretrained) != len(self.layers):
-                raise ValueError(f"pretrained_window_sizes needs {len(self.layers)} entries, got {len(pretrained)}")
+                raise UserError(f"pretrained_window_sizes needs {len(self.layers)} entries, got {len(pretrained)}")
         geometry = stage_geometry(img, self.patch_size, len(self.layers), win)  # validates before changing anything
         self.img_size, self.window_size, self.pretrained_window_sizes = img, win, pretrained
         for stage, (res, _), pre in zip(self.layers, geometry, pretrained, strict=True):

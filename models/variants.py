@@ -10,6 +10,8 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from simmim.errors import UserError
+
 from .swin_transformer_v2 import SwinTransformerV2
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -38,7 +40,7 @@ def create_model(name: str, **overrides: Any) -> SwinTransformerV2:
     Example: ``create_model("swinv2_tiny", img_size=192, window_size=12, num_classes=0)`` -> pooled-feature encoder.
     """
     if name not in VARIANTS:
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(VARIANTS)}")
+        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(VARIANTS)}")
     unknown = sorted(set(overrides) - _ALLOWED)
     if unknown:
         raise TypeError(f"unknown option(s) {unknown} for {name}; valid options: {', '.join(sorted(_ALLOWED))}")

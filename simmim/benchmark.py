@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from simmim.errors import UserError
 from simmim.model import SimMIM, masked_l1_loss
 from simmim.models import VARIANTS, SwinTransformerV2, create_model
 
@@ -64,7 +65,7 @@ class TimmSimMIM(nn.Module):
 
         enc: SwinTransformerV2 = ours.encoder
         if any(blk.extra_norm is not None for blk in enc.blocks()):
-            raise ValueError("timm's SwinV2 has no extra main-branch norms (SwinV2-H/G); compare a smaller variant")
+            raise UserError("timm's SwinV2 has no extra main-branch norms (SwinV2-H/G); compare a smaller variant")
         self.encoder = TimmSwinV2(img_size=enc.img_size, patch_size=enc.patch_size, in_chans=enc.in_chans,
                                   num_classes=0, embed_dim=enc.embed_dim, depths=enc.depths, num_heads=enc.num_heads,
                                   window_size=enc.window_size, drop_path_rate=0.0,
@@ -89,9 +90,9 @@ def build_pair(name: str, img_size: int, window_size: int, device: torch.device,
                ) -> tuple[SimMIM, TimmSimMIM]:
     """Ours and timm's SimMIM on the same (seeded) weights, drop path off (it would make the steps random)."""
     if name not in VARIANTS:
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(VARIANTS)}")
+        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(VARIANTS)}")
     if VARIANTS[name].get("extra_norm_period"):  # refuse before building a model of billions of parameters
-        raise ValueError(f"timm's SwinV2 has no extra main-branch norms (SwinV2-H/G); compare a smaller variant "
+        raise UserError(f"timm's SwinV2 has no extra main-branch norms (SwinV2-H/G); compare a smaller variant "
                          f"than {name}")
     torch.manual_seed(seed)
     ours = SimMIM(create_model(name, img_size=img_size, window_size=window_size, num_classes=0, drop_path_rate=0.0))
@@ -270,7 +271,7 @@ def memory_section(name: str = "swinv2_tiny", img_size: int = 192, window_size: 
     amp = DTYPES[dtype]
     small, large = batch_sizes
     if small == large:
-        raise ValueError(f"--memory-batch-sizes {small} {large}: the memory per image is the slope between two "
+        raise UserError(f"--memory-batch-sizes {small} {large}: the memory per image is the slope between two "
                          "different batch sizes, e.g. 4 8")
     batches = {b: make_batch(b, img_size, dev) for b in batch_sizes}
     peaks: dict[str, dict[int, float]] = {}

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from simmim.errors import InputNotFoundError, UserError
 from simmim.models.convert import read_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ def load_checkpoint(path: str | Path) -> dict:
     """
     state = read_checkpoint(path, stub_classes=False)
     if not isinstance(state, dict):
-        raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")
+        raise UserError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")
     return state
 
 
@@ -142,7 +143,7 @@ class CheckpointManager:
 
     def __init__(self, directory: str | Path, keep_last: int = 3, prefix: str = "ckpt") -> None:
         if keep_last < 1:
-            raise ValueError(f"keep_last must be >= 1, got {keep_last} (run.keep_last)")
+            raise UserError(f"keep_last must be >= 1, got {keep_last} (run.keep_last)")
         self.directory = Path(directory)
         self.keep_last = keep_last
         self.prefix = prefix
@@ -239,10 +240,10 @@ def resolve_resume(resume: str | Path | None, output_dir: str | Path, load: Call
     if path.is_dir():
         found = CheckpointManager(path, prefix=prefix).latest_valid(load)
         if found is None:
-            raise FileNotFoundError(f"resume directory {path} holds no valid {prefix}-<step>.pt checkpoint")
+            raise InputNotFoundError(f"resume directory {path} holds no valid {prefix}-<step>.pt checkpoint")
         return found
     if not path.is_file():
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"resume checkpoint {path} does not exist; pass --resume auto to continue from the newest checkpoint "
             f"in {ckpt_dir} (or start fresh if there is none)"
         )

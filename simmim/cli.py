@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__
+from .errors import RunStopped, UserError
 
 
 def _count_params(name: str, img_size: int, window_size: int) -> tuple[int, list]:
@@ -30,11 +31,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         return 2
     rows = []
     for name in names:
-        try:
-            n, windows = _count_params(name, args.img_size, args.window_size)
-        except ValueError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+        n, windows = _count_params(name, args.img_size, args.window_size)
         v = VARIANTS[name]
         rows.append(f"{name:<14} {n / 1e6:>8.1f}M  {v['embed_dim']:>4}  {str(v['depths']):<14} "
                     f"{str(v['num_heads']):<18} " + "/".join(str(w[0]) for w in windows))
@@ -43,29 +40,15 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fail(err: BaseException) -> int:
-    print(f"error: {err}", file=sys.stderr)
-    return 2
-
-
 def _run_job(args: argparse.Namespace, config_cls: type, run: Callable[..., dict],
              flags: dict[str, str]) -> tuple[int, dict | None]:
-    """Load CONFIG with the command's flags (``flags``: argument -> config key) and overrides, then run it.
-    Bad input exits 2 before training; a run stopped by non-finite losses or a failed checkpoint write exits 1.
-    Either way the error is one line naming the fix."""
-    from simmim.config import ConfigError, load_config
+    """Load CONFIG with the command's flags (``flags``: argument -> config key) and overrides, then run it."""
+    from simmim.config import load_config
     from simmim.configs import resolve
-    from simmim.engine import CheckpointWriteError, NonFiniteLossError
 
     overrides = list(args.overrides)
     overrides += [f"{key}={getattr(args, arg)}" for arg, key in flags.items() if getattr(args, arg) is not None]
-    try:
-        return 0, run(load_config(config_cls, resolve(args.config), overrides), overwrite=args.overwrite)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        return _fail(err), None
-    except (NonFiniteLossError, CheckpointWriteError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1, None
+    return 0, run(load_config(config_cls, resolve(args.config), overrides), overwrite=args.overwrite)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -107,32 +90,28 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Accuracy of a fine-tuned checkpoint (as trained, at another size, or a sweep), or k-NN / linear probes."""
     from simmim.evaluate import evaluate_checkpoint, format_table, parse_sweep, probe_checkpoint
-    from simmim.models.convert import CheckpointMismatchError
 
     foreign = dict(model_name=args.model, build_size=(args.img_size, args.window_size)) if args.model else {}
-    try:
-        if args.knn or args.linear_probe:
-            scores = probe_checkpoint(args.checkpoint, args.data, stage=args.stage, k=args.k,
-                                      linear_probe=args.linear_probe, batch_size=args.batch_size,
-                                      num_workers=args.num_workers, **foreign)
-            for name, value in scores.items():
-                if args.knn or "knn" not in name:
-                    print(f"{name.removeprefix('monitor/')}: {100 * value:.2f}")
-            return 0
-        if args.sweep:
-            sizes = parse_sweep(args.sweep)
-        elif args.model:  # official/timm weights: --img-size/--window-size are the geometry they are built at
-            sizes = None
-        elif args.img_size or args.window_size:
-            if not (args.img_size and args.window_size):
-                return _fail(ValueError("--img-size and --window-size go together"))
-            sizes = [(args.img_size, args.window_size)]
-        else:
-            sizes = None
-        rows = evaluate_checkpoint(args.checkpoint, args.data, sizes, split=args.split,
-                                   batch_size=args.batch_size, num_workers=args.num_workers, **foreign)
-    except (FileNotFoundError, ValueError, CheckpointMismatchError) as err:
-        return _fail(err)
+    if args.knn or args.linear_probe:
+        scores = probe_checkpoint(args.checkpoint, args.data, stage=args.stage, k=args.k,
+                                  linear_probe=args.linear_probe, batch_size=args.batch_size,
+                                  num_workers=args.num_workers, **foreign)
+        for name, value in scores.items():
+            if args.knn or "knn" not in name:
+                print(f"{name.removeprefix('monitor/')}: {100 * value:.2f}")
+        return 0
+    if args.sweep:
+        sizes = parse_sweep(args.sweep)
+    elif args.model:  # official/timm weights: --img-size/--window-size are the geometry they are built at
+        sizes = None
+    elif args.img_size or args.window_size:
+        if not (args.img_size and args.window_size):
+            raise UserError("--img-size and --window-size go together")
+        sizes = [(args.img_size, args.window_size)]
+    else:
+        sizes = None
+    rows = evaluate_checkpoint(args.checkpoint, args.data, sizes, split=args.split,
+                               batch_size=args.batch_size, num_workers=args.num_workers, **foreign)
     print(format_table(rows))
     return 0
 
@@ -148,10 +127,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        sections = run(args)
-    except ValueError as err:
-        return _fail(err)
+    sections = run(args)
     text, doc = report(args, sections)
     print(text)
     if args.json == "-":
@@ -167,11 +143,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     steps, epochs = (40, 1) if args.quick else (args.pretrain_steps, args.finetune_epochs)
     extra = [] if args.progress else ["progress=false"]
-    try:
-        result = run_demo(args.output, pretrain_steps=steps, finetune_epochs=epochs, compare=args.compare,
-                          extra=extra)
-    except ValueError as err:
-        return _fail(err)
+    result = run_demo(args.output, pretrain_steps=steps, finetune_epochs=epochs, compare=args.compare, extra=extra)
     if result.pretrain["main_process"]:
         print(summary(result))
     return 0
@@ -179,17 +151,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a run checkpoint's encoder or classifier for use elsewhere."""
-    from simmim.export import FORMATS, ExportMismatchError, export
+    from simmim.export import FORMATS, export
 
     if args.format not in FORMATS:
-        return _fail(ValueError(f"unknown format {args.format!r}; choose one of {', '.join(FORMATS)}"))
-    try:
-        files = export(args.checkpoint, args.format, args.out, opset=args.opset, overwrite=args.overwrite)
-    except (FileNotFoundError, ValueError, ImportError) as err:
-        return _fail(err)
-    except ExportMismatchError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        raise UserError(f"unknown format {args.format!r}; choose one of {', '.join(FORMATS)}")
+    files = export(args.checkpoint, args.format, args.out, opset=args.opset, overwrite=args.overwrite)
     print(f"exported {args.checkpoint} as {args.format}:")
     for path in files:
         print(f"  {path}")
@@ -327,7 +293,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    return args.func(args)
+    try:
+        return args.func(args)
+    except UserError as err:  # the input cannot be used as given: one line naming the fix
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except RunStopped as err:  # stopped for a reason outside the code: what was kept and how to go on
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except Exception:  # a bug: its traceback goes to the run's train.log too, then to the console as usual
+        _log_bug()
+        raise
+
+
+def _log_bug() -> None:
+    """Write the exception being handled to every log file the run opened (``train.log``), marked as a bug."""
+    import logging
+
+    for handler in logging.getLogger("simmim").handlers:
+        if isinstance(handler, logging.FileHandler):
+            record = logging.LogRecord("simmim", logging.CRITICAL, __file__, 0, "unexpected error (a bug, not a "
+                                       "problem with your input; please report it with this traceback)", None,
+                                       sys.exc_info())
+            handler.handle(record)
 
 
 if __name__ == "__main__":

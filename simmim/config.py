@@ -22,6 +22,8 @@ from typing import Any, ClassVar, Literal
 import yaml
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from simmim.errors import InputNotFoundError, UserError
+
 
 @dataclass(frozen=True)
 class Range:
@@ -292,7 +294,7 @@ class FinetuneConfig:
     run: FinetuneRunConfig = field(default_factory=FinetuneRunConfig)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config file or override cannot be read, a key is unknown, a value has the wrong type or is out of range, or
     values do not fit together; the one-line message names the key (and the file and line for YAML errors)."""
 
@@ -580,7 +582,7 @@ def read_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path.resolve() in _seen:
         raise ConfigError(f"config {path} extends itself through 'base:' ({' -> '.join(map(str, _seen))})")
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
+        raise InputNotFoundError(f"config file {path} does not exist")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:

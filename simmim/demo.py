@@ -13,6 +13,7 @@ from typing import Any
 from simmim import finetune, pretrain
 from simmim.config import FinetuneConfig, PretrainConfig, load_config, replace
 from simmim.configs import resolve
+from simmim.errors import UserError
 from simmim.evaluate import evaluate_checkpoint, format_table
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def run_demo(output: str | Path = "runs/demo", pretrain_steps: int = 300, finetu
     base_cfg = load_config(FinetuneConfig, resolve("demo/finetune"), [f"run.output={out / 'finetune-scratch'}",
                                                                         *ft_args])
     if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
-        raise ValueError(f"{out} is not empty and was not written by simmim demo; pass another --output")
+        raise UserError(f"{out} is not empty and was not written by simmim demo; pass another --output")
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("written by simmim demo; a later demo replaces this folder\n")
     pre = pretrain.run(pre_cfg, overwrite=True)

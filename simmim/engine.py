@@ -36,6 +36,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from simmim.checkpoint import CheckpointManager
 from simmim.data import sample_seed
+from simmim.errors import RunStopped, UserError
 from simmim.models.convert import check_compatible
 from simmim.weights import Weights
 
@@ -71,11 +72,11 @@ class Task(Protocol):
         """Restore :meth:`extra_state` on resume."""
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunStopped):
     """The loss was NaN/inf for too many steps in a row."""
 
 
-class CheckpointWriteError(RuntimeError):
+class CheckpointWriteError(RunStopped):
     """A checkpoint could not be written (full disk, permissions); the previous one is intact."""
 
 
@@ -246,7 +247,7 @@ class Engine:
             try:
                 self.optimizer.load_state_dict(ckpt["optimizer"])
             except ValueError as err:
-                raise ValueError(f"the optimizer state in {weights.path} does not fit the current parameter groups "
+                raise UserError(f"the optimizer state in {weights.path} does not fit the current parameter groups "
                                  f"({err}); was optim.layer_decay changed? Resume with the original setting") from None
         elif (state_dir := self.checkpoints.state_dir_for(ckpt["step"])).is_dir():
             self.acc.load_state(str(state_dir))
@@ -274,7 +275,7 @@ class Engine:
             raise RuntimeError("the stream ended; streams for training are endless (MaskedImageStream endless=True)")
         steps_per_epoch = len(self.loader) // accum
         if steps_per_epoch == 0:
-            raise ValueError(f"an epoch has {len(self.loader)} batches per process, fewer than "
+            raise UserError(f"an epoch has {len(self.loader)} batches per process, fewer than "
                              f"optim.accumulation_steps {accum}; lower it or data.batch_size")
         epoch, step_in_epoch = divmod(self.state.step, steps_per_epoch)
         while True:

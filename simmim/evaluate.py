@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from simmim.data.labeled import LabeledDataset, open_labeled
 from simmim.data.transforms import eval_transform
+from simmim.errors import UserError
 from simmim.models import SwinTransformerV2, create_model
 from simmim.models.convert import load_pretrained
 from simmim.monitor import FeatureMonitor
@@ -57,7 +58,7 @@ def parse_sweep(spec: str) -> list[tuple[int, int]]:
     for item in spec.split(","):
         size, _, window = item.strip().partition(":")
         if not size.isdigit() or not window.isdigit() or int(size) < 1 or int(window) < 1:
-            raise ValueError(f"--sweep item {item!r} must look like IMG_SIZE:WINDOW with positive numbers, e.g. 384:12")
+            raise UserError(f"--sweep item {item!r} must look like IMG_SIZE:WINDOW with positive numbers, e.g. 384:12")
         pairs.append((int(size), int(window)))
     return pairs
 
@@ -78,7 +79,7 @@ def load_for_eval(checkpoint: str | Path, model_name: str | None = None, img_siz
     if weights.meta.get("model"):
         return model_from_weights(weights), weights.meta
     if not (model_name and img_size and window_size):
-        raise ValueError(f"{weights.describe()} does not record its architecture; to evaluate it pass --model NAME "
+        raise UserError(f"{weights.describe()} does not record its architecture; to evaluate it pass --model NAME "
                          "--img-size N --window-size W (e.g. --model swinv2_tiny --img-size 256 --window-size 8)")
     sd = weights.state_dict if "head.fc.weight" in weights.state_dict else weights.encoder()
     num_classes = sd["head.fc.weight"].shape[0] if "head.fc.weight" in sd else 0
@@ -98,7 +99,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, sizes: Sequence[tuple
     (their img_size, window)."""
     model, meta = load_for_eval(checkpoint, model_name, *(build_size or (None, None)))
     if not getattr(model, "num_classes", 0):
-        raise ValueError(f"{checkpoint} holds an encoder without a classifier; use --knn/--linear-probe, or "
+        raise UserError(f"{checkpoint} holds an encoder without a classifier; use --knn/--linear-probe, or "
                          "fine-tune it first with simmim finetune")
     source = open_labeled(data, split, classes=meta.get("classes"), channels=model.in_chans)
     if sizes is None:

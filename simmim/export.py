@@ -31,6 +31,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
 from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 
+from simmim.errors import RunStopped, UserError
 from simmim.models import VARIANTS, SwinTransformerV2
 from simmim.models.hf import hf_config, ours_to_hf
 from simmim.weights import HF_CARD, meta_windows, model_from_weights, read_run_checkpoint, sha256
@@ -50,7 +51,7 @@ TIMM_ARCH = {
 LIBRARIES = {"timm": "timm", "hf": "Hugging Face transformers"}  # formats that load into another library's SwinV2
 
 
-class ExportMismatchError(RuntimeError):
+class ExportMismatchError(RunStopped):
     """The exported graph does not reproduce the PyTorch model's outputs."""
 
 
@@ -87,7 +88,7 @@ def check_foreign(variant: str, fmt: str) -> None:
     if fmt not in LIBRARIES:
         return
     if VARIANTS.get(variant, {}).get("extra_norm_period"):
-        raise ValueError(
+        raise UserError(
             f"{variant} cannot be exported to {LIBRARIES[fmt]}: it adds a LayerNorm on the main branch every 6 blocks "
             f"(extra_norm_period=6, SwinV2 paper §3.2), which {LIBRARIES[fmt]}'s SwinV2 does not have, so its "
             "outputs would differ; export it as safetensors or onnx instead")
@@ -266,7 +267,7 @@ def check_opset(opset: int) -> None:
         raise ImportError("the onnx export needs onnx, onnxscript and onnxruntime: pip install -e '.[onnx]'") from err
     newest = onnx.defs.onnx_opset_version()
     if not 7 <= opset <= newest:
-        raise ValueError(f"--opset {opset} is not an ONNX opset this installation supports (7..{newest}); e.g. 17")
+        raise UserError(f"--opset {opset} is not an ONNX opset this installation supports (7..{newest}); e.g. 17")
 
 
 def check_onnx(model: SwinTransformerV2, path: Path, batch: int = 3, atol: float = ONNX_ATOL) -> float:
@@ -362,14 +363,14 @@ def _check_target(source: Path, target: Path, fmt: str, overwrite: bool) -> None
     src = source.resolve()
     for path in _outputs(target, fmt):
         if path.resolve() == src or (path.is_dir() and src.is_relative_to(path.resolve())):
-            raise ValueError(f"--out {target} would overwrite the source checkpoint {source}; choose another --out")
+            raise UserError(f"--out {target} would overwrite the source checkpoint {source}; choose another --out")
     if fmt != "hf" and target.is_dir():
-        raise ValueError(f"--out {target} is a directory; pass a file name")
+        raise UserError(f"--out {target} is a directory; pass a file name")
     if fmt == "hf" and target.exists() and not target.is_dir():
-        raise ValueError(f"hf export writes a directory, but {target} is a file; pass --out DIR")
+        raise UserError(f"hf export writes a directory, but {target} is a file; pass --out DIR")
     existing = [p for p in _outputs(target, fmt) if p.exists() and (fmt != "hf" or any(p.iterdir()))]
     if existing and not overwrite:
-        raise ValueError(f"{existing[0]} already exists; pass --overwrite to replace it, or choose another --out")
+        raise UserError(f"{existing[0]} already exists; pass --overwrite to replace it, or choose another --out")
 
 
 def _move_into_place(staged: Path, final: Path) -> None:
@@ -396,9 +397,9 @@ def export(checkpoint: str | Path, fmt: str = "safetensors", out: str | Path | N
     source checkpoint never.
     """
     if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+        raise UserError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     if opset is not None and fmt != "onnx":
-        raise ValueError(f"opset applies to the onnx format only, not {fmt!r}")
+        raise UserError(f"opset applies to the onnx format only, not {fmt!r}")
     if opset is not None:
         check_opset(opset)
     path = Path(checkpoint)

@@ -21,6 +21,7 @@ from simmim.data import make_loader
 from simmim.data.labeled import LabeledDataset, open_labeled
 from simmim.data.transforms import eval_transform, finetune_transform
 from simmim.engine import Engine, LoopSettings, StepResult
+from simmim.errors import UserError
 from simmim.evaluate import evaluate
 from simmim.models import SwinTransformerV2, compile_model, create_model
 from simmim.models.convert import load_pretrained
@@ -135,7 +136,7 @@ class FinetuneTask:
 def build_data(cfg: FinetuneConfig, seed: int) -> tuple[LabeledDataset, LabeledDataset, list[str]]:
     d = cfg.data
     if not d.path:
-        raise ValueError("no training data: pass --data PATH (an ImageNet-style folder with train/ and val/, a "
+        raise UserError("no training data: pass --data PATH (an ImageNet-style folder with train/ and val/, a "
                          "datasets save_to_disk folder, hf:NAME or embedded:digits) or set data.path")
     channels = cfg.model.in_chans
     train_src = open_labeled(d.path, d.train_split, d.image_column, d.label_column, channels=channels)
@@ -178,7 +179,7 @@ def run(cfg: FinetuneConfig, overwrite: bool = False) -> dict:
         model, weights = build_classifier(cfg, num_classes)
 
         if len(train_ds) < d.batch_size * accelerator.num_processes:
-            raise ValueError(f"the training split has {len(train_ds)} images, fewer than one global batch of "
+            raise UserError(f"the training split has {len(train_ds)} images, fewer than one global batch of "
                              f"{d.batch_size * accelerator.num_processes}; lower data.batch_size")
         pin = accelerator.device.type == "cuda"
         train_loader = make_loader(train_ds, d.batch_size, d.num_workers, seed=r.seed, pin_memory=pin)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from simmim.errors import UserError
 from simmim.models import SwinTransformerV2
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ def local_stats(target: torch.Tensor, window: int = 47) -> tuple[torch.Tensor, t
     the border (``count_include_pad=False``); the variance is Bessel-corrected. (B, C, H, W) -> two float tensors
     of that shape, the std including the 1e-6 of the official code: ``sqrt(var + 1e-6)``."""
     if window % 2 == 0 or window < 3:
-        raise ValueError(f"norm_target_window must be odd and >= 3, got {window} (simmim.norm_target_window)")
+        raise UserError(f"norm_target_window must be odd and >= 3, got {window} (simmim.norm_target_window)")
     pool = dict(kernel_size=window, stride=1, padding=window // 2)
     t = target.float()
     mean = F.avg_pool2d(t, count_include_pad=False, **pool)
@@ -78,7 +79,7 @@ class SimMIM(nn.Module):
         self.patch_size = encoder.patch_size
         self.norm_target, self.norm_target_window = norm_target, norm_target_window
         if norm_target and (norm_target_window % 2 == 0 or norm_target_window < 3):
-            raise ValueError(f"norm_target_window must be odd and >= 3, got {norm_target_window} "
+            raise UserError(f"norm_target_window must be odd and >= 3, got {norm_target_window} "
                              "(simmim.norm_target_window)")
         self.decoder = nn.Sequential(
             nn.Conv2d(encoder.num_features, self.encoder_stride**2 * self.in_chans, kernel_size=1),

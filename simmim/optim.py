@@ -14,6 +14,8 @@ from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
 from timm.scheduler.scheduler import Scheduler
 from torch import nn
 
+from simmim.errors import UserError
+
 _BLOCK = re.compile(r"layers\.(\d+)\.blocks\.(\d+)\.")
 _DOWNSAMPLE = re.compile(r"layers\.(\d+)\.downsample\.")
 
@@ -86,4 +88,4 @@ def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, total_steps: in
         # schedule drops at the absolute milestone step, hence the + 1 and warmup_prefix=False
         return MultiStepLRScheduler(optimizer, decay_t=[m + 1 for m in milestones], decay_rate=gamma,
                                     warmup_prefix=False, **common)
-    raise ValueError(f"unknown schedule {kind!r}; use 'cosine' or 'multistep' (schedule.kind)")
+    raise UserError(f"unknown schedule {kind!r}; use 'cosine' or 'multistep' (schedule.kind)")

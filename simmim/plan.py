@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from simmim.config import OptimConfig, ScheduleConfig, scaled_lr
+from simmim.errors import UserError
 from simmim.optim import build_optimizer, build_scheduler
 
 
@@ -27,7 +28,7 @@ def plan_training(schedule: ScheduleConfig, optim: OptimConfig, batch_size: int,
     if schedule.max_steps:
         total, per_epoch = schedule.max_steps, schedule.max_steps / schedule.epochs
     elif batches_per_process is None:
-        raise ValueError("a streaming dataset has no epoch length: set schedule.max_steps")
+        raise UserError("a streaming dataset has no epoch length: set schedule.max_steps")
     else:
         per_epoch = max(batches_per_process // optim.accumulation_steps, 1)
         total = schedule.epochs * per_epoch

@@ -25,6 +25,7 @@ from simmim.data import (
     pretrain_transform,
 )
 from simmim.engine import Engine, LoopSettings, StepResult, TrainState
+from simmim.errors import UserError
 from simmim.model import SimMIM, normalize_target
 from simmim.models import SwinTransformerV2, compile_model, create_model
 from simmim.models.convert import encoder_state, load_pretrained
@@ -77,7 +78,7 @@ def build_dataset(cfg: PretrainConfig, patch_size: int, rank: int = 0, world_siz
     geometry. A stream is sharded over ``world_size`` processes (this one is ``rank``) and never ends."""
     d = cfg.data
     if not d.path:
-        raise ValueError("no training data: pass --data PATH (a folder of images, a datasets save_to_disk folder, "
+        raise UserError("no training data: pass --data PATH (a folder of images, a datasets save_to_disk folder, "
                          "hf:NAME or embedded) or set data.path")
     masks = MaskGenerator(cfg.model.img_size, d.mask_patch_size, patch_size, d.mask_ratio)
     channels = cfg.model.in_chans
@@ -103,7 +104,7 @@ def build_loader(cfg: PretrainConfig, dataset: Any, accelerator: Any) -> DataLoa
                                    put_on_device=True, dispatch_batches=False)
     global_batch = d.batch_size * accelerator.num_processes
     if len(dataset) < global_batch:
-        raise ValueError(f"the dataset has {len(dataset)} images, fewer than one global batch of {global_batch} "
+        raise UserError(f"the dataset has {len(dataset)} images, fewer than one global batch of {global_batch} "
                          f"(data.batch_size {d.batch_size} x {accelerator.num_processes} processes); lower "
                          "data.batch_size")
     return make_loader(dataset, d.batch_size, d.num_workers, seed=cfg.run.seed, pin_memory=pin)
@@ -163,7 +164,7 @@ def stream_layout(cfg: PretrainConfig, accelerator: Any) -> dict:
 def check_stream_layout(saved: dict | None, now: dict) -> None:
     if saved is not None and saved != now:
         changed = ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in now.items() if saved.get(k) != v)
-        raise ValueError(f"a stream resumes by position, which depends on processes, data.num_workers, "
+        raise UserError(f"a stream resumes by position, which depends on processes, data.num_workers, "
                          f"data.batch_size and optim.accumulation_steps; they changed ({changed}): resume with "
                          "the settings of the interrupted run")
 

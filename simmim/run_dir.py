@@ -29,6 +29,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 
 from simmim.checkpoint import CHECKPOINT_DIRNAME, pid_alive, resolve_resume
+from simmim.errors import UserError
 from simmim.weights import Weights, read_run_checkpoint
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ except ImportError:  # Windows: an exclusive create with a pid check instead of 
     fcntl = None  # type: ignore[assignment]
 
 
-class RunDirError(ValueError):
+class RunDirError(UserError):
     """The output directory cannot be used as asked; the message offers the ways forward."""
 
 
@@ -320,7 +321,7 @@ def start_run(output: str | Path, mixed_precision: str, resume: str | None, seed
         _agree(accelerator, lambda: run_dir.check_reuse(fresh=weights is None, overwrite=overwrite,
                                                         resume_asked=str(resume) == "auto"))
         if weights is not None and model_name and weights.meta.get("model") != model_name:
-            raise ValueError(f"resume checkpoint {weights.path} holds a {weights.meta.get('model')} model, the "
+            raise UserError(f"resume checkpoint {weights.path} holds a {weights.meta.get('model')} model, the "
                              f"config asks for {model_name} (was the model config changed?); resume with "
                              "model.name set as in that run, or start a new run in another --output")
         set_seed(seed)

@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import torch
 
+from simmim.errors import UserError
 from simmim.models import SwinTransformerV2, create_model
 from simmim.models.convert import (
     check_compatible,
@@ -46,7 +47,7 @@ KINDS = ("simmim-pretrain", "simmim-finetune")  # meta.kind of the checkpoints o
 HF_CARD = "simmim_card.json"  # the card inside an hf export directory
 
 
-class WrongCheckpointError(ValueError):
+class WrongCheckpointError(UserError):
     """The file holds weights, but not ones this command can use (the message says which it needs)."""
 
 
@@ -152,7 +153,7 @@ def _hf_directory(path: Path) -> Weights:
     try:
         sd = hf_to_ours(load_file(str(path / "model.safetensors")))
     except Exception as err:
-        raise ValueError(f"{path / 'model.safetensors'} is not a readable Swinv2 safetensors file: "
+        raise UserError(f"{path / 'model.safetensors'} is not a readable Swinv2 safetensors file: "
                          f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
     geometry = stage_geometry(to_pair(config["image_size"]), config["patch_size"], len(config["depths"]),
                               to_pair(config["window_size"]))
@@ -190,7 +191,7 @@ def read_weights(path: str | Path) -> Weights:
     if path.is_dir():
         if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
             return _hf_directory(path)
-        raise FileNotFoundError(f"{path} is a directory without config.json + model.safetensors; pass a checkpoint "
+        raise UserError(f"{path} is a directory without config.json + model.safetensors; pass a checkpoint "
                                 "file (.pt/.pth/.safetensors) or a transformers Swinv2 directory")
     raw = read_checkpoint(path)
     if path.suffix == ".safetensors":
@@ -203,11 +204,11 @@ def read_weights(path: str | Path) -> Weights:
         meta = raw["meta"]
         return Weights(path, "run", dict(raw["model"]), meta, meta_windows(meta), checkpoint=raw)
     if isinstance(raw, dict) and isinstance(raw.get("meta"), dict) and raw["meta"].get("kind") in KINDS:
-        raise ValueError(f"{path} is a damaged simmim checkpoint: {run_checkpoint_problem(raw)}")
+        raise UserError(f"{path} is a damaged simmim checkpoint: {run_checkpoint_problem(raw)}")
     try:
         sd = unwrap(raw)
     except ValueError as err:
-        raise ValueError(f"{path} holds no SwinV2 weights: {err}") from None
+        raise UserError(f"{path} holds no SwinV2 weights: {err}") from None
     source, sd, windows = _classify(sd)
     return Weights(path, source, sd, {}, windows)
 
@@ -236,7 +237,7 @@ def check_channels(weights: Weights, in_chans: int) -> None:
     stem = weights.encoder().get("patch_embed.proj.weight")
     if stem is not None and stem.shape[1] != in_chans:
         have = stem.shape[1]
-        raise ValueError(f"{weights.path} was trained on {have}-channel images but model.in_chans is {in_chans}; "
+        raise UserError(f"{weights.path} was trained on {have}-channel images but model.in_chans is {in_chans}; "
                          f"set model.in_chans={have} (and data.mean/data.std with {have} values)")
 
 
@@ -246,7 +247,7 @@ def start_windows(weights: Weights | None, override: Any) -> Any:
     if override is not None or weights is None:
         return override
     if weights.windows is None:
-        raise ValueError(f"cannot tell which window sizes {weights.path} was trained at (a timm file has no "
+        raise UserError(f"cannot tell which window sizes {weights.path} was trained at (a timm file has no "
                          "metadata); set model.pretrained_window_sizes, e.g. [12,12,12,6] for 192 px / W12")
     return weights.windows
 
