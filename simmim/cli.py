@@ -118,17 +118,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
     """Our SimMIM/SwinV2 vs SimMIM on timm's SwinV2 side by side (step, inference, memory), the input pipeline vs
-    the official one, the folder index (simmim/benchmark.py); tables printed, optionally JSON."""
+    the official one, the folder index (simmim.benchmarks); tables printed, optionally JSON."""
     import json
 
     import torch
 
-    from simmim.benchmark import report, run
+    from simmim.benchmarks import BenchmarkSettings, report, run
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    sections = run(args)
-    text, doc = report(args, sections)
+    modes = ("inference",) if args.inference else ("train",) if args.train else ("train", "inference")
+    settings = BenchmarkSettings(
+        what=tuple(args.what), model=args.model, img_size=args.img_size, window_size=args.window_size,
+        batch_size=args.batch_size, memory_batch_sizes=tuple(args.memory_batch_sizes), modes=modes,
+        dtypes=tuple(args.dtype), rounds=args.rounds, iters=args.iters, compile=args.compile, threads=args.threads,
+        device=args.device, folder=args.folder, index_files=args.index_files, compare_list=args.compare_list)
+    text, doc = report(settings, run(settings))
     print(text)
     if args.json == "-":
         print(json.dumps(doc, indent=2, default=str))
