@@ -25,8 +25,7 @@ from simmim.errors import UserError
 from simmim.evaluate import evaluate
 from simmim.models import SwinTransformerV2, compile_model, create_model
 from simmim.models.convert import load_pretrained
-from simmim.optim import param_groups
-from simmim.plan import build_optimization, plan_training
+from simmim.optim import build_optimization, param_groups, plan_training
 from simmim.run_dir import open_run, start_run
 from simmim.weights import Weights, check_channels, geometry_metadata, read_weights, sha256, start_windows
 

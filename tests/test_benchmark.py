@@ -1,6 +1,7 @@
 """simmim benchmark: the timm reference is the same SimMIM, memory is measured, sections and JSON come out."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -59,7 +60,7 @@ def test_cli_prints_tables_and_writes_json(tmp_path, capsys):
     assert doc["machine"]["torch"] == torch.__version__ and doc["sections"]["model"]["rows"][0]["images_per_sec"] > 0
     assert table.startswith("swinv2_pico 64px W4")  # the model timed heads the report
     # the CPU's vector extensions decide which kernels run: every report records them (from /proc/cpuinfo here)
-    flags = open("/proc/cpuinfo").read().split("flags", 1)[1].split("\n", 1)[0].split()
+    flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split()
     assert doc["machine"]["cpu_flags"] == [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni",
                                                        "amx_bf16", "amx_tile") if f in flags]
     assert doc["settings"]["model"] == "swinv2_pico" and doc["machine"]["cpus_usable"] >= 1

@@ -146,7 +146,7 @@ def test_huge_and_giant_recipes_are_checked_on_meta():
 
 def _meta_step(model: torch.nn.Module, loss: torch.Tensor, groups_of, schedule, optim) -> None:
     """backward, clip and one AdamW step with the recipe's schedule, all on the meta device."""
-    from simmim.plan import build_optimization, plan_training
+    from simmim.optim import build_optimization, plan_training
 
     assert loss.device.type == "meta" and loss.dim() == 0
     loss.backward()
