@@ -226,7 +226,7 @@ class HFImageSource:
                                            f"{err}") from err
         if isinstance(value, list):
             return np.asarray(value)
-        raise TypeError(f"column {self.image_column!r} of {self.name} holds {type(value).__name__}, not images")
+        raise UserError(f"column {self.image_column!r} of {self.name} holds {type(value).__name__}, not images")
 
     def decode(self, value: Any) -> Image.Image:
         """One value of the image column -> PIL RGB (L for ``channels=1``; a (C, H, W) tensor for other counts),
