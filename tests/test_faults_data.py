@@ -80,14 +80,14 @@ def test_the_one_limit_is_pillows_and_applies_to_every_reader(tmp_path, monkeypa
 
 def test_a_bomb_in_a_folder_is_skipped_and_counted(tmp_path, bombs):
     for i in range(6):
-        tifffile.imwrite(tmp_path / f"ok{i}.tif", np.full((40, 48, 4), i * 10, np.uint8))
+        tifffile.imwrite(tmp_path / f"ok{i}.tif", np.full((40, 48), i * 10, np.uint8))
     (tmp_path / "zz_bomb.tif").write_bytes(bombs[0].read_bytes())
-    src = ImageFolderSource(tmp_path, channels=4)
+    src = ImageFolderSource(tmp_path, channels=1)  # model.in_chans=1: TIFFs go through tifffile
     masks = MaskGenerator(32, mask_patch_size=8, model_patch_size=4, mask_ratio=0.5)
-    ds = MaskedImageDataset(src, pretrain_transform(32, mean=[0.5] * 4, std=[0.5] * 4, channels=4), masks, seed=0)
+    ds = MaskedImageDataset(src, pretrain_transform(32, mean=[0.5], std=[0.5], channels=1), masks, seed=0)
     samples = [ds[(0, i)] for i in range(len(ds))]
     assert [s["skipped"] for s in samples] == [0] * 6 + [1]
-    assert all(s["image"].shape == (4, 32, 32) for s in samples)
+    assert all(s["image"].shape == (1, 32, 32) for s in samples)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -180,12 +180,13 @@ def test_fewer_than_two_classes_are_refused_in_one_line(tmp_path, capsys):
 
 
 def test_labels_outside_the_classes_are_refused_before_training(tmp_path, capsys):
-    hf = _hf(tmp_path / "inet", {"train": [0, 1, 0, 1, 0, 1, 0, 1], "test": [-1] * 5}, names=["cat", "dog"])
+    # ImageNet-1K's test split has no labels (-1): here it is the validation data
+    hf = _hf(tmp_path / "inet", {"train": [0, 1, 0, 1, 0, 1, 0, 1], "validation": [-1] * 5}, names=["cat", "dog"])
     out = tmp_path / "run"
-    # ImageNet-1K's layout without a validation split: "test" is found for data.val_split=val, but has no labels
-    assert main([*FT, "--data", str(hf), "--output", str(out), "schedule.max_steps=2"]) == 2
+    assert main([*FT, "--data", str(hf), "--output", str(out), "schedule.max_steps=2",
+                 "data.val_split=validation"]) == 2
     line = one_line_error(capsys)
-    assert "[test]: 5 of 5 labels in the 'test' split (data.val_split)" in line, line
+    assert "[validation]: 5 of 5 labels in the 'validation' split (data.val_split)" in line, line
     assert "e.g. -1 at row 0" in line and "no label" in line
     assert not out.exists()
 
@@ -212,9 +213,13 @@ def test_a_missing_split_names_the_key_that_chose_it(tmp_path, capsys):
     assert main(["pretrain", "demo/pretrain", "--data", str(hf), "--output", str(out), "data.split=nope"]) == 2
     assert "set data.split to one of them" in one_line_error(capsys)
 
-    # a "validation" split is found for data.val_split=val, as the folder layout's val/ is for "validation"
+    # a "validation" (or "test") split is found for data.val_split=val, as the folder layout's val/ is for
+    # "validation"; the split found is the one messages name
     both = _hf(tmp_path / "both", {"train": [0, 1], "validation": [1, 0, 1]}, names=["cat", "dog"])
     assert len(open_labeled(str(both), "val", classes=["cat", "dog"])) == 3
+    unlabelled = _hf(tmp_path / "test", {"train": [0, 1], "test": [-1, -1]}, names=["cat", "dog"])
+    with pytest.raises(UserError, match=r"\[test\]: 2 of 2 labels in the 'test' split \(data.val_split\)"):
+        open_labeled(str(unlabelled), "val", classes=["cat", "dog"], split_key="data.val_split")
 
 
 def test_every_split_key_passed_to_a_message_is_a_real_key():
