@@ -57,7 +57,7 @@ def check_classes(found: list[str], trained: list[str], where: str, against: str
         raise UserError(f"the classes of {where} differ from those of {against}: {', '.join(differ)} ({against} "
                         f"has {len(trained)}: {_few(trained)}); {fix}")
     if not subset and list(found) != list(trained):
-        first = next(i for i, (a, b) in enumerate(zip(found, trained, strict=True)) if a != b)
+        first = next((i for i, (a, b) in enumerate(zip(found, trained, strict=False)) if a != b), 0)
         raise UserError(f"the classes of {where} are those of {against} in another order (label {first} is "
                         f"{found[first]!r} here, {trained[first]!r} there); {fix}")
 

@@ -18,7 +18,7 @@ from test_finetune import QUICK, pretrain_checkpoint
 from simmim.cli import main
 from simmim.data import ImageFolderSource, MaskedImageDataset, MaskGenerator, images
 from simmim.data.images import UnreadableImageError, raw_from_bytes, read_raw
-from simmim.data.labeled import check_class_count, open_labeled
+from simmim.data.labeled import check_class_count, check_classes, open_labeled
 from simmim.data.transforms import pretrain_transform
 from simmim.errors import UserError
 
@@ -144,6 +144,16 @@ def test_resuming_a_finetune_on_other_classes_is_refused_before_anything_is_writ
     hf = _hf(tmp_path / "hf", {"train": [0, 1, 2], "validation": [0, 1, 2]}, names=["ant", "bee", "cow"])
     assert main(["eval", str(out / "checkpoints" / "ckpt-00000002.pt"), "--data", str(hf)]) == 2
     assert "missing here ['cat', 'dog']" in one_line_error(capsys)
+
+
+def test_the_class_check_names_what_differs_and_the_order():
+    with pytest.raises(UserError, match=r"label 0 is 'dog' here, 'cat' there\); fix"):
+        check_classes(["dog", "cat"], ["cat", "dog"], "D", "checkpoint C", "fix")  # labels are indices: refused
+    with pytest.raises(UserError, match=r"new here \['ant'\], missing here \['dog'\] \(checkpoint C has 2"):
+        check_classes(["ant", "cat"], ["cat", "dog"], "D", "checkpoint C", "fix")
+    check_classes(["dog"], ["cat", "dog"], "D", "checkpoint C", "fix", subset=True)  # a folder may lack classes
+    with pytest.raises(UserError, match=r"new here \['ant'\] \("):
+        check_classes(["ant"], ["cat", "dog"], "D", "checkpoint C", "fix", subset=True)
 
 
 def test_empty_class_folders_are_skipped_with_a_warning(tmp_path, caplog):
