@@ -9,7 +9,7 @@ version, or, where no fallback keeps the behaviour, raises a ``RuntimeError`` na
 ``pyproject.toml`` allows, so an upgrade that breaks one fails CI even where a fallback would hide it.
 
 ==================================================  ==========  ==============================================
-private API                                         user        without it
+private API                                         used in     without it
 ==================================================  ==========  ==============================================
 ``torch.ops.mkldnn._linear_pointwise``              models/     ``F.linear`` (float32 CPU products in the BLAS,
 (positional ``"none", [], ""``: no fused            onednn_     ~2x slower there); probed with a tiny call
