@@ -53,6 +53,7 @@ def build_classifier(cfg: FinetuneConfig, num_classes: int) -> tuple[SwinTransfo
                  m.img_size)
     model.set_recompute("full" if m.grad_checkpointing else m.recompute)
     model.set_sequential_attention(m.sequential_attention)
+    model.set_linear_backend(m.linear_backend)
     return model, weights
 
 

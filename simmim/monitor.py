@@ -29,7 +29,8 @@ def extract_features(encoder: nn.Module, loader: DataLoader, stage: int = -1) ->
     device = next(encoder.parameters()).device
     feats, labels = [], []
     for batch in loader:
-        maps = encoder.forward_stages(batch["image"].to(device))  # list of (B, C_i, h_i, w_i)
+        maps = encoder.forward_intermediates(batch["image"].to(device), norm=True,
+                                             intermediates_only=True)  # list of (B, C_i, h_i, w_i)
         feats.append(maps[stage].float().mean(dim=(2, 3)).cpu())
         labels.append(batch["label"].cpu())
     encoder.train(was_training)

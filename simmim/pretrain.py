@@ -47,6 +47,7 @@ def build_encoder(cfg: PretrainConfig, init: Weights | None = None) -> SwinTrans
                            pretrained_window_sizes=windows, drop_path_rate=m.drop_path_rate, in_chans=m.in_chans)
     encoder.set_recompute("full" if m.grad_checkpointing else m.recompute)
     encoder.set_sequential_attention(m.sequential_attention)
+    encoder.set_linear_backend(m.linear_backend)
     return encoder
 
 
