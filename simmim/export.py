@@ -453,6 +453,7 @@ class ExportInterrupted(RunStopped):
 DISK_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
                errno.EFBIG: "file too large for the file system", errno.EROFS: "read-only file system",
                errno.EACCES: "permission denied", errno.EPERM: "operation not permitted"}
+SPACE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _STAGE = re.compile(r"\.(?P<name>.+)\.export-(?P<pid>\d+)")
 
 
@@ -646,12 +647,13 @@ def export(checkpoint: str | Path, fmt: str = "safetensors", out: str | Path | N
             code = disk_errno(err)
             if code is None:
                 raise
-            where = getattr(err, "filename", None) or target.parent
+            where = getattr(err, "filename", None)  # the path that failed, unless it is in the removed stage
+            where = where if where and not Path(where).is_relative_to(stage) else target.parent
             kept = f"; the existing {target} is unchanged" if overwrite and any(
                 p.exists() for p in _outputs(target, fmt)) else ""
+            fix = "free space or choose another --out" if code in SPACE_ERRORS else "choose a writable --out"
             raise RunStopped(f"cannot write the export to {where}: {DISK_ERRORS[code]} (errno {errno.errorcode[code]})"
-                             f"; nothing was written, {path} is unchanged{kept}; free space or choose another "
-                             "--out") from err
+                             f"; nothing was written, {path} is unchanged{kept}; {fix}") from err
         finally:
             shutil.rmtree(stage, ignore_errors=True)
             if not done:
