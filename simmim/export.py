@@ -491,40 +491,60 @@ def remove_stale_stages(folder: Path) -> None:
             shutil.rmtree(stage, ignore_errors=True)
 
 
+class _Signalled(BaseException):
+    """Raised by the signal handler: a BaseException, like KeyboardInterrupt, so that libraries which catch
+    ``Exception`` to retry another way (torch.onnx tries several capture strategies) let it through at once."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 @contextlib.contextmanager
 def _stopped_by_signals(target: Path) -> Iterator[dict]:
-    """SIGTERM and SIGINT raise :class:`ExportInterrupted` while the export runs, so the staging folder is removed
-    on the way out (SIGTERM's default action kills the process without running any ``finally``). While the
-    yielded ``state["commit"]`` is set (files being moved into place) a signal is held until the moves are done.
-    A second signal during the clean-up is ignored. Only the main thread can set handlers: elsewhere, no change."""
-    state: dict[str, Any] = {"commit": False, "pending": None, "raised": False}
+    """SIGTERM and SIGINT stop the export with :class:`ExportInterrupted` (exit 128 + the signal), so the staging
+    folder is removed on the way out (SIGTERM's default action kills the process without running any ``finally``).
+
+    The handler raises :class:`_Signalled` and records the signal in ``state["signal"]``: a library that wraps it
+    in another exception, or swallows it, cannot hide it (the caller checks ``state`` before moving files into
+    place). While ``state["commit"]`` is set (files being moved into place) a signal is held until the moves are
+    done. A second signal during the clean-up is ignored. Only the main thread can set handlers: elsewhere, no
+    change."""
+    state: dict[str, Any] = {"commit": False, "pending": None, "signal": None}
     if threading.current_thread() is not threading.main_thread():
         yield state
         return
 
-    def interrupted(signum: int) -> ExportInterrupted:
-        err = ExportInterrupted(f"export stopped by {signal.Signals(signum).name}: nothing was written to {target} "
-                                "(its staging folder was removed, an existing output is unchanged); run it again")
+    def interrupted(signum: int, written: bool = False) -> ExportInterrupted:
+        name = signal.Signals(signum).name
+        err = ExportInterrupted(
+            f"export stopped by {name} after it was written to {target} (complete)" if written else
+            f"export stopped by {name}: nothing was written to {target} (its staging folder was removed, an "
+            "existing output is unchanged); run it again")
         err.exit_code = 128 + signum
         return err
 
     def handler(signum: int, frame: Any) -> None:
-        if state["raised"]:
+        if state["signal"] is not None:
             return
         if state["commit"]:
             state["pending"] = signum
             return
-        state["raised"] = True
-        raise interrupted(signum)
+        state["signal"] = signum
+        raise _Signalled(signum)
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        yield state
-        if state["pending"] is not None:  # held during the moves: the export is complete, but the job was told to stop
-            err = interrupted(state["pending"])
-            err.args = (f"export stopped by {signal.Signals(state['pending']).name} after it was written to "
-                        f"{target} (complete)",)
-            raise err
+        try:
+            yield state
+        except _Signalled as sig:
+            raise interrupted(sig.signum) from None
+        except Exception as err:
+            if state["signal"] is None:
+                raise
+            raise interrupted(state["signal"]) from err  # the signal, wrapped by a library on its way up
+        if state["pending"] is not None:  # held during the moves: the export is complete, but the job must stop
+            raise interrupted(state["pending"], written=True)
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
@@ -633,6 +653,8 @@ def export(checkpoint: str | Path, fmt: str = "safetensors", out: str | Path | N
             shutil.rmtree(stage, ignore_errors=True)
             stage.mkdir()
             files, extra = WRITERS[fmt](model, meta, stage / target.name, target, opset)
+            if state["signal"] is not None:  # a library caught the signal's exception and went on
+                raise _Signalled(state["signal"])
             final_files = [target.parent / f.relative_to(stage) if f.is_relative_to(stage) else f for f in files]
             card_name = f"{target.name}/{HF_CARD}" if fmt == "hf" else f"{target.name}.json"
             card = model_card(model, meta, path, fmt, [*final_files, target / "README.md"] if fmt == "hf"

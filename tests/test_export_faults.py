@@ -116,6 +116,39 @@ def test_a_signal_mid_export_removes_the_staging_folder(tmp_path, ckpt, sig, fmt
     assert snapshot(out) == before
 
 
+@pytest.mark.parametrize("library", ["swallows", "wraps"])
+def test_a_signal_caught_inside_a_library_still_stops_the_export(tmp_path, ckpt, monkeypatch, library):
+    """torch.onnx catches what its code raises, to retry another way or to re-raise its own error: the signal
+    must still stop the export, as ExportInterrupted, with the staging folder removed."""
+    from simmim import export as export_module
+    from simmim.errors import RunStopped
+
+    real = export_module.WRITERS["safetensors"]
+
+    def writer(*args):
+        files = real(*args)
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled at once, in this (the main) thread
+        except BaseException as err:
+            if library == "wraps":
+                raise RuntimeError("Failed to export the model with torch.export") from err
+        return files
+
+    def before(signum, frame):  # what runs without the export's own handler (and instead of killing pytest)
+        raise AssertionError("the export did not handle SIGTERM")
+
+    monkeypatch.setitem(export_module.WRITERS, "safetensors", writer)
+    previous = signal.signal(signal.SIGTERM, before)
+    try:
+        with pytest.raises(RunStopped, match="export stopped by SIGTERM") as info:
+            export_module.export(ckpt, out=tmp_path / "enc.safetensors")
+        assert signal.getsignal(signal.SIGTERM) is before  # the handler in place before is restored
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert info.value.exit_code == 143
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no output, no staging folder
+
+
 def test_stale_staging_folders_of_dead_processes_are_removed(tmp_path, ckpt):
     out = tmp_path / "out"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
