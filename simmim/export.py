@@ -387,8 +387,8 @@ def model_card(model: SwinTransformerV2, meta: dict, checkpoint: Path, fmt: str,
         "mean": list(meta.get("mean") or IMAGENET_MEAN),
         "std": list(meta.get("std") or IMAGENET_STD),
         "recipe": meta.get("config", {}),
-        "paths": "file names in 'load' are relative to the folder that holds this card"
-                 + (" (for this hf export: to the folder that holds it)" if fmt == "hf" else ""),
+        "paths": ("'load' names this folder, relative to the folder that holds it: run the calls there" if fmt == "hf"
+                  else "'load' names the files relative to the folder that holds this card: run the calls there"),
         **extra,
     }
 
