@@ -285,7 +285,24 @@ def test_onnx_at_another_size(tmp_path, ckpt, capsys):
         session.run(None, {"pixel_values": torch.randn(1, 3, 64, 64).numpy()})
 
 
-def test_size_options_are_checked(tmp_path, ckpt, capsys):
+def test_size_options_apply_to_every_format_and_are_checked(tmp_path, ckpt, capsys):
+    from safetensors.torch import load_file
+
+    from simmim.models import create_model as build
+    from simmim.weights import model_from_weights, read_run_checkpoint
+
     assert main(["export", str(ckpt), "--img-size", "90", "--window-size", "6"]) == 2
     assert "90" in one_line_error(capsys)
     assert not list(ckpt.parent.glob("pretrain.safetensors*"))
+    out = tmp_path / "enc96.safetensors"
+    assert main(["export", str(ckpt), "--out", str(out), "--img-size", "96", "--window-size", "6"]) == 0
+    card = json.loads(Path(f"{out}.json").read_text())
+    assert (card["img_size"], card["window_size"]) == ([96, 96], [6, 6])
+    again = build("swinv2_pico", img_size=96, window_size=6, num_classes=0,
+                  pretrained_window_sizes=[tuple(w) for w in card["pretrained_window_sizes"]]).eval()
+    again.load_state_dict(load_file(out))
+    moved = model_from_weights(read_run_checkpoint(ckpt))
+    moved.set_input_size(img_size=96, window_size=6)
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), moved(x), rtol=0, atol=0)
