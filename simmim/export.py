@@ -16,26 +16,18 @@ Formats (default output beside the checkpoint ``<stem>.pt``):
 
 timm and HF have no extra main-branch norms, so SwinV2-H/G (``extra_norm_period=6``) export only as safetensors/ONNX.
 
-Writing is staged: everything goes to a hidden ``.<name>.export-<pid>`` folder beside the target and is moved into
-place file by file (``os.replace``, atomic) only when complete. SIGTERM/SIGINT during an export remove that folder
-and exit 128 + the signal; folders left by killed exports (SIGKILL) are removed by the next export into the same
-folder. A full or read-only disk is a one-line :class:`~simmim.errors.RunStopped` naming the path, with nothing
-written and any existing output intact. The hf format replaces only the files it writes in an existing folder.
+Writing is staged (:mod:`simmim.export_staging`): everything goes to a hidden ``.<name>.export-<pid>`` folder
+beside the target and is moved into place file by file (``os.replace``, atomic) only when complete; a signal, a
+full or read-only disk end in one line with nothing written, and the hf format replaces only the files it writes in
+an existing folder.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import importlib.util
 import json
 import logging
-import os
-import re
-import shutil
-import signal
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +35,8 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
 from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 
-from simmim.checkpoint import pid_alive
 from simmim.errors import RunStopped, UserError
+from simmim.export_staging import staged
 from simmim.models import VARIANTS, SwinTransformerV2
 from simmim.models.hf import hf_config, ours_to_hf
 from simmim.weights import HF_CARD, model_from_weights, read_run_checkpoint, sha256
@@ -442,112 +434,7 @@ def hf_readme(card: dict, folder: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# staging: nothing partial is ever visible, nothing the export did not write is ever touched
-
-
-class ExportInterrupted(RunStopped):
-    """SIGTERM/SIGINT during an export: the staging folder was removed; exit code 128 + the signal, as shells say."""
-
-
-# errors of the disk being written (not of the code): reported as RunStopped, one line, naming the path
-DISK_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
-               errno.EFBIG: "file too large for the file system", errno.EROFS: "read-only file system",
-               errno.EACCES: "permission denied", errno.EPERM: "operation not permitted"}
-SPACE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-_STAGE = re.compile(r"\.(?P<name>.+)\.export-(?P<pid>\d+)")
-
-
-def disk_errno(err: BaseException) -> int | None:
-    """The errno of a disk error behind ``err``: an OSError in its chain (torch.save wraps it in a RuntimeError), or
-    the ``(os error N)`` safetensors' Rust writer quotes in a SafetensorError, which carries no errno."""
-    from safetensors import SafetensorError
-
-    seen: set[int] = set()
-    cur: BaseException | None = err
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if isinstance(cur, OSError) and cur.errno in DISK_ERRORS:
-            return cur.errno
-        if isinstance(cur, SafetensorError):
-            found = re.search(r"\(os error (\d+)\)", str(cur))
-            if found and int(found.group(1)) in DISK_ERRORS:
-                return int(found.group(1))
-        cur = cur.__cause__ or cur.__context__
-    return None
-
-
-def remove_stale_stages(folder: Path) -> None:
-    """Delete ``.<name>.export-<pid>`` staging folders left in ``folder`` by exports whose process is gone (killed
-    with SIGKILL, or older versions on SIGTERM). Recognised by what an export writes there (only entries named
-    after ``<name>``), so a user's folder that merely looks alike is left alone, as is a live export's."""
-    if not folder.is_dir():
-        return
-    for stage in folder.glob(".*.export-*"):
-        match = _STAGE.fullmatch(stage.name)
-        if not (match and stage.is_dir() and not stage.is_symlink()) or pid_alive(int(match["pid"])):
-            continue
-        if all(entry.name.startswith(match["name"]) for entry in stage.iterdir()):
-            log.info("removing %s, left by an interrupted export (process %s is gone)", stage, match["pid"])
-            shutil.rmtree(stage, ignore_errors=True)
-
-
-class _Signalled(BaseException):
-    """Raised by the signal handler: a BaseException, like KeyboardInterrupt, so that libraries which catch
-    ``Exception`` to retry another way (torch.onnx tries several capture strategies) let it through at once."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def _stopped_by_signals(target: Path) -> Iterator[dict]:
-    """SIGTERM and SIGINT stop the export with :class:`ExportInterrupted` (exit 128 + the signal), so the staging
-    folder is removed on the way out (SIGTERM's default action kills the process without running any ``finally``).
-
-    The handler raises :class:`_Signalled` and records the signal in ``state["signal"]``: a library that wraps it
-    in another exception, or swallows it, cannot hide it (the caller checks ``state`` before moving files into
-    place). While ``state["commit"]`` is set (files being moved into place) a signal is held until the moves are
-    done. A second signal during the clean-up is ignored. Only the main thread can set handlers: elsewhere, no
-    change."""
-    state: dict[str, Any] = {"commit": False, "pending": None, "signal": None}
-    if threading.current_thread() is not threading.main_thread():
-        yield state
-        return
-
-    def interrupted(signum: int, written: bool = False) -> ExportInterrupted:
-        name = signal.Signals(signum).name
-        err = ExportInterrupted(
-            f"export stopped by {name} after it was written to {target} (complete)" if written else
-            f"export stopped by {name}: nothing was written to {target} (its staging folder was removed, an "
-            "existing output is unchanged); run it again")
-        err.exit_code = 128 + signum
-        return err
-
-    def handler(signum: int, frame: Any) -> None:
-        if state["signal"] is not None:
-            return
-        if state["commit"]:
-            state["pending"] = signum
-            return
-        state["signal"] = signum
-        raise _Signalled(signum)
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        try:
-            yield state
-        except _Signalled as sig:
-            raise interrupted(sig.signum) from None
-        except Exception as err:
-            if state["signal"] is None:
-                raise
-            raise interrupted(state["signal"]) from err  # the signal, wrapped by a library on its way up
-        if state["pending"] is not None:  # held during the moves: the export is complete, but the job must stop
-            raise interrupted(state["pending"], written=True)
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+# entry point
 
 
 def _outputs(target: Path, fmt: str) -> list[Path]:
@@ -574,42 +461,6 @@ def _check_target(source: Path, target: Path, fmt: str, overwrite: bool) -> None
     if any(p.is_dir() and not p.is_symlink() for p in existing):
         raise UserError(f"{next(p for p in existing if p.is_dir())} is a directory, which the export would replace "
                         "by a file; move it away or choose another --out")
-
-
-def _commit(stage: Path, target: Path, fmt: str, names: list[str], state: dict) -> None:
-    """Move the staged outputs into place, each with one atomic ``os.replace``: the export's own files only. An
-    existing hf folder keeps every file the export does not write (as ``save_pretrained`` does); a new one
-    appears whole."""
-    state["commit"] = True
-    if fmt == "hf" and target.is_dir():
-        moved = []
-        for entry in sorted((stage / target.name).iterdir()):
-            os.replace(entry, target / entry.name)
-            moved.append(target / entry.name)
-    else:
-        for name in names:
-            os.replace(stage / name, target.parent / name)
-        moved = [target.parent / name for name in names]
-        if fmt == "hf":
-            os.chmod(target, 0o755)
-            moved = [*target.iterdir()]
-    for f in moved:
-        os.chmod(f, 0o644)  # weights others may read, as any downloaded model
-    state["commit"] = False
-
-
-def _missing_parents(folder: Path) -> list[Path]:
-    """The folders ``folder.mkdir(parents=True)`` would create, deepest first."""
-    missing = []
-    for p in [folder, *folder.parents]:
-        if p.exists():
-            break
-        missing.append(p)
-    return missing
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# entry point
 
 
 def export(checkpoint: str | Path, fmt: str = "safetensors", out: str | Path | None = None,
@@ -643,47 +494,20 @@ def export(checkpoint: str | Path, fmt: str = "safetensors", out: str | Path | N
     model, meta = load_run(path, fmt)
     if img_size is not None or window_size is not None:
         model.set_input_size(img_size=img_size, window_size=window_size)  # keeps the trained windows; validates
-    stage = target.parent / f".{target.name}.export-{os.getpid()}"
-    created = _missing_parents(target.parent)
-    done = False
-    with _stopped_by_signals(target) as state:
-        try:
-            remove_stale_stages(target.parent)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(stage, ignore_errors=True)
-            stage.mkdir()
-            files, extra = WRITERS[fmt](model, meta, stage / target.name, target, opset)
-            if state["signal"] is not None:  # a library caught the signal's exception and went on
-                raise _Signalled(state["signal"])
-            final_files = [target.parent / f.relative_to(stage) if f.is_relative_to(stage) else f for f in files]
-            card_name = f"{target.name}/{HF_CARD}" if fmt == "hf" else f"{target.name}.json"
-            card = model_card(model, meta, path, fmt, [*final_files, target / "README.md"] if fmt == "hf"
-                              else final_files, extra)
-            if fmt == "hf":
-                (stage / target.name / "README.md").write_text(hf_readme(card, target.name))
-            (stage / card_name).write_text(json.dumps(card, indent=2, default=str) + "\n")
-            names = list(dict.fromkeys([*(f.relative_to(stage).parts[0] for f in files), card_name.split("/")[0]]))
-            _commit(stage, target, fmt, names, state)
-            done = True
-        except Exception as err:
-            code = disk_errno(err)
-            if code is None:
-                raise
-            where = getattr(err, "filename", None)  # the path that failed, unless it is in the removed stage
-            where = where if where and not Path(where).is_relative_to(stage) else target.parent
-            kept = f"; the existing {target} is unchanged" if overwrite and any(
-                p.exists() for p in _outputs(target, fmt)) else ""
-            fix = "free space or choose another --out" if code in SPACE_ERRORS else "choose a writable --out"
-            raise RunStopped(f"cannot write the export to {where}: {DISK_ERRORS[code]} (errno {errno.errorcode[code]})"
-                             f"; nothing was written, {path} is unchanged{kept}; {fix}") from err
-        finally:
-            shutil.rmtree(stage, ignore_errors=True)
-            if not done:
-                for folder in created:  # folders made for this export go too (only while empty)
-                    with contextlib.suppress(OSError):
-                        folder.rmdir()
+    replacing = overwrite and any(p.exists() for p in _outputs(target, fmt))
+    with staged(target, path, replacing) as stage:
+        files, extra = WRITERS[fmt](model, meta, stage.path / target.name, target, opset)
+        stage.check_signal()  # a library may have caught the signal's exception and gone on
+        final_files = [target.parent / f.relative_to(stage.path) for f in files]
+        if fmt == "hf":
+            final_files.append(target / "README.md")
+        card = model_card(model, meta, path, fmt, final_files, extra)
+        card_name = f"{target.name}/{HF_CARD}" if fmt == "hf" else f"{target.name}.json"
+        if fmt == "hf":
+            (stage.path / target.name / "README.md").write_text(hf_readme(card, target.name))
+        (stage.path / card_name).write_text(json.dumps(card, indent=2, default=str) + "\n")
+        stage.commit(list(dict.fromkeys([*(f.relative_to(stage.path).parts[0] for f in files),
+                                         card_name.split("/")[0]])))
     card_path = target / HF_CARD if fmt == "hf" else Path(f"{target}.json")
-    if fmt == "hf":
-        final_files.append(target / "README.md")
     log.info("exported %s (%s) to %s", path, fmt, ", ".join(str(f) for f in final_files))
     return [*final_files, card_path]
