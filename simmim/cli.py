@@ -160,7 +160,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if args.format not in FORMATS:
         raise UserError(f"unknown format {args.format!r}; choose one of {', '.join(FORMATS)}")
-    files = export(args.checkpoint, args.format, args.out, opset=args.opset, overwrite=args.overwrite)
+    files = export(args.checkpoint, args.format, args.out, opset=args.opset, overwrite=args.overwrite,
+                   img_size=args.img_size, window_size=args.window_size)
     print(f"exported {args.checkpoint} as {args.format}:")
     for path in files:
         print(f"  {path}")
@@ -264,7 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="safetensors", help="safetensors (default), timm, hf or onnx")
     p.add_argument("--out", help="output file (directory for hf); default: beside the checkpoint")
     p.add_argument("--opset", type=at_least(1), help="ONNX opset (onnx only; default: the exporter's)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output (never the checkpoint)")
+    p.add_argument("--overwrite", action="store_true", help="replace the files an earlier export wrote there "
+                   "(never the checkpoint, nor other files in an hf folder)")
+    p.add_argument("--img-size", type=at_least(1), help="export at another image size (default: the trained one); "
+                   "the onnx graph is fixed-size, so this is how to get one for another input size")
+    p.add_argument("--window-size", type=at_least(1), help="window at --img-size (default: the trained one); the "
+                   "log-CPB keeps its trained windows")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("benchmark", help="SimMIM step, inference and activation memory vs timm, side by side")

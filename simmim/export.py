@@ -11,18 +11,22 @@ Formats (default output beside the checkpoint ``<stem>.pt``):
   ``pretrained_cfg_overlay=dict(file=...)``, the card names the exact call;
 * ``hf`` -> ``<stem>-hf/``: ``config.json`` + ``model.safetensors`` + ``preprocessor_config.json`` for
   ``Swinv2Model`` (encoder) / ``Swinv2ForImageClassification`` (classifier) and ``AutoImageProcessor``;
-* ``onnx`` -> ``<stem>.onnx``: pooled features (encoder) or logits (classifier) at the trained size, dynamic batch,
-  verified against onnxruntime before returning.
+* ``onnx`` -> ``<stem>.onnx``: pooled features (encoder) or logits (classifier) at a fixed input size (the trained
+  one, or ``img_size``/``window_size``), dynamic batch, verified against onnxruntime before returning.
 
 timm and HF have no extra main-branch norms, so SwinV2-H/G (``extra_norm_period=6``) export only as safetensors/ONNX.
+
+Writing is staged (:mod:`simmim.export_staging`): everything goes to a hidden ``.<name>.export-<pid>`` folder
+beside the target and is moved into place file by file (``os.replace``, atomic) only when complete; a signal, a
+full or read-only disk end in one line with nothing written, and the hf format replaces only the files it writes in
+an existing folder.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
-import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,9 +36,10 @@ from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
 from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 
 from simmim.errors import RunStopped, UserError
+from simmim.export_staging import staged
 from simmim.models import VARIANTS, SwinTransformerV2
 from simmim.models.hf import hf_config, ours_to_hf
-from simmim.weights import HF_CARD, meta_windows, model_from_weights, read_run_checkpoint, sha256
+from simmim.weights import HF_CARD, model_from_weights, read_run_checkpoint, sha256
 
 log = logging.getLogger(__name__)
 
@@ -106,14 +111,15 @@ def timm_call(model: SwinTransformerV2, meta: dict, file: Path, registered: bool
     :func:`timm_architecture`), or with ``registered`` always our ``simmim_<variant>`` (timm's model API on our
     class: ``features_only``, ``forward_intermediates``, any input size).
 
-    ``pretrained_cfg_overlay`` points timm at the file and declares its ``num_classes``, input and pool size, so
-    timm's loader neither drops the classifier (it does when ``num_classes`` differs from the pretrained cfg) nor
-    adapts the stem; timm's ``checkpoint_filter_fn`` leaves our keys as they are (they are timm's native layout).
+    ``pretrained_cfg_overlay`` points timm at the file (its name: the card sits beside it, so the call runs from that
+    folder; a card holds no absolute path) and declares its ``num_classes``, input and pool size, so timm's loader
+    neither drops the classifier (it does when ``num_classes`` differs from the pretrained cfg) nor adapts the stem;
+    timm's ``checkpoint_filter_fn`` leaves our keys as they are (they are timm's native layout).
     """
     h, w = model.img_size
     mean, std = tuple(meta.get("mean") or IMAGENET_MEAN), tuple(meta.get("std") or IMAGENET_STD)
     pool = (h // model.encoder_stride, w // model.encoder_stride)
-    overlay = (f"dict(file={str(file.resolve())!r}, num_classes={model.num_classes}, "
+    overlay = (f"dict(file={file.name!r}, num_classes={model.num_classes}, "
                f"input_size={(model.in_chans, h, w)!r}, pool_size={pool!r}, mean={mean!r}, std={std!r})")
     # the trained windows, not (0, 0, 0, 0): the same outputs at this size, and still right when a user changes
     # img_size/window_size in this call
@@ -127,13 +133,13 @@ def timm_call(model: SwinTransformerV2, meta: dict, file: Path, registered: bool
 
 
 def simmim_code(model: SwinTransformerV2, meta: dict, file: Path) -> str:
-    """Python that rebuilds ``model`` with this package from a safetensors ``file``."""
+    """Python that rebuilds ``model`` with this package from a safetensors ``file`` (by name, beside the card)."""
     pretrained = [_size(p) for p in model.trained_window_sizes]
     return ("from safetensors.torch import load_file\nfrom simmim.models import create_model\n"
             f"model = create_model({_variant(meta)!r}, img_size={_size(model.img_size)!r}, "
             f"window_size={_size(model.window_size)!r}, pretrained_window_sizes={pretrained!r}, "
             f"num_classes={model.num_classes}, in_chans={model.in_chans})\n"
-            f"model.load_state_dict(load_file({str(file.resolve())!r}))\nmodel.eval()")
+            f"model.load_state_dict(load_file({file.name!r}))\nmodel.eval()")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -185,15 +191,20 @@ def write_timm(model: SwinTransformerV2, meta: dict, out: Path, final: Path, ops
     sd = _state_dict(model)  # our keys are timm's; its checkpoint_filter_fn keeps them as they are
     if out.suffix in (".pth", ".pt", ".bin"):
         out.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(sd, out)
+        with open(out, "wb") as f:  # a Python file: a full disk surfaces as OSError(ENOSPC), not a bare C++ error
+            torch.save(sd, f)
     else:
         _save_safetensors(sd, out, _geometry_metadata(model, meta))
     return [out], {"load": _timm_loads(model, meta, final)}
 
 
+HF_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "README.md", HF_CARD)  # all hf writes
+
+
 def write_hf(model: SwinTransformerV2, meta: dict, out: Path, final: Path, opset: int | None
              ) -> tuple[list[Path], dict]:
-    """A ``from_pretrained`` directory: config.json, model.safetensors (HF keys), preprocessor_config.json."""
+    """A ``from_pretrained`` directory: config.json, model.safetensors (HF keys), preprocessor_config.json and a
+    README.md model card (written with the JSON card, see :func:`hf_readme`)."""
     check_foreign(_variant(meta), "hf")
     names = meta.get("classes")
     id2label = dict(enumerate(names)) if isinstance(names, list) and len(names) == model.num_classes else None
@@ -209,15 +220,37 @@ def write_hf(model: SwinTransformerV2, meta: dict, out: Path, final: Path, opset
         "image_mean": list(meta.get("mean") or IMAGENET_MEAN), "image_std": list(meta.get("std") or IMAGENET_STD)}
     files[2].write_text(json.dumps(processor, indent=2) + "\n")
     cls = "Swinv2ForImageClassification" if model.num_classes > 0 else "Swinv2Model"
-    return files, {"load": {"transformers": f"transformers.{cls}.from_pretrained({str(final.resolve())!r})",
-                            "image_processor": f"transformers.AutoImageProcessor.from_pretrained("
-                                               f"{str(final.resolve())!r})"},
+    return files, {"load": {"transformers": f"transformers.{cls}.from_pretrained({final.name!r})",
+                            "image_processor": f"transformers.AutoImageProcessor.from_pretrained({final.name!r})"},
                    "outputs": "logits" if model.num_classes > 0 else "pooler_output (= simmim pooled features)"}
+
+
+ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")  # the [onnx] extra: graph, torch.export-based exporter, check
+
+
+def check_onnx_installed() -> None:
+    """Refuse an onnx export up front, before any checkpoint is read, when the ``[onnx]`` extra is missing."""
+    missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UserError(f"the onnx export needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
+                        'not installed: pip install "simmim[onnx]" (or pip install -e ".[onnx]" in a checkout)')
+
+
+def fixed_size_note(model: SwinTransformerV2) -> str:
+    """What the card and the graph's doc string say about the input size: the graph is traced at one size."""
+    h, w = model.img_size
+    return (f"fixed input size {h}x{w} (only the batch axis is dynamic): resize images to {h}x{w}, or export "
+            "again at another size with simmim export CKPT --format onnx --img-size N --window-size W (the "
+            "log-CPB keeps its trained windows); onnxruntime refuses other sizes with 'invalid dimensions'")
 
 
 def write_onnx(model: SwinTransformerV2, meta: dict, out: Path, final: Path, opset: int | None
                ) -> tuple[list[Path], dict]:
-    """pixel_values (batch, C, H, W) -> logits / pooled features (batch, D), dynamic batch, checked in onnxruntime."""
+    """pixel_values (batch, C, H, W) -> logits / pooled features (batch, D), dynamic batch, checked in onnxruntime.
+
+    H and W are fixed: torch.export specialises them (the shifted-window mask and the built-size fast path are
+    computed from Python ints), so the graph runs at ``model.img_size`` only, and says so in its doc string.
+    """
     for blk in model.blocks():
         blk.attn.cache_bias = False  # the inference cache keys on data pointers, which tracing cannot follow
     h, w = model.img_size
@@ -226,45 +259,35 @@ def write_onnx(model: SwinTransformerV2, meta: dict, out: Path, final: Path, ops
     # a protobuf file holds at most 2 GiB: larger models keep their weights in <out>.data
     external = sum(p.numel() * p.element_size() for p in model.parameters()) > 1_800_000_000
     out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import onnxscript  # noqa: F401  (the torch.export-based exporter needs it)
-        dynamo = True
-    except ImportError:
-        dynamo = False
-        log.warning("onnxscript is not installed: using the legacy TorchScript ONNX exporter")
     with torch.no_grad():
-        if dynamo:
-            torch.onnx.export(model, (example,), str(out), dynamo=True, input_names=["pixel_values"],
-                              output_names=[output], dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
-                              opset_version=opset, external_data=external, verbose=False)
-        else:
-            torch.onnx.export(model, (example,), str(out), dynamo=False, input_names=["pixel_values"],
-                              output_names=[output], dynamic_axes={"pixel_values": {0: "batch"}, output: {0: "batch"}},
-                              opset_version=opset or 17)
+        program = torch.onnx.export(model, (example,), None, dynamo=True, input_names=["pixel_values"],
+                                    output_names=[output], dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+                                    opset_version=opset, verbose=False)
+    note = fixed_size_note(model)
+    program.model.doc_string = f"simmim {_variant(meta)} {meta['kind']}: {note}"
+    program.model.metadata_props.update({"simmim.variant": _variant(meta), "simmim.img_size": f"{h}x{w}",
+                                         "simmim.input_size": note})
+    program.save(str(out), external_data=external)
     diff = check_onnx(model, out)
     files = [out] + ([Path(f"{out}.data")] if Path(f"{out}.data").is_file() else [])
     return files, {"onnx": {"input": f"pixel_values float32 (batch, {model.in_chans}, {h}, {w}), normalised",
                             "output": f"{output} float32 (batch, {model.num_classes or model.num_features})",
-                            "opset": _opset(out), "exporter": "dynamo" if dynamo else "torchscript",
+                            "input_size": note, "opset": _opset(out), "exporter": "dynamo",
                             "max_abs_diff_vs_pytorch": diff},
-                   "load": {"onnxruntime": f"onnxruntime.InferenceSession({str(final.resolve())!r})"}}
+                   "load": {"onnxruntime": f"onnxruntime.InferenceSession({final.name!r})"}}
 
 
 def _opset(path: Path) -> int | None:
-    try:
-        import onnx
-    except ImportError:
-        return None
+    import onnx
+
     graph = onnx.load(str(path), load_external_data=False)
     return next((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
 def check_opset(opset: int) -> None:
     """Refuse an ONNX opset the installed onnx package cannot describe, before anything is exported."""
-    try:
-        import onnx
-    except ImportError as err:
-        raise ImportError("the onnx export needs onnx, onnxscript and onnxruntime: pip install -e '.[onnx]'") from err
+    import onnx
+
     newest = onnx.defs.onnx_opset_version()
     if not 7 <= opset <= newest:
         raise UserError(f"--opset {opset} is not an ONNX opset this installation supports (7..{newest}); e.g. 17")
@@ -274,10 +297,8 @@ def check_onnx(model: SwinTransformerV2, path: Path, batch: int = 3, atol: float
     """Run the graph in onnxruntime on a random (batch, C, H, W) input; return the max abs difference to PyTorch,
     raising :class:`ExportMismatchError` above ``atol``. ``batch`` differs from the export's 2 to check that the
     batch axis is dynamic."""
-    try:
-        import onnxruntime as ort
-    except ImportError as err:
-        raise ImportError("the onnx export verifies its graph with onnxruntime: pip install onnxruntime") from err
+    import onnxruntime as ort
+
     x = torch.randn(batch, model.in_chans, *model.img_size, generator=torch.Generator().manual_seed(1))
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -301,7 +322,7 @@ WRITERS: dict[str, Callable[[SwinTransformerV2, dict, Path, Path, int | None], t
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# card and entry point
+# cards
 
 
 def default_out(checkpoint: Path, fmt: str) -> Path:
@@ -312,16 +333,29 @@ def default_out(checkpoint: Path, fmt: str) -> Path:
     return checkpoint.parent / name
 
 
+WINDOWS_NOTE = (
+    "effective_window_sizes: the window each stage attends in at img_size (window_size, clamped to the stage's map "
+    "where the map is smaller). pretrained_window_sizes: the windows each stage's log-spaced CPB MLP was trained at "
+    "(for an encoder pretrained from scratch, its own effective windows); its relative coordinates are normalised "
+    "by them. Pass them as pretrained_window_sizes whenever this model is built at another img_size/window_size or "
+    "fine-tuned: the calls below already do.")
+
+
 def model_card(model: SwinTransformerV2, meta: dict, checkpoint: Path, fmt: str, files: list[Path],
                extra: dict) -> dict[str, Any]:
-    """The JSON card: what the weights are, the geometry and normalisation they expect, where they came from."""
+    """The JSON card: what the weights are, the geometry and normalisation they expect, where they came from.
+
+    Paths in ``load`` are file names relative to the card's folder (for hf: the folder's name, relative to the
+    folder holding it), so a card stays right when the files are moved or published together.
+    """
     first = model.blocks()[0]
-    effective = [list(w) for w in model.effective_window_sizes]
+    trained = model.trained_window_sizes
     return {
         "format": fmt,
         "files": [f.name for f in files],
         "classes": meta.get("classes"),
-        "source": {"checkpoint": str(checkpoint.resolve()), "sha256": sha256(checkpoint), "kind": meta["kind"]},
+        "source": {"checkpoint": str(checkpoint.resolve()), "sha256": sha256(checkpoint), "kind": meta["kind"],
+                   "img_size": meta.get("img_size"), "window_size": meta.get("window_size")},
         "architecture": {
             "variant": _variant(meta), "embed_dim": model.embed_dim, "depths": list(model.depths),
             "num_heads": list(model.num_heads), "num_classes": model.num_classes,
@@ -332,28 +366,81 @@ def model_card(model: SwinTransformerV2, meta: dict, checkpoint: Path, fmt: str,
         },
         "img_size": list(model.img_size),
         "window_size": list(model.window_size),
-        "effective_window_sizes": effective,
-        # the windows this model's log-CPB is normalised by now (needed to reproduce its outputs) ...
-        "pretrained_window_sizes": [list(p) for p in model.pretrained_window_sizes],
-        # ... and what to pass as pretrained_window_sizes when fine-tuning from it: the windows its log-CPB was
-        # trained at (pretrained windows where set, else the effective ones)
-        "finetune_pretrained_window_sizes": [list(w) for w in meta_windows(meta)],
+        "effective_window_sizes": [list(w) for w in model.effective_window_sizes],
+        # resolved, never the (0, 0) "use the effective window" placeholder a from-scratch model is built with: a
+        # reader rebuilding from these values computes the same outputs, and nobody reads [0, 0] as "not trained"
+        "pretrained_window_sizes": [list(w) for w in trained],
+        "windows": WINDOWS_NOTE,
         "change_geometry": (
-            "the log-CPB must stay normalised by the trained windows "
-            f"{[_size(w) for w in meta_windows(meta)]}: with simmim, model.set_input_size(img_size=..., "
-            "window_size=...) keeps them; in the timm and transformers calls below they are passed as "
-            "pretrained_window_sizes, so change only img_size / window_size (image_size for transformers)"),
+            f"the log-CPB must stay normalised by the trained windows {[_size(w) for w in trained]}: with simmim, "
+            "model.set_input_size(img_size=..., window_size=...) keeps them; in the timm and transformers calls "
+            "below they are passed as pretrained_window_sizes, so change only img_size / window_size (image_size "
+            "for transformers)"),
         "mean": list(meta.get("mean") or IMAGENET_MEAN),
         "std": list(meta.get("std") or IMAGENET_STD),
         "recipe": meta.get("config", {}),
+        "paths": ("'load' names this folder, relative to the folder that holds it: run the calls there" if fmt == "hf"
+                  else "'load' names the files relative to the folder that holds this card: run the calls there"),
         **extra,
     }
 
 
+def hf_readme(card: dict, folder: str) -> str:
+    """README.md for the hf folder: the YAML block the hub and transformers read (huggingface_hub writes it), then
+    what the model is, its geometry and how to load it."""
+    from huggingface_hub import ModelCardData
+
+    arch = card["architecture"]
+    classifier = arch["num_classes"] > 0
+    task = "image-classification" if classifier else "image-feature-extraction"
+    recipe = card.get("recipe") or {}
+    license_ = recipe.get("license") if isinstance(recipe.get("license"), str) else None  # seldom recorded
+    data = ModelCardData(library_name="transformers", pipeline_tag=task, license=license_,
+                         tags=["simmim", "swinv2", "vision", task, "masked-image-modeling"])
+    h, w = card["img_size"]
+    what = (f"a {arch['num_classes']}-class image classifier fine-tuned from a SimMIM-pretrained encoder"
+            if classifier else "an image encoder pretrained with SimMIM (masked image modeling), without a head")
+    cls = "Swinv2ForImageClassification" if classifier else "Swinv2Model"
+    classes = card.get("classes")
+    lines = [
+        "---", data.to_yaml().strip(), "---", "",
+        f"# {folder}", "",
+        f"Swin Transformer V2 ({arch['variant']}: embed_dim {arch['embed_dim']}, depths {arch['depths']}, heads "
+        f"{arch['num_heads']}), {what}, exported by simmim from a "
+        f"`{card['source']['kind']}` checkpoint (sha256 `{card['source']['sha256'][:16]}...`).", "",
+        "## Input", "",
+        f"- {arch['in_chans']} channels at {h}x{w} px (other sizes work: images are padded to the windows), "
+        f"window {card['window_size'][0]}, normalised with mean {card['mean']} and std {card['std']}.",
+        f"- Per-stage windows: {[v[0] for v in card['effective_window_sizes']]}; the log-CPB was trained at "
+        f"pretrained_window_sizes {[v[0] for v in card['pretrained_window_sizes']]} (config.json holds them).",
+    ]
+    if classes:
+        lines.append(f"- Classes: {', '.join(map(str, classes))}.")
+    lines += [
+        "", "## Load", "", "```python", "import transformers", "",
+        f'model = transformers.{cls}.from_pretrained("{folder}")  # this folder (or its hub id once uploaded)',
+        f'processor = transformers.AutoImageProcessor.from_pretrained("{folder}")',
+        "outputs = model(**processor(images=image, return_tensors=\"pt\"))"
+        + ("  # .logits" if classifier else "  # .pooler_output: pooled features"),
+        "```", "",
+        "At another size keep the trained windows: `from_pretrained(..., image_size=N, window_size=W)` (config.json "
+        "carries pretrained_window_sizes). `simmim_card.json` holds the full record: architecture, training recipe, "
+        "source checkpoint, and the timm/simmim calls.", "",
+        "## Training data and license", "",
+        "Not recorded by the export" + (f" (license: {license_})" if license_ else "") + ": add the datasets and a "
+        "license to the metadata above before publishing.", "",
+    ]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# entry point
+
+
 def _outputs(target: Path, fmt: str) -> list[Path]:
-    """Every path an export to ``target`` creates (card included), before it is written."""
+    """Every path an export to ``target`` writes (card included), before it is written."""
     if fmt == "hf":
-        return [target]
+        return [target / name for name in HF_FILES]
     extra = [Path(f"{target}.data")] if fmt == "onnx" else []
     return [target, Path(f"{target}.json"), *extra]
 
@@ -361,45 +448,39 @@ def _outputs(target: Path, fmt: str) -> list[Path]:
 def _check_target(source: Path, target: Path, fmt: str, overwrite: bool) -> None:
     """Never write onto (or, for a directory, around) the source; an existing output needs ``overwrite``."""
     src = source.resolve()
-    for path in _outputs(target, fmt):
+    for path in [target, *_outputs(target, fmt)]:
         if path.resolve() == src or (path.is_dir() and src.is_relative_to(path.resolve())):
             raise UserError(f"--out {target} would overwrite the source checkpoint {source}; choose another --out")
     if fmt != "hf" and target.is_dir():
         raise UserError(f"--out {target} is a directory; pass a file name")
     if fmt == "hf" and target.exists() and not target.is_dir():
         raise UserError(f"hf export writes a directory, but {target} is a file; pass --out DIR")
-    existing = [p for p in _outputs(target, fmt) if p.exists() and (fmt != "hf" or any(p.iterdir()))]
+    existing = [p for p in _outputs(target, fmt) if p.exists() or p.is_symlink()]
     if existing and not overwrite:
         raise UserError(f"{existing[0]} already exists; pass --overwrite to replace it, or choose another --out")
-
-
-def _move_into_place(staged: Path, final: Path) -> None:
-    """Atomically put ``staged`` where ``final`` is (a directory is swapped: the old one goes only afterwards)."""
-    if staged.is_dir() and final.exists():
-        trash = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, trash)
-        os.replace(staged, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(staged, final)
-    for f in [final, *final.rglob("*")] if final.is_dir() else [final]:
-        os.chmod(f, 0o755 if f.is_dir() else 0o644)  # weights others may read, as any downloaded model
+    if any(p.is_dir() and not p.is_symlink() for p in existing):
+        raise UserError(f"{next(p for p in existing if p.is_dir())} is a directory, which the export would replace "
+                        "by a file; move it away or choose another --out")
 
 
 def export(checkpoint: str | Path, fmt: str = "safetensors", out: str | Path | None = None,
-           opset: int | None = None, overwrite: bool = False) -> list[Path]:
+           opset: int | None = None, overwrite: bool = False, img_size: int | None = None,
+           window_size: int | None = None) -> list[Path]:
     """Export a run checkpoint to ``fmt`` (one of :data:`FORMATS`); returns the written files, card last.
 
     ``out`` defaults to a name beside the checkpoint (:func:`default_out`); an existing directory receives that
     default name inside it (for ``hf``, ``out`` is the directory itself). ``opset`` applies to ``onnx`` only.
-    Everything is written to a hidden staging folder beside the target and moved into place at the end, so an
-    interrupted export leaves no partial file; an existing output is replaced only with ``overwrite``, and the
-    source checkpoint never.
+    ``img_size``/``window_size`` export the model moved to another geometry (its log-CPB keeps the trained
+    windows), e.g. an ONNX graph for another input size. Everything is staged and moved into place when complete
+    (see the module docstring); an existing output is replaced only with ``overwrite``, and the source checkpoint
+    never.
     """
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     if opset is not None and fmt != "onnx":
         raise UserError(f"opset applies to the onnx format only, not {fmt!r}")
+    if fmt == "onnx":
+        check_onnx_installed()
     if opset is not None:
         check_opset(opset)
     path = Path(checkpoint)
@@ -411,20 +492,22 @@ def export(checkpoint: str | Path, fmt: str = "safetensors", out: str | Path | N
             target = target / default_out(path, fmt).name
     _check_target(path, target, fmt, overwrite)
     model, meta = load_run(path, fmt)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    stage = target.parent / f".{target.name}.export-{os.getpid()}"
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir()
-    try:
-        files, extra = WRITERS[fmt](model, meta, stage / target.name, target, opset)
-        final_files = [target.parent / f.relative_to(stage) if f.is_relative_to(stage) else f for f in files]
+    if img_size is not None or window_size is not None:
+        model.set_input_size(img_size=img_size, window_size=window_size)  # keeps the trained windows; validates
+    replacing = overwrite and any(p.exists() for p in _outputs(target, fmt))
+    with staged(target, path, replacing) as stage:
+        files, extra = WRITERS[fmt](model, meta, stage.path / target.name, target, opset)
+        stage.check_signal()  # a library may have caught the signal's exception and gone on
+        final_files = [target.parent / f.relative_to(stage.path) for f in files]
+        if fmt == "hf":
+            final_files.append(target / "README.md")
         card = model_card(model, meta, path, fmt, final_files, extra)
         card_name = f"{target.name}/{HF_CARD}" if fmt == "hf" else f"{target.name}.json"
-        (stage / card_name).write_text(json.dumps(card, indent=2, default=str) + "\n")
-        for name in dict.fromkeys([*(f.relative_to(stage).parts[0] for f in files), card_name.split("/")[0]]):
-            _move_into_place(stage / name, target.parent / name)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        if fmt == "hf":
+            (stage.path / target.name / "README.md").write_text(hf_readme(card, target.name))
+        (stage.path / card_name).write_text(json.dumps(card, indent=2, default=str) + "\n")
+        stage.commit(list(dict.fromkeys([*(f.relative_to(stage.path).parts[0] for f in files),
+                                         card_name.split("/")[0]])))
     card_path = target / HF_CARD if fmt == "hf" else Path(f"{target}.json")
     log.info("exported %s (%s) to %s", path, fmt, ", ".join(str(f) for f in final_files))
     return [*final_files, card_path]

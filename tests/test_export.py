@@ -1,7 +1,9 @@
 """Export: every format reproduces the run's model in its target library; cards; HF key conversion; errors."""
 
+import contextlib
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -88,10 +90,21 @@ def reference(checkpoints):
     return get
 
 
+@contextlib.contextmanager
+def working_directory(path: Path):
+    """The card's calls name files relative to the card's folder: run them there, as a user would."""
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
 def load_exported(fmt: str, files: list[Path], x: torch.Tensor) -> torch.Tensor:
     """Run the export in its target library on ``x``."""
     card = json.loads(files[-1].read_text())
-    with torch.no_grad():
+    with torch.no_grad(), working_directory(files[-1].parent):
         if fmt == "safetensors":
             scope: dict = {}
             exec(card["load"]["simmim"], scope)
@@ -125,7 +138,7 @@ def test_default_outputs_sit_beside_the_checkpoint(checkpoints, exported):
     assert exported("finetune", "onnx")[0] == Path(f"{stem}.onnx")
     hf_dir = Path(f"{stem}-hf")
     assert {f.name for f in exported("finetune", "hf")} == {
-        "config.json", "model.safetensors", "preprocessor_config.json", "simmim_card.json"}
+        "config.json", "model.safetensors", "preprocessor_config.json", "README.md", "simmim_card.json"}
     assert all(f.parent == hf_dir for f in exported("finetune", "hf"))
 
 
@@ -142,15 +155,15 @@ def test_card_describes_geometry_source_and_recipe(checkpoints, exported, kind):
     if kind == "pretrain":
         assert card["img_size"] == [64, 64] and card["window_size"] == [4, 4]
         assert card["effective_window_sizes"] == [[4, 4]] * 3 + [[2, 2]]
-        assert card["pretrained_window_sizes"] == [[0, 0]] * 4
     else:
         assert card["img_size"] == [96, 96] and card["window_size"] == [6, 6]
         assert card["effective_window_sizes"] == [[6, 6]] * 3 + [[3, 3]]
-        assert card["pretrained_window_sizes"] == [[4, 4]] * 3 + [[2, 2]]
-    # fine-tuning from these weights normalises log-CPB by the windows it was trained at: the pretrained windows a
-    # fine-tuned model already uses, else the effective windows of pretraining
-    trained = card["pretrained_window_sizes"] if kind == "finetune" else card["effective_window_sizes"]
-    assert card["finetune_pretrained_window_sizes"] == trained
+    # the windows the log-CPB was trained at, resolved: an encoder pretrained from scratch trained at its own
+    # effective windows (it is built with the placeholder (0, 0), which the card once showed as if untrained), a
+    # fine-tuned model at the pretrained windows it was fine-tuned from. One field, no second "to fine-tune" copy.
+    assert card["pretrained_window_sizes"] == [[4, 4]] * 3 + [[2, 2]]
+    assert "finetune_pretrained_window_sizes" not in card
+    assert "trained at" in card["windows"] and "effective_window_sizes" in card["windows"]
 
 
 def test_safetensors_card_timm_call_builds_the_same_model(exported, reference):
@@ -160,7 +173,8 @@ def test_safetensors_card_timm_call_builds_the_same_model(exported, reference):
     assert card["architecture"]["timm_architecture"] == "simmim_swinv2_pico"
     assert "import simmim.models" in card["load"]["requires"]
     assert "pool_size=(3, 3)" in card["load"]["timm"]  # 96 px / 32
-    model = eval(card["load"]["timm"], {"timm": timm}).eval()
+    with working_directory(exported("finetune", "safetensors")[0].parent):
+        model = eval(card["load"]["timm"], {"timm": timm}).eval()
     x, expected = reference("finetune")
     assert model.pretrained_cfg["mean"] == tuple(MEAN)  # data config comes from the overlay
     with torch.no_grad():
@@ -199,6 +213,40 @@ def test_onnx_card_records_the_check(exported):
     card = json.loads(exported("finetune", "onnx")[-1].read_text())
     assert card["onnx"]["max_abs_diff_vs_pytorch"] <= 1e-4
     assert card["onnx"]["output"].startswith("logits")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_card_load_calls_name_files_relative_to_the_card(checkpoints, exported, fmt):
+    """Cards travel with their files (a copied folder, a hub upload): no absolute path in the load calls."""
+    files = exported("pretrain", fmt)
+    load = json.dumps(json.loads(files[-1].read_text())["load"])
+    assert str(checkpoints["pretrain"].parent) not in load
+    name = "pretrain-hf" if fmt == "hf" else files[0].name
+    assert f"'{name}'" in load
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "finetune"])
+def test_hf_folder_has_a_model_card_the_hub_reads(exported, kind):
+    from huggingface_hub import ModelCard
+
+    files = exported(kind, "hf")
+    folder = files[0].parent
+    card = ModelCard.load(folder / "README.md")  # the parser the hub and transformers use
+    assert card.data.library_name == "transformers"
+    assert card.data.pipeline_tag == ("image-classification" if kind == "finetune" else "image-feature-extraction")
+    assert {"simmim", "swinv2"} <= set(card.data.tags)
+    assert "swinv2_pico" in card.text and "[4, 4, 4, 2]" in card.text  # the variant and its trained windows
+    assert ("class_4" in card.text) == (kind == "finetune")
+    assert str(folder.parent) not in card.content  # no path of the machine that exported it
+    # the card's snippet runs as written, from the folder holding the export
+    code = card.text.split("```python\n")[1].split("```")[0]
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (70, 50, 3), dtype=np.uint8))
+    scope = {"image": image}
+    with torch.no_grad(), working_directory(folder.parent):
+        exec(code, scope)
+    outputs = scope["outputs"].logits if kind == "finetune" else scope["outputs"].pooler_output
+    assert outputs.shape == ((1, 5) if kind == "finetune" else (1, 128))
+    assert "README.md" in json.loads(files[-1].read_text())["files"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -305,7 +353,7 @@ def test_exports_loaded_at_another_window_keep_the_trained_windows(checkpoints, 
     assert "pretrained_window_sizes=(4, 4, 4, 2)" in card["load"]["timm"] and "pool_size=(2, 2)" in card["load"]["timm"]
     assert "(4, 4, 4, 2)" in card["change_geometry"].replace("[4, 4, 4, 2]", "(4, 4, 4, 2)")
     call = card["load"]["timm"].replace("img_size=64", "img_size=96").replace("window_size=4,", "window_size=6,")
-    with torch.no_grad():
+    with torch.no_grad(), working_directory(exported("pretrain", "timm")[0].parent):
         expected = ours(x)
         torch.testing.assert_close(eval(call, {"timm": timm}).eval()(x), expected, atol=1e-5, rtol=0)
         directory = exported("pretrain", "hf")[0].parent
@@ -329,7 +377,7 @@ def test_a_tiny_export_loads_in_plain_timm_by_timms_own_name(tmp_path):
     card = json.loads(export(ckpt, "timm")[-1].read_text())
     assert card["load"]["timm"].startswith("timm.create_model('swinv2_tiny_window8_256'")
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
+    with torch.no_grad(), working_directory(tmp_path):
         theirs = eval(card["load"]["timm"], {"timm": timm}).eval()
         assert type(theirs).__module__ == "timm.models.swin_transformer_v2"  # timm's class, not ours
         torch.testing.assert_close(theirs(x), enc.eval()(x), atol=1e-5, rtol=0)
