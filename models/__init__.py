@@ -7,10 +7,11 @@ from . import timm_registry  # noqa: F401  (registers simmim_<variant> with timm
 from .compile import compile_model
 from .convert import convert_state_dict, detect_format, load_pretrained, to_official
 from .swin_transformer_v2 import SwinTransformerV2
-from .variants import VARIANTS, create_model, list_models
+from .variants import VARIANTS, Geometry, create_model, list_models, variant_geometry
 
 __all__ = [
     "VARIANTS",
+    "Geometry",
     "SwinTransformerV2",
     "compile_model",
     "convert_state_dict",
@@ -19,4 +20,5 @@ __all__ = [
     "list_models",
     "load_pretrained",
     "to_official",
+    "variant_geometry",
 ]
