@@ -89,11 +89,11 @@ def test_scientific_notation_is_a_float_in_yaml_and_on_the_cli(tmp_path):
 
 
 def test_ints_floats_and_bools_are_coerced():
-    cfg = load("data.batch_size=64", "optim.weight_decay=0", "model.grad_checkpointing=true",
+    cfg = load("data.batch_size=64", "optim.weight_decay=0", "data.streaming=yes",
                "run.progress=false", "schedule.warmup_epochs=2")
     assert type(cfg.data.batch_size) is int and cfg.data.batch_size == 64
     assert type(cfg.optim.weight_decay) is float and cfg.optim.weight_decay == 0.0
-    assert cfg.model.grad_checkpointing is True and cfg.run.progress is False
+    assert cfg.data.streaming is True and cfg.run.progress is False
     assert type(cfg.schedule.warmup_epochs) is float and cfg.schedule.warmup_epochs == 2.0
 
 
@@ -168,7 +168,7 @@ def test_unknown_override_key_names_the_dotted_key_with_a_hint():
     "data.batch_size=abc",
     "data.batch_size=1.5",
     "data.batch_size=[1,2]",
-    "model.grad_checkpointing=maybe",
+    "run.compile=maybe",
     "optim.base_lr=fast",
     "optim.base_lr=true",
     # int(float('inf')) raises OverflowError and NaN a bare ValueError: both must become errors naming the key
