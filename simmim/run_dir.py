@@ -258,11 +258,11 @@ def make_accelerator(output: Path, mixed_precision: str, accumulation_steps: int
     """An Accelerator logging to ``output/tensorboard`` that accumulates ``accumulation_steps`` micro-batches per
     optimizer step. On machines without a GPU it runs on the CPU, and under ``torchrun`` its processes join one
     gloo group (accelerate only does this when told it is on the CPU)."""
-    from accelerate.state import AcceleratorState
     from accelerate.utils import ProjectConfiguration
 
-    if AcceleratorState._shared_state:  # a second run in one process (tests, the demo) may change precision
-        AcceleratorState._reset_state(reset_partial_state=False)
+    from simmim.compat import reset_accelerator_state
+
+    reset_accelerator_state()  # a second run in one process (tests, the demo) may change precision
 
     has_accelerator = torch.cuda.is_available() or torch.backends.mps.is_available() or (
         hasattr(torch, "xpu") and torch.xpu.is_available())
