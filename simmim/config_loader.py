@@ -228,6 +228,8 @@ def _message(error: dict[str, Any], cls: type) -> str:
                   p in names).lstrip(".")
     if kind in ("unexpected_keyword_argument", "extra_forbidden"):
         return str(_unknown(key, _field_type(cls, names[:-1])))
+    if kind == "invalid_key":  # YAML allows `1: x`; the int is the key itself, not an index
+        return f"config key {_short(value)}{f' in section {names[-1]}' if names else ''} must be a name"
     if kind in ("dataclass_type", "dataclass_args_type"):
         return f"{f'section {key}' if key else 'a config'} must be a mapping of keys, got {_short(value)}"
     if kind in ("missing", "too_short", "too_long"):  # a tuple of the wrong length (every field has a default)
