@@ -18,6 +18,7 @@ _LAZY = {  # public name -> the module that defines it
     "SimMIMOutput": "simmim.model",
     "masked_l1_loss": "simmim.model",
     "normalize_target": "simmim.model",
+    "load_encoder": "simmim.weights",
 }
 
 __all__ = ["__version__", *_LAZY]
