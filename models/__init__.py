@@ -8,11 +8,12 @@ from .compile import compile_model
 from .convert import convert_state_dict, detect_format, load_pretrained, to_official
 from .detection import DetectionBackbone, detection_backbone
 from .swin_transformer_v2 import SwinTransformerV2
-from .variants import VARIANTS, create_model, list_models
+from .variants import VARIANTS, Geometry, create_model, list_models, variant_geometry
 
 __all__ = [
     "VARIANTS",
     "DetectionBackbone",
+    "Geometry",
     "SwinTransformerV2",
     "compile_model",
     "convert_state_dict",
@@ -22,4 +23,5 @@ __all__ = [
     "list_models",
     "load_pretrained",
     "to_official",
+    "variant_geometry",
 ]

@@ -7,16 +7,17 @@ per head is the natural choice and gives its 658M / 3.0B parameters. H and G add
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from simmim.errors import UserError
 
-from .swin_transformer_v2 import SwinTransformerV2
+from .swin_transformer_v2 import Pair, SwinTransformerV2, stage_geometry, to_pair
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "swinv2_pico": dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8)),
@@ -30,6 +31,32 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 _ALLOWED = set(inspect.signature(SwinTransformerV2.__init__).parameters) - {"self"}
+_DEFAULT_PATCH_SIZE: int = inspect.signature(SwinTransformerV2.__init__).parameters["patch_size"].default
+
+
+class Geometry(NamedTuple):
+    """What a variant's shape means for its inputs: pixels per token, stages, and (for a given image size and
+    window) each stage's ``(token grid, effective window)``."""
+
+    patch_size: int
+    num_stages: int
+    stages: list[tuple[Pair, Pair]]  # empty when no img_size was given
+
+
+def variant_geometry(name: str, img_size: int | None = None, window_size: int | None = None) -> Geometry:
+    """The geometry of variant ``name``, checked without building it (configs use this before any work).
+
+    With ``img_size`` and ``window_size`` the image must tile into windows at every stage; a UserError names the
+    fix otherwise, and for an unknown name it suggests the closest variant.
+    """
+    if name not in VARIANTS:
+        close = difflib.get_close_matches(name, list(VARIANTS), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise UserError(f"{name!r} is not a SwinV2 variant; {hint}choose one of: {', '.join(VARIANTS)}")
+    variant = VARIANTS[name]
+    patch, stages = variant.get("patch_size", _DEFAULT_PATCH_SIZE), len(variant["depths"])
+    grid = [] if img_size is None else stage_geometry(to_pair(img_size), patch, stages, to_pair(window_size or 1))
+    return Geometry(patch, stages, grid)
 
 
 def list_models() -> list[str]:

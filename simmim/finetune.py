@@ -51,7 +51,7 @@ def build_classifier(cfg: FinetuneConfig, num_classes: int) -> tuple[SwinTransfo
         log.info("loaded %s; pretrained windows %s -> effective windows %s at %d px", weights.describe(),
                  [w[0] for w in model.pretrained_window_sizes], [w[0] for w in model.effective_window_sizes],
                  m.img_size)
-    model.set_recompute("full" if m.grad_checkpointing else m.recompute)
+    model.set_recompute(m.recompute)
     model.set_sequential_attention(m.sequential_attention)
     model.set_linear_backend(m.linear_backend)
     return model, weights

@@ -37,12 +37,20 @@ def masked_l1_loss(pred: torch.Tensor, target: torch.Tensor, pixel_mask: torch.T
     return ((pred - target).abs() * m).sum() / (m.sum() + 1e-5) / pred.shape[1]
 
 
+def check_norm_target_window(window: int) -> None:
+    """The one rule for the target normalisation's window (the config checks it through this function too): odd, so
+    that it is centred on its pixel and the output keeps the input's size, and >= 3, so that the Bessel-corrected
+    variance has at least two neighbours."""
+    if window % 2 == 0 or window < 3:
+        raise UserError(f"simmim.norm_target_window={window} must be odd and >= 3 (a window centred on each pixel), "
+                        f"e.g. {max(3, window + 1 if window % 2 == 0 else 3)}")
+
+
 def local_stats(target: torch.Tensor, window: int = 47) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-pixel, per-channel mean and std over a sliding ``window`` x ``window`` neighbourhood (odd), cropped at
     the border (``count_include_pad=False``); the variance is Bessel-corrected. (B, C, H, W) -> two float tensors
     of that shape, the std including the 1e-6 of the official code: ``sqrt(var + 1e-6)``."""
-    if window % 2 == 0 or window < 3:
-        raise UserError(f"norm_target_window must be odd and >= 3, got {window} (simmim.norm_target_window)")
+    check_norm_target_window(window)
     pool = dict(kernel_size=window, stride=1, padding=window // 2)
     t = target.float()
     mean = F.avg_pool2d(t, count_include_pad=False, **pool)
@@ -78,9 +86,8 @@ class SimMIM(nn.Module):
         self.in_chans = encoder.in_chans
         self.patch_size = encoder.patch_size
         self.norm_target, self.norm_target_window = norm_target, norm_target_window
-        if norm_target and (norm_target_window % 2 == 0 or norm_target_window < 3):
-            raise UserError(f"norm_target_window must be odd and >= 3, got {norm_target_window} "
-                             "(simmim.norm_target_window)")
+        if norm_target:  # refused when built rather than at the first step
+            check_norm_target_window(norm_target_window)
         self.decoder = nn.Sequential(
             nn.Conv2d(encoder.num_features, self.encoder_stride**2 * self.in_chans, kernel_size=1),
             nn.PixelShuffle(self.encoder_stride),

@@ -45,7 +45,7 @@ def build_encoder(cfg: PretrainConfig, init: Weights | None = None) -> SwinTrans
     windows = start_windows(init, m.pretrained_window_sizes)
     encoder = create_model(m.name, img_size=m.img_size, window_size=m.window_size, num_classes=0,
                            pretrained_window_sizes=windows, drop_path_rate=m.drop_path_rate, in_chans=m.in_chans)
-    encoder.set_recompute("full" if m.grad_checkpointing else m.recompute)
+    encoder.set_recompute(m.recompute)
     encoder.set_sequential_attention(m.sequential_attention)
     encoder.set_linear_backend(m.linear_backend)
     return encoder

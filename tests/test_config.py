@@ -89,11 +89,11 @@ def test_scientific_notation_is_a_float_in_yaml_and_on_the_cli(tmp_path):
 
 
 def test_ints_floats_and_bools_are_coerced():
-    cfg = load("data.batch_size=64", "optim.weight_decay=0", "model.grad_checkpointing=true",
+    cfg = load("data.batch_size=64", "optim.weight_decay=0", "data.streaming=yes",
                "run.progress=false", "schedule.warmup_epochs=2")
     assert type(cfg.data.batch_size) is int and cfg.data.batch_size == 64
     assert type(cfg.optim.weight_decay) is float and cfg.optim.weight_decay == 0.0
-    assert cfg.model.grad_checkpointing is True and cfg.run.progress is False
+    assert cfg.data.streaming is True and cfg.run.progress is False
     assert type(cfg.schedule.warmup_epochs) is float and cfg.schedule.warmup_epochs == 2.0
 
 
@@ -168,7 +168,7 @@ def test_unknown_override_key_names_the_dotted_key_with_a_hint():
     "data.batch_size=abc",
     "data.batch_size=1.5",
     "data.batch_size=[1,2]",
-    "model.grad_checkpointing=maybe",
+    "run.compile=maybe",
     "optim.base_lr=fast",
     "optim.base_lr=true",
     # int(float('inf')) raises OverflowError and NaN a bare ValueError: both must become errors naming the key
@@ -297,6 +297,44 @@ def test_yaml_syntax_errors_name_the_file_and_line(tmp_path):
     binary.write_bytes(b"\x80\x02}q\x00")  # e.g. a checkpoint passed as the config
     with pytest.raises(ConfigError, match=r"model\.yaml is not a YAML text file"):
         load(path=binary)
+
+
+def test_yaml_is_read_with_yaml_1_2_words_and_numbers(tmp_path):
+    """PyYAML's YAML 1.1 reads `no` as False and 1e-4 as a string; configs are read as YAML 1.2: a string key
+    keeps the word (it became 'False'), a bool key still takes yes/no/on/off, numbers are numbers."""
+    path = write(tmp_path / "c.yaml", "data:\n  path: no\n  streaming: yes\n  split: on\n"
+                                      "optim:\n  base_lr: 1e-4\nschedule:\n  epochs: 1e3\n  kind: cosine\n")
+    cfg = load(path=path)
+    assert (cfg.data.path, cfg.data.streaming, cfg.data.split) == ("no", True, "on")
+    assert cfg.optim.base_lr == 1e-4 and cfg.schedule.epochs == 1000 and type(cfg.schedule.epochs) is int
+
+
+def test_keys_that_are_not_names_fail_naming_the_section(tmp_path):
+    with pytest.raises(ConfigError, match=r"^config key 1 in section data must be a name$"):
+        load(path=write(tmp_path / "c.yaml", "data:\n  1: 2\n"))
+    with pytest.raises(ConfigError, match=r"^config key 1 must be a name$"):
+        load(path=write(tmp_path / "d.yaml", "1: 2\n"))
+
+
+def test_removed_keys_name_their_replacement_in_both_configs(tmp_path):
+    path = write(tmp_path / "old.yaml", "model:\n  grad_checkpointing: false\n")  # a config.yaml saved before
+    for cls in (PretrainConfig, FinetuneConfig):
+        for source in ({"path": path}, {"overrides": ["model.grad_checkpointing=true"]}):
+            with pytest.raises(ConfigError, match=r"'model\.grad_checkpointing' was removed; use model\.recompute="
+                                                  r"full for true \(false is model\.recompute=none"):
+                load_config(cls, **source)
+
+
+def test_variant_geometry_is_the_one_source_of_model_shape():
+    from simmim.errors import UserError
+    from simmim.models import variant_geometry
+
+    assert variant_geometry("swinv2_giant")[:2] == (4, 4)
+    assert [w for _, w in variant_geometry("swinv2_base", 192, 12).stages] == [(12, 12)] * 3 + [(6, 6)]
+    with pytest.raises(UserError, match="did you mean 'swinv2_tiny'"):
+        variant_geometry("swinv2_tinny")
+    with pytest.raises(UserError, match="window_size"):
+        variant_geometry("swinv2_tiny", 224, 12)
 
 
 def test_python_tags_are_refused_naming_the_file_and_never_run(tmp_path):

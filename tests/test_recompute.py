@@ -78,8 +78,9 @@ def test_switches_and_config_key():
     cfg = load_config(PretrainConfig, None, ["model.name=swinv2_pico", "model.img_size=64", "model.window_size=4",
                                              "model.recompute=attention"])
     assert build_encoder(cfg).recompute == "attention"
-    cfg = load_config(PretrainConfig, None, ["model.name=swinv2_pico", "model.img_size=64", "model.window_size=4",
-                                             "model.recompute=attention", "model.grad_checkpointing=true"])
-    assert build_encoder(cfg).recompute == "full"  # the older switch keeps its meaning
+    # one key for one switch: the older model.grad_checkpointing (which silently overrode recompute) is refused,
+    # naming its replacement
+    with pytest.raises(ConfigError, match=r"'model\.grad_checkpointing' was removed; use model\.recompute=full"):
+        load_config(PretrainConfig, None, ["model.recompute=attention", "model.grad_checkpointing=true"])
     with pytest.raises(ConfigError, match="model.recompute"):
         load_config(PretrainConfig, None, ["model.recompute=some"])
