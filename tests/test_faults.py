@@ -237,10 +237,14 @@ def test_export_never_writes_onto_its_source_or_an_existing_file(tmp_path, capsy
 
 
 def test_resume_auto_starts_fresh_where_a_run_stopped_before_its_first_checkpoint(tmp_path):
+    from simmim.run_dir import Manifest
+
     out = tmp_path / "run"
     (out / "checkpoints").mkdir(parents=True)
     (out / "config.yaml").write_text("model: {}\n")  # what a run that died before saving leaves
     (out / "checkpoints" / "ckpt-00000003.pt.diverged").write_bytes(b"set aside")
+    Manifest(out).add([out / "config.yaml", out / "checkpoints" / "ckpt-00000003.pt.diverged"],
+                      [out / "checkpoints"])  # and its list of them
     assert main([*PRETRAIN, "--output", str(out), "schedule.max_steps=4", "--resume", "auto"]) == 0
     assert load_checkpoint(out / "checkpoints" / "ckpt-00000004.pt")["step"] == 4
     assert (out / "checkpoints" / "ckpt-00000003.pt.diverged").read_bytes() == b"set aside"
