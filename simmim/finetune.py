@@ -193,6 +193,10 @@ def run(cfg: FinetuneConfig, overwrite: bool = False) -> dict:
         model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader,
                                                                          val_loader)
 
+        log.info("fine-tuning %s at %dpx W%d on %d classes (%d train / %d val images): %d steps, global batch %d, "
+                 "lr %.3e, layer decay %.2f", cfg.model.name, cfg.model.img_size, cfg.model.window_size,
+                 num_classes, len(train_ds), len(val_ds), plan.total_steps, plan.global_batch, plan.lr,
+                 o.layer_decay)
         task = FinetuneTask(cfg, num_classes, accelerator, model, val_loader, eval_every)
         if r.compile:  # after the EMA copy is made: a deep copy of a compiled model would call the original
             compile_model(accelerator.unwrap_model(model))
@@ -206,10 +210,6 @@ def run(cfg: FinetuneConfig, overwrite: bool = False) -> dict:
             engine.resume(start.resume)
 
         open_run(start, cfg, overwrite)
-        log.info("fine-tuning %s at %dpx W%d on %d classes (%d train / %d val images): %d steps, global batch %d, "
-                 "lr %.3e, layer decay %.2f", cfg.model.name, cfg.model.img_size, cfg.model.window_size,
-                 num_classes, len(train_ds), len(val_ds), plan.total_steps, plan.global_batch, plan.lr,
-                 o.layer_decay)
         state = engine.fit()
         accelerator.end_training()
     return {

@@ -219,6 +219,13 @@ def run(cfg: PretrainConfig, overwrite: bool = False) -> dict:
         else:
             model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 
+        log.info("pretraining %s at %dpx W%d: %d steps, global batch %d, lr %.3e, %d processes, %s precision",
+                 cfg.model.name, cfg.model.img_size, cfg.model.window_size, plan.total_steps, plan.global_batch,
+                 plan.lr, accelerator.num_processes, r.mixed_precision)
+        if init is not None:
+            log.info("warm start from %s: %s loaded; pretrained windows %s; fresh optimizer and schedule",
+                     init.describe(), ", ".join(init_meta["loaded"]),
+                     "/".join(str(w[0]) for w in encoder.pretrained_window_sizes))
         task = PretrainTask(cfg.data.mean, cfg.data.std, monitor=monitor, monitor_every=cfg.monitor.every,
                             main_process=accelerator.is_main_process)
         engine = Engine(
@@ -233,13 +240,6 @@ def run(cfg: PretrainConfig, overwrite: bool = False) -> dict:
             engine.resume(start.resume)
 
         open_run(start, cfg, overwrite)
-        log.info("pretraining %s at %dpx W%d: %d steps, global batch %d, lr %.3e, %d processes, %s precision",
-                 cfg.model.name, cfg.model.img_size, cfg.model.window_size, plan.total_steps, plan.global_batch,
-                 plan.lr, accelerator.num_processes, r.mixed_precision)
-        if init is not None:
-            log.info("warm start from %s: %s loaded; pretrained windows %s; fresh optimizer and schedule",
-                     init.describe(), ", ".join(init_meta["loaded"]),
-                     "/".join(str(w[0]) for w in encoder.pretrained_window_sizes))
         state: TrainState = engine.fit()
         accelerator.end_training()
     return {

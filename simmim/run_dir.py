@@ -73,6 +73,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 
 from simmim.checkpoint import CHECKPOINT_DIRNAME, CheckpointManager, load_checkpoint, pid_alive, write_atomic
+from simmim.data.file_index import RUN_MANIFEST as MANIFEST_NAME  # data scans skip folders holding it
 from simmim.errors import InputNotFoundError, RunStopped, UserError
 from simmim.weights import Weights, read_run_checkpoint
 
@@ -80,7 +81,6 @@ log = logging.getLogger(__name__)
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOCK_NAME = ".lock"
-MANIFEST_NAME = ".simmim-run.json"
 RUN_NAMES = ("config.yaml", "train.log", CHECKPOINT_DIRNAME, "tensorboard", "images")  # what a run writes in OUTPUT
 # the exact names runs write, for adopting a directory written before manifests existed
 _OURS = re.compile(r"config\.yaml|train\.log|tensorboard/events\.out\.tfevents\.[^/]+|images/[^/]+_\d{8}\.png|"
@@ -129,7 +129,7 @@ def check_output(output: str | Path, data: str | None = None) -> Path:
     folder or a folder inside it (the run's pictures would become training data), or a folder whose run folders
     hold ``--data``. Nothing is touched."""
     text = str(output)
-    path = Path(text).expanduser()
+    path = Path(os.path.expanduser(text))  # Path.expanduser raises for an unknown user; this leaves it as is
     if str(path).startswith("~"):
         user = text[1:].split("/", 1)[0]
         raise UserError(f"--output {text}: there is no user {user!r} for '~{user}' to name; write the folder out "
@@ -760,8 +760,8 @@ def open_run(start: RunStart, config: Any, overwrite: bool = False) -> None:
     if acc.num_processes > 1:  # the ranks stop together when the main process could not write
         broadcast_object_list(failed)
     if failed[0]:
+        setup_logging(None, main_process=acc.is_main_process)  # close train.log before it is removed
         run_dir.roll_back()
-        setup_logging(None, main_process=acc.is_main_process)  # train.log may be gone: console only
         raise RunStopped(failed[0])
     run_dir.opened()
     if start.resume is not None:
