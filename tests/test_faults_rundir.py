@@ -153,6 +153,20 @@ def test_too_many_accumulation_steps_are_refused_before_anything_is_written(tmp_
     assert main([*PRETRAIN, "schedule.max_steps=2", "--output", str(tmp_path / "fresh")]) == 0  # the retry runs
 
 
+def test_a_resume_whose_optimizer_state_does_not_fit_is_refused_before_anything_is_written(tmp_path, capsys):
+    from simmim.checkpoint import save_checkpoint
+
+    out = tmp_path / "run"
+    assert main([*PRETRAIN, "--output", str(out), "schedule.max_steps=4"]) == 0
+    path = out / "checkpoints" / "ckpt-00000004.pt"
+    ckpt = load_checkpoint(path)
+    groups = ckpt["optimizer"]["param_groups"]
+    ckpt["optimizer"]["param_groups"] = [{**groups[0], "params": groups[0]["params"][:1]}]  # another grouping
+    save_checkpoint(ckpt, path)  # a new file: the loaded one is memory-mapped
+    line = refused([*PRETRAIN, "--output", str(out), "schedule.max_steps=6", "--resume", "auto"], out, capsys)
+    assert "does not fit the current parameter groups" in line
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # item 12: the output's disk and name
 
