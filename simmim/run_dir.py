@@ -7,7 +7,8 @@ rule), what it resumes from (choosing and checking the checkpoint), its logs, an
 **A run directory** ``OUTPUT`` holds ``config.yaml``, ``train.log``, ``checkpoints/`` (``ckpt-<step>.pt``,
 ``best.pt``, ``accelerate-<step>/``, ``*.diverged``), ``tensorboard/``, ``images/``, the manifest
 ``.simmim-run.json`` that lists every file and folder runs wrote there (relative paths, folders as ``name/``;
-written atomically before each new file, so it never misses one), and, while a job runs, ``.lock`` naming it.
+rewritten atomically before each new file, or right after TensorBoard's writer creates its event file), and,
+while a job runs, ``.lock`` naming it.
 Only the manifest makes a directory a run directory: ``--overwrite`` removes exactly the listed files that are
 still there, then the listed folders that are left empty, and nothing else. Other files in ``OUTPUT`` (the user's
 images, notes, configs) are never touched: a run goes beside them, unless one of them has a name a run writes
@@ -120,7 +121,7 @@ def disk_errors(path: Path, what: str, kept: str = "nothing was written") -> Ite
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 1. the output path
+# the output path
 
 
 def check_output(output: str | Path, data: str | None = None) -> Path:
@@ -149,7 +150,7 @@ def check_output(output: str | Path, data: str | None = None) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 2. the lock
+# the lock
 
 
 class RunLock:
@@ -194,6 +195,10 @@ class RunLock:
                 break
             os.close(fd)
         old = os.read(fd, 1 << 16).decode(errors="replace").strip()
+        if old and not {"pid", "host"} <= _parse(old).keys():  # someone's own file named .lock: not ours to take
+            os.close(fd)
+            raise RunDirError(f"{self.path} exists and was not written by simmim; move it away or choose another "
+                              "--output")
         if old:
             info = _parse(old)
             if fcntl is None and info.get("host") == socket.gethostname() and pid_alive(int(info.get("pid", -1))):
@@ -221,9 +226,10 @@ class RunLock:
 
 def _parse(text: str) -> dict:
     try:
-        return json.loads(text)
+        info = json.loads(text)
     except ValueError:
         return {}
+    return info if isinstance(info, dict) else {}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -438,7 +444,7 @@ class RunDir:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 3. choosing and checking the resume checkpoint
+# choosing and checking the resume checkpoint
 
 
 def resolve_resume(resume: str | Path | None, output_dir: str | Path, load: Callable[[Path], Any] = load_checkpoint,
@@ -606,7 +612,8 @@ class CheckpointPolicy:
         if self.main_process:
             removed = self.manager.rotate(keep=[self.last_good] if self.last_good else [])
             if removed and self.run_dir.manifest is not None:
-                self.run_dir.manifest.discard(removed)
+                with contextlib.suppress(OSError):  # an entry whose file is gone is harmless: never stop for it
+                    self.run_dir.manifest.discard(removed)
 
     def diverged(self, bad_steps: int, step: int) -> NonFiniteLossError:
         """A streak of ``bad_steps`` non-finite steps stops the run: set the unproven checkpoint aside as
@@ -742,8 +749,8 @@ def open_run(start: RunStart, config: Any, overwrite: bool = False) -> None:
     tensorboard = out / "tensorboard"
     failed: list[Any] = [None]
     try:
-        run_dir.open(overwrite=overwrite and start.resume is None)
         with disk_errors(out, "write the run's files in", "nothing of this run was kept"):
+            run_dir.open(overwrite=overwrite and start.resume is None)
             run_dir.record(out / "train.log")
             run_dir.record(out / "config.yaml")
             setup_logging(out / "train.log", main_process=acc.is_main_process)
@@ -753,8 +760,8 @@ def open_run(start: RunStart, config: Any, overwrite: bool = False) -> None:
         with disk_errors(tensorboard, "start TensorBoard in", "nothing of this run was kept"):
             run_dir.record(tensorboard, folder=True)
             acc.init_trackers("tensorboard")  # the main process creates the event file now
-        if acc.is_main_process and run_dir.manifest is not None and tensorboard.is_dir():
-            run_dir.manifest.add([p for p in tensorboard.rglob("*") if p.is_file() and p not in before])
+            if acc.is_main_process and run_dir.manifest is not None and tensorboard.is_dir():
+                run_dir.manifest.add([p for p in tensorboard.rglob("*") if p.is_file() and p not in before])
     except RunStopped as err:
         failed = [str(err)]
     if acc.num_processes > 1:  # the ranks stop together when the main process could not write

@@ -235,3 +235,11 @@ def test_an_output_naming_an_existing_file_is_refused(tmp_path, capsys):
         assert main([*PRETRAIN, "--output", str(out), "schedule.max_steps=2"]) == 2
         assert "is a file, not a folder" in one_line_error(capsys)
     assert file.read_bytes() == b"precious" and list(tmp_path.iterdir()) == [file]
+
+
+def test_a_users_own_lock_file_is_not_taken_over(tmp_path, capsys):
+    out = tmp_path / "proj"
+    out.mkdir()
+    (out / ".lock").write_text("my own lock file\n")
+    line = refused([*PRETRAIN, "--output", str(out), "schedule.max_steps=2"], out, capsys)
+    assert ".lock exists and was not written by simmim" in line
