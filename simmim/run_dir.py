@@ -586,9 +586,7 @@ class CheckpointPolicy:
         try:
             self.run_dir.record(target)
             path = self.manager.save_named(state, name) if name else self.manager.save(state, step, rotate=False)
-        except OSError as err:
-            if err.errno not in _DISK_ERRNOS:
-                raise
+        except OSError as err:  # any failure of this one known write: the previous checkpoint is intact
             previous = self.last_good or (self.pending[1] if self.pending else None)
             raise CheckpointWriteError(
                 f"could not write checkpoint {target}: {err.strerror or err}; "
