@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+from simmim.errors import InputNotFoundError
+
 CONFIG_DIR = Path(__file__).resolve().parent
 
 
@@ -15,4 +17,4 @@ def resolve(name: str) -> Path:
     if bundled.is_file():
         return bundled
     known = sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.glob("*/*.yaml"))
-    raise FileNotFoundError(f"config {name!r} is neither a file nor a bundled recipe; bundled: {', '.join(known)}")
+    raise InputNotFoundError(f"config {name!r} is neither a file nor a bundled recipe; bundled: {', '.join(known)}")

@@ -195,7 +195,8 @@ def fill_unreadable(source: Any, index: int, seed: int, bad: BadItems, make: Cal
         out = try_item(source, j, bad, make)
         if out is not None:
             return out
-    raise RuntimeError(f"every item of {_source_name(source)} is unreadable; see the warnings above")
+    raise UserError(f"every item of {_source_name(source)} is unreadable; see the warnings above, and point "
+                    "data.path at readable images")
 
 
 class MaskedImageDataset(_SeededSamples, Dataset):

@@ -21,6 +21,12 @@ Channel counts (``channels``, the model's ``model.in_chans``):
 - any other N: ``.npy`` arrays (H, W, N) and TIFFs whose first page holds N samples per pixel (contiguous or
   planar); anything else is refused.
 
+Pixel limit (decompression bombs): one limit for every reader, Pillow's. Pillow refuses an image of more than
+``2 * PIL.Image.MAX_IMAGE_PIXELS`` pixels (179 M with Pillow's default) from its header; ``.npy`` arrays and TIFFs
+read with tifffile are held to the same number, checked from their headers (the array shape, the TIFF page shape)
+before any pixel is decoded or read. Such files are unreadable like any other (skipped and counted). Change the
+limit with ``PIL.Image.MAX_IMAGE_PIXELS`` (``None`` turns it off, as in Pillow).
+
 Value scaling of arrays (from ``.npy`` and TIFF files): uint8 stays uint8 (read as value / 255 by the transforms),
 uint16 is divided by 65535, bool is 0/1, float16/32/64 are used as they are; other dtypes are refused (convert them
 to float first). The transforms normalise with ``(x - mean) / std`` after this scaling.
@@ -100,17 +106,55 @@ def _check_channels(channels: int) -> None:
 # ------------------------------------------------------------------------------------------------ opening files
 
 
-def _read_tiff(source: str | Path | io.BytesIO) -> np.ndarray:
-    """The first page of a TIFF as (H, W) or (H, W, S): samples moved last when stored planar (S, H, W)."""
+def pixel_limit() -> int | None:
+    """The most pixels an image may have, for every reader: Pillow's refusal threshold, ``2 *
+    PIL.Image.MAX_IMAGE_PIXELS`` (read at each call, so a changed ``MAX_IMAGE_PIXELS`` applies); None: no limit."""
+    limit = Image.MAX_IMAGE_PIXELS
+    return None if limit is None else 2 * int(limit)
+
+
+def check_pixels(height: int, width: int, name: str) -> None:
+    """Refuse an image of ``height x width`` pixels (from its header) above :func:`pixel_limit`, before it is
+    decoded: a small compressed file can expand to gigabytes (a decompression bomb)."""
+    limit = pixel_limit()
+    if limit is not None and height * width > limit:
+        raise UnreadableImageError(f"{name} is {width}x{height} = {height * width} pixels, more than the limit of "
+                                   f"{limit} (2 x PIL.Image.MAX_IMAGE_PIXELS): a possible decompression bomb; raise "
+                                   "PIL.Image.MAX_IMAGE_PIXELS if such images are expected")
+
+
+def _read_tiff(source: str | Path | io.BytesIO, name: str) -> np.ndarray:
+    """The first page of a TIFF as (H, W) or (H, W, S): samples moved last when stored planar (S, H, W). The
+    page's size is checked against :func:`pixel_limit` from its header, before decoding."""
     import tifffile
 
     with tifffile.TiffFile(source) as tif:
         page = tif.pages[0]
+        depth = max(int(getattr(page, "imagedepth", 1) or 1), 1)  # volumes hold depth planes of H x W
+        check_pixels(int(page.imagelength) * depth, int(page.imagewidth), name)
         a = page.asarray()
         axes = page.axes
     if a.ndim == 3 and axes[0] in "SC" and axes[-1] not in "SC":  # planar: samples first
         a = np.moveaxis(a, 0, -1)
     return a
+
+
+def _read_npy(file: Any, name: str) -> np.ndarray:
+    """A ``.npy`` array from an open binary file; its shape is read from the header and checked against
+    :func:`pixel_limit` (pixels: the first two axes, (H, W[, C]); for other shapes every value counts) before
+    the data is read."""
+    start = file.tell()
+    version = np.lib.format.read_magic(file)
+    if version == (1, 0):
+        shape, _, _ = np.lib.format.read_array_header_1_0(file)
+    else:
+        shape, _, _ = np.lib.format.read_array_header_2_0(file)
+    if len(shape) in (2, 3):
+        check_pixels(int(shape[0]), int(shape[1]), name)
+    else:
+        check_pixels(math.prod(int(n) for n in shape), 1, name)  # refused later as "not an image" anyway
+    file.seek(start)
+    return np.load(file, allow_pickle=False)
 
 
 def read_raw(path: str | Path, channels: int = 3) -> RawImage:
@@ -123,10 +167,13 @@ def read_raw(path: str | Path, channels: int = 3) -> RawImage:
     suffix = os.path.splitext(path)[1].lower()
     try:
         if suffix in ARRAY_EXTENSIONS:
-            return np.load(path, allow_pickle=False)
+            with open(path, "rb") as f:
+                return _read_npy(f, str(path))
         if suffix in TIFF_EXTENSIONS and channels != 3:
-            return _read_tiff(path)
+            return _read_tiff(path, str(path))
         return Image.open(path)  # lazy: pixels are decoded in decode_pil / decode_tensor
+    except UnreadableImageError:  # already names the file (over the pixel limit)
+        raise
     except FileNotFoundError as err:
         raise InputNotFoundError(f"image file {path} does not exist") from err
     except IsADirectoryError as err:
@@ -141,10 +188,12 @@ def raw_from_bytes(data: bytes, name: str = "", channels: int = 3) -> RawImage:
     suffix = os.path.splitext(name)[1].lower()
     try:
         if suffix in ARRAY_EXTENSIONS:
-            return np.load(io.BytesIO(data), allow_pickle=False)
+            return _read_npy(io.BytesIO(data), name or "embedded bytes")
         if suffix in TIFF_EXTENSIONS and channels != 3:
-            return _read_tiff(io.BytesIO(data))
+            return _read_tiff(io.BytesIO(data), name or "embedded bytes")
         return Image.open(io.BytesIO(data))
+    except UnreadableImageError:
+        raise
     except Exception as err:
         raise UnreadableImageError(f"cannot read image ({name or 'embedded bytes'}): {type(err).__name__}: {err}") \
             from err

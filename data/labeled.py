@@ -26,45 +26,93 @@ from .file_index import FileIndex, walk_sorted
 from .images import RawImage, decode_pil, is_image_file, load_image, read_raw
 from .mask import sample_seed
 from .samples import sample_digits
-from .sources import HFImageSource, _looks_saved, load_hf_dataset
+from .sources import VAL_SPLIT_NAMES, HFImageSource, _looks_saved, load_hf_split
 from .transforms import TensorTransform
 
 logger = logging.getLogger(__name__)
 
-VAL_SPLIT_NAMES = ("val", "validation", "valid", "test")
+__all__ = ["VAL_SPLIT_NAMES", "ClassFolderSource", "DigitsSource", "HFLabeledSource", "LabeledDataset",
+           "check_class_count", "check_classes", "open_labeled"]
+
+IGNORED_FOLDERS = frozenset({"__MACOSX"})  # macOS zip resource forks: never a class (hidden folders neither)
+
+
+def _few(names: list[str], n: int = 5) -> str:
+    """``['a', 'b', ...]``: at most ``n`` names, and how many there are in all when there are more."""
+    shown = ", ".join(repr(x) for x in names[:n])
+    return f"[{shown}, ... {len(names)} in all]" if len(names) > n else f"[{shown}]"
+
+
+def check_classes(found: list[str], trained: list[str], where: str, against: str, fix: str,
+                  subset: bool = False) -> None:
+    """Refuse labelled data whose class names are not the ones a model was trained on (its head's order), naming
+    the classes that differ: ``found`` in the data at ``where``, ``trained`` recorded by ``against`` (a
+    checkpoint). ``subset``: the data may lack some classes (an evaluation folder; labels are mapped by name);
+    otherwise the lists must be equal, order included (labels are indices into them)."""
+    known, present = set(trained), set(found)
+    extra = [c for c in found if c not in known]
+    missing = [] if subset else [c for c in trained if c not in present]
+    if extra or missing:
+        differ = ([f"new here {_few(extra)}"] if extra else []) + ([f"missing here {_few(missing)}"] if missing else [])
+        raise UserError(f"the classes of {where} differ from those of {against}: {', '.join(differ)} ({against} "
+                        f"has {len(trained)}: {_few(trained)}); {fix}")
+    if not subset and list(found) != list(trained):
+        first = next((i for i, (a, b) in enumerate(zip(found, trained, strict=False)) if a != b), 0)
+        raise UserError(f"the classes of {where} are those of {against} in another order (label {first} is "
+                        f"{found[first]!r} here, {trained[first]!r} there); {fix}")
+
+
+def check_class_count(classes: list[str], where: str) -> None:
+    """Refuse a classification task of fewer than 2 classes: one class trains to top-1 100% and learns nothing."""
+    if len(classes) < 2:
+        raise UserError(f"{where} has {len(classes)} class{'' if len(classes) == 1 else 'es'} {_few(classes)}; a "
+                        "classifier needs at least 2: put each class's images in its own sub-folder "
+                        "(<class>/<image>) or use a dataset with a label column of 2 or more classes")
 
 
 class ClassFolderSource:
     """Images under ``root/<class>/...`` (nested below the class folder is fine); classes sorted by name.
 
+    Class folders without any image file are skipped with a warning naming them (an empty folder as a class would
+    train a head on a class that never appears), ``__MACOSX`` and hidden folders silently. With ``classes`` (the
+    training classes, for validation/evaluation data) every class folder here must be one of them (some may be
+    missing), and labels are indices into ``classes``.
+
     Files are held in a packed :class:`~data.file_index.FileIndex` and labels in one ``int32`` array (no Python
     object per file: see :mod:`data.file_index`); ``samples[i] -> (Path, label)``.
     """
 
-    def __init__(self, root: str | Path, classes: list[str] | None = None, channels: int = 3) -> None:
+    def __init__(self, root: str | Path, classes: list[str] | None = None, channels: int = 3,
+                 against: str = "the training data") -> None:
         self.channels = channels
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise InputNotFoundError(f"labelled image folder {self.root} does not exist")
-        found = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
-        self.classes = classes if classes is not None else found
-        index = {c: i for i, c in enumerate(self.classes)}
-        unknown = sorted(set(found) - set(index))
-        if unknown:
-            raise UserError(f"{self.root} has class folders not in the training classes: {unknown[:5]}")
+        folders = sorted(d.name for d in self.root.iterdir()
+                         if d.is_dir() and not d.name.startswith(".") and d.name not in IGNORED_FOLDERS)
         counts: list[int] = []
 
         def relative_paths() -> Iterator[str]:
-            for c in found:  # class by class, so the labels are runs of equal values
+            for c in folders:  # class by class, so the labels are runs of equal values
                 counts.append(0)
                 for rel in walk_sorted(self.root / c, is_image_file, prefix=c + "/"):
                     counts[-1] += 1
                     yield rel
 
         self.files = FileIndex.from_paths(self.root, relative_paths())
-        self.labels = np.repeat(np.array([index[c] for c in found], dtype=np.int32), counts)
         if not len(self.files):
             raise UserError(f"no images in class sub-folders of {self.root}; expected {self.root}/<class>/<image>")
+        empty = [c for c, n in zip(folders, counts, strict=True) if n == 0]
+        if empty:
+            logger.warning("skipping %d class folder(s) of %s without image files: %s", len(empty), self.root,
+                           _few(empty))
+        found = [c for c, n in zip(folders, counts, strict=True) if n]
+        if classes is not None:
+            check_classes(found, list(classes), str(self.root), against, "use the same class folders",
+                          subset=True)
+        self.classes = list(classes) if classes is not None else found
+        index = {c: i for i, c in enumerate(self.classes)}
+        self.labels = np.repeat(np.array([index[c] for c in found], dtype=np.int32), [n for n in counts if n])
         self.samples = _Samples(self.files, self.labels)
 
     def __len__(self) -> int:
@@ -95,35 +143,61 @@ class _Samples:
 
 class HFLabeledSource:
     """A ``datasets`` split with an image column and an integer label column (``label``/``labels`` by default);
-    class names come from a ``ClassLabel`` feature when there is one."""
+    class names come from a ``ClassLabel`` feature when there is one.
+
+    Labels are read as one arrow column (no Python object per row) and checked here, before any training: every
+    label must be a class index, ``0 <= label < len(classes)`` (ImageNet-1K's test split has ``-1``, "no label",
+    everywhere). With ``classes`` (the training classes) the label range is theirs, and a ``ClassLabel``'s names
+    must be them, in order. ``split_key`` names the setting that chose ``split`` in messages.
+    """
 
     def __init__(self, name_or_path: str, split: str = "train", image_column: str | None = None,
-                 label_column: str | None = None, channels: int = 3) -> None:
+                 label_column: str | None = None, channels: int = 3, classes: list[str] | None = None,
+                 split_key: str | None = None, alternatives: tuple[str, ...] = (),
+                 against: str = "the training data") -> None:
         import datasets
+        import pyarrow as pa
 
         self.channels = channels
 
-        ds = load_hf_dataset(name_or_path, split=split)
+        ds, picked = load_hf_split(name_or_path, split, split_key=split_key, alternatives=alternatives)
+        name = f"{name_or_path}[{picked}]"
         columns = list(ds.column_names)
         label_column = label_column or next((c for c in ("label", "labels", "target") if c in columns), None)
         if label_column is None or label_column not in columns:
-            raise UserError(f"{name_or_path}[{split}] has no label column (columns: {columns}); "
-                             "set data.label_column")
-        self.labels = [int(v) for v in ds[label_column]]
+            raise UserError(f"{name} has no label column (columns: {columns}); set data.label_column")
+        column = ds.with_format("arrow")[label_column]  # a pyarrow ChunkedArray, row order as the dataset's
+        if not pa.types.is_integer(column.type):
+            raise UserError(f"column {label_column!r} of {name} holds {column.type} values, not class indices; "
+                            "set data.label_column to the integer label column")
+        labels = np.asarray(column.fill_null(-1))  # (N,) a missing label is as bad as -1
         feature = ds.features[label_column]
-        n = max(self.labels) + 1 if self.labels else 0
-        self.classes = list(feature.names) if isinstance(feature, datasets.ClassLabel) else [str(i) for i in range(n)]
-        self.images = HFImageSource.from_dataset(ds, image_column=image_column, name=f"{name_or_path}[{split}]",
-                                                 channels=channels)
+        names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+        if classes is not None and names is not None:
+            check_classes(names, list(classes), name, against, "evaluate on data labelled like it", subset=False)
+        if classes is not None:
+            self.classes = list(classes)
+        else:
+            self.classes = names if names is not None else [str(i) for i in range(int(labels.max(initial=-1)) + 1)]
+        bad = np.flatnonzero((labels < 0) | (labels >= len(self.classes)))
+        if len(bad):
+            where = f"the {picked!r} split ({split_key})" if split_key else f"the {picked!r} split"
+            unlabelled = " (-1 means 'no label', as in a test split)" if (labels[bad] == -1).any() else ""
+            example = f"e.g. {int(labels[bad[0]])} at row {int(bad[0])}"
+            raise UserError(f"{name}: {len(bad)} of {len(labels)} labels in {where} are not class indices "
+                            f"0..{len(self.classes) - 1} ({example}){unlabelled}; use a labelled split, or fix the "
+                            "labels")
+        self.labels = labels
+        self.images = HFImageSource.from_dataset(ds, image_column=image_column, name=name, channels=channels)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        return self.images[index], self.labels[index]
+        return self.images[index], int(self.labels[index])
 
     def open(self, index: int) -> tuple[RawImage, int]:
-        return self.images.open(index), self.labels[index]
+        return self.images.open(index), int(self.labels[index])
 
     def describe(self, index: int) -> str:
         return self.images.describe(index)
@@ -156,32 +230,43 @@ class DigitsSource:
 
 
 def open_labeled(spec: str, split: str = "train", image_column: str | None = None,
-                 label_column: str | None = None, classes: list[str] | None = None, channels: int = 3) -> Any:
+                 label_column: str | None = None, classes: list[str] | None = None, channels: int = 3,
+                 split_key: str | None = None, against: str = "the training data") -> Any:
     """Resolve a labelled data spec for one split.
 
     ``embedded:digits`` -> :class:`DigitsSource`; ``hf:NAME`` or a ``save_to_disk`` folder -> :class:`HFLabeledSource`;
     a folder with a ``<split>`` sub-folder (``train``, ``val``...) -> :class:`ClassFolderSource` of it (the
     ImageNet layout); any other folder -> :class:`ClassFolderSource` of the folder itself for the train split.
-    ``channels`` is the model's ``model.in_chans``.
+    A validation split is also found under its other usual names (``val``, ``validation``, ``valid``, ``test``).
+    ``channels`` is the model's ``model.in_chans``. ``classes``: the classes a model was trained on (recorded by
+    ``against``); data with other classes is refused (:func:`check_classes`). ``split_key``: the setting that
+    chose ``split`` (``data.val_split``...), named in messages.
     """
+    alternatives = VAL_SPLIT_NAMES if split in VAL_SPLIT_NAMES else ()
     if spec in ("embedded:digits", "digits"):
-        return DigitsSource(split, channels=channels)
+        source = DigitsSource(split, channels=channels)
+        if classes is not None:
+            check_classes(source.classes, list(classes), spec, against, "evaluate on data labelled like it")
+        return source
+    hf_args = dict(image_column=image_column, label_column=label_column, channels=channels, classes=classes,
+                   split_key=split_key, alternatives=alternatives, against=against)
     if spec.startswith("hf:"):
-        return HFLabeledSource(spec[3:], split, image_column, label_column, channels)
+        return HFLabeledSource(spec[3:], split, **hf_args)
     path = Path(spec).expanduser()
     if not path.is_dir():
         raise InputNotFoundError(f"data path {spec} does not exist; pass an ImageNet-style folder (train/<class>/..., "
                                 "val/<class>/...), a datasets save_to_disk folder, hf:NAME or embedded:digits")
     if _looks_saved(path):
-        return HFLabeledSource(str(path), split, image_column, label_column, channels)
-    names = [split] + (list(VAL_SPLIT_NAMES) if split in VAL_SPLIT_NAMES else [])
+        return HFLabeledSource(str(path), split, **hf_args)
+    names = [split, *(a for a in alternatives if a != split)]
     for name in names:
         if (path / name).is_dir():
-            return ClassFolderSource(path / name, classes, channels)
+            return ClassFolderSource(path / name, classes, channels, against)
     if split == "train":
-        return ClassFolderSource(path, classes, channels)
+        return ClassFolderSource(path, classes, channels, against)
+    fix = f" or set {split_key}" if split_key else ""
     raise InputNotFoundError(f"{path} has no {split!r} sub-folder (looked for {', '.join(names)}); use the ImageNet "
-                            "layout train/<class>/... and val/<class>/...")
+                             f"layout train/<class>/... and val/<class>/...{fix}")
 
 
 class LabeledDataset(Dataset):

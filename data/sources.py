@@ -34,6 +34,7 @@ from .samples import photo_names, sample_digits, sample_photos
 logger = logging.getLogger(__name__)
 
 SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")  # written by save_to_disk
+VAL_SPLIT_NAMES = ("val", "validation", "valid", "test")  # what a validation split is called, in that order
 EMBEDDED_KINDS = ("photos", "digits", "all")
 
 
@@ -96,26 +97,58 @@ def _looks_saved(path: Path) -> bool:
     return path.is_dir() and any((path / m).is_file() for m in SAVED_DATASET_MARKERS)
 
 
-def load_hf_dataset(name_or_path: str, split: str = "train", streaming: bool = False) -> Any:
+def pick_split(split: str, available: list[str], where: str, split_key: str | None,
+               alternatives: tuple[str, ...] = ()) -> str:
+    """``split`` if ``available`` has it, else the first of ``alternatives`` it has; else a :class:`UserError`
+    naming the splits there are and ``split_key``, the setting that chose ``split`` (``data.val_split``, ...)."""
+    names = [split, *(a for a in alternatives if a != split)]
+    for name in names:
+        if name in available:
+            return name
+    looked = f" (looked for {', '.join(names)})" if len(names) > 1 else ""
+    fix = f"; set {split_key} to one of them" if split_key else ""
+    raise UserError(f"split {split!r} not found in {where}{looked}; available splits: {available}{fix}")
+
+
+def _unknown_split(err: ValueError) -> bool:
+    """The error ``datasets.load_dataset`` raises for a split the dataset does not have."""
+    return str(err).startswith(("Unknown split", "Bad split"))
+
+
+def load_hf_dataset(name_or_path: str, split: str = "train", streaming: bool = False,
+                    split_key: str | None = "data.split") -> Any:
     """One split of a ``datasets`` dataset: a ``save_to_disk`` folder, a folder of images (``imagefolder``) or a
-    hub name. Returns a ``datasets.Dataset`` (or ``IterableDataset`` when ``streaming``)."""
+    hub name. Returns a ``datasets.Dataset`` (or ``IterableDataset`` when ``streaming``). A missing split is
+    refused naming ``split_key``, the setting that chose it (None: no setting to name)."""
+    return load_hf_split(name_or_path, split, streaming, split_key)[0]
+
+
+def load_hf_split(name_or_path: str, split: str = "train", streaming: bool = False,
+                  split_key: str | None = "data.split", alternatives: tuple[str, ...] = ()) -> tuple[Any, str]:
+    """:func:`load_hf_dataset`, where a missing ``split`` is also looked for under the names in ``alternatives``
+    (``validation`` for ``val``...). Returns the dataset and the name of the split it is."""
     import datasets
 
     path = Path(name_or_path).expanduser()
     if path.is_dir() and _looks_saved(path):
         ds = datasets.load_from_disk(str(path))
+        picked = split
         if isinstance(ds, datasets.DatasetDict | datasets.IterableDatasetDict):
-            if split not in ds:
-                raise UserError(f"split {split!r} not found in {path}; available splits: {list(ds)} (data.split)")
-            ds = ds[split]
+            picked = pick_split(split, list(ds), str(path), split_key, alternatives)
+            ds = ds[picked]
         if streaming and isinstance(ds, datasets.Dataset):
             # one shard per file, at least 64 when there are that many rows: shards are what readers take whole
             ds = ds.to_iterable_dataset(num_shards=max(len(ds.cache_files), min(len(ds), 64), 1))
-    elif path.is_dir():
-        ds = datasets.load_dataset("imagefolder", data_dir=str(path), split=split, streaming=streaming)
-    else:
-        ds = datasets.load_dataset(name_or_path, split=split, streaming=streaming)
-    return ds
+        return ds, picked
+    args, kwargs = (("imagefolder",), {"data_dir": str(path)}) if path.is_dir() else ((name_or_path,), {})
+    try:
+        return datasets.load_dataset(*args, split=split, streaming=streaming, **kwargs), split
+    except ValueError as err:  # only an unknown split is the user's to fix; anything else stays what it is
+        if not _unknown_split(err):
+            raise
+        available = list(datasets.get_dataset_split_names(*args, **kwargs))
+    picked = pick_split(split, available, name_or_path, split_key, alternatives)
+    return datasets.load_dataset(*args, split=picked, streaming=streaming, **kwargs), picked
 
 
 class HFImageSource:
@@ -226,7 +259,7 @@ class HFImageSource:
                                            f"{err}") from err
         if isinstance(value, list):
             return np.asarray(value)
-        raise TypeError(f"column {self.image_column!r} of {self.name} holds {type(value).__name__}, not images")
+        raise UserError(f"column {self.image_column!r} of {self.name} holds {type(value).__name__}, not images")
 
     def decode(self, value: Any) -> Image.Image:
         """One value of the image column -> PIL RGB (L for ``channels=1``; a (C, H, W) tensor for other counts),

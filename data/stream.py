@@ -196,8 +196,8 @@ class MaskedImageStream(_SeededSamples, IterableDataset):
             if seen == 0:
                 return  # an empty share (more readers than records): this worker has nothing to give
             if pending and tried == seen and len(pending) >= seen:
-                raise RuntimeError(f"every record of reader {self.rank}:{worker}'s share of the stream is "
-                                   "unreadable; see the warnings above")
+                raise UserError(f"every record of reader {self.rank}:{worker}'s share of the stream is "
+                                "unreadable; see the warnings above")
         if pending:  # a finite pass that ended on unreadable records: fill them from the share's first readable one
             for key, value in self._records(worker, num_workers):
                 if not isinstance(self._try(value, key, self.epoch, 0), BaseException):

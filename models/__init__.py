@@ -6,16 +6,19 @@ Importing this package registers the variants with timm as ``simmim_<variant>`` 
 from . import timm_registry  # noqa: F401  (registers simmim_<variant> with timm's model registry)
 from .compile import compile_model
 from .convert import convert_state_dict, detect_format, load_pretrained, to_official
+from .detection import DetectionBackbone, detection_backbone
 from .swin_transformer_v2 import SwinTransformerV2
 from .variants import VARIANTS, create_model, list_models
 
 __all__ = [
     "VARIANTS",
+    "DetectionBackbone",
     "SwinTransformerV2",
     "compile_model",
     "convert_state_dict",
     "create_model",
     "detect_format",
+    "detection_backbone",
     "list_models",
     "load_pretrained",
     "to_official",

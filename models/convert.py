@@ -1,4 +1,5 @@
-"""Checkpoint reading and key conversion between the official Swin-Transformer release, timm and this package.
+"""Key conversion between the official Swin-Transformer release, timm, HF transformers and this package: pure
+functions on state dicts (files are read by :func:`simmim.weights.read_weights`, the one reader).
 
 Our encoder keys equal timm's. The official code differs in three ways: a stage's ``downsample`` sits at the *end* of
 stage i (timm/ours: start of stage i+1), the classifier is ``head`` (ours ``head.fc``), and the geometry buffers
@@ -10,16 +11,16 @@ by the model. Released SwinV2 SimMIM weights also name the CPB MLP ``rpe_mlp``. 
 from __future__ import annotations
 
 import logging
+import math
 import re
-import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
 
-from simmim.errors import InputNotFoundError, UserError
+from simmim.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -35,72 +36,7 @@ class CheckpointMismatchError(UserError):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# reading files: the one place where this package calls torch.load
-
-
-def _stub_class(qualified: str) -> type:
-    """A harmless dict subclass standing in for a pickled config class (e.g. the official yacs ``CfgNode``)."""
-    module, _, name = qualified.rpartition(".")
-    stub = type(name, (dict,), {"__setstate__": lambda self, state: None, "__module__": module})
-    stub.__qualname__ = name
-    return stub
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:  # truncated, foreign (a renamed pickle), empty
-        raise UserError(f"{path} is not a readable safetensors file (truncated, or another format renamed "
-                         f"to .safetensors?): {_first_line(err)}") from err
-
-
-def read_checkpoint(path: str | Path, stub_classes: bool = True) -> dict:
-    """Load a ``.safetensors`` file or a torch checkpoint with ``weights_only=True`` (no pickled code ever runs).
-
-    Official checkpoints pickle their training config (a yacs ``CfgNode``); the classes such a file names are
-    replaced by empty dict stand-ins (listed in one pass with ``get_unsafe_globals_in_checkpoint``), so the tensors
-    load and the config is dropped. Zip-format files are memory-mapped: tensors are read from disk when used.
-
-    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file for anything unreadable:
-    truncated, corrupt, not a checkpoint, or pickling objects that cannot be stood in for (functions, blocked
-    modules such as ``os``), whose global names the message lists. ``stub_classes=False`` refuses every pickled
-    class too (the files this package writes hold plain data only).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise InputNotFoundError(f"checkpoint {path} does not exist (check the path)")
-    if path.suffix == ".safetensors":
-        return _read_safetensors(path)
-    zipped = zipfile.is_zipfile(path)
-    stubs: list[type] = []
-    if zipped and stub_classes:
-        try:
-            names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-        except Exception as err:  # a damaged archive: torch.load below names the problem
-            log.debug("cannot list the globals of %s: %s", path, err)
-            names = []
-        stubs = [_stub_class(n) for n in names]
-        if names:
-            log.info("%s pickles %s: read as empty stand-ins, never executed", path, ", ".join(names))
-    try:
-        with torch.serialization.safe_globals(stubs):
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
-    except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError, ... depending on the damage
-        refused = re.findall(r"GLOBAL ([\w.]+)", str(err))
-        if refused:
-            raise UserError(
-                f"{path} was not loaded: it pickles Python objects ({', '.join(dict.fromkeys(refused))}), not only "
-                "tensors and plain data, and simmim never executes pickled code; re-save the weights as a plain "
-                "state dict (torch.save(model.state_dict(), ...)) or as .safetensors") from None
-        raise UserError(f"{path} is not a readable checkpoint (truncated or corrupt?): {_first_line(err)}") from err
-    return state
+# state dicts
 
 
 def unwrap(checkpoint: Mapping) -> dict[str, torch.Tensor]:
@@ -146,6 +82,37 @@ def windows_from_coords_tables(state_dict: Mapping[str, torch.Tensor]) -> list[t
             pair.append(window if window == 1 or top <= 0 else round(8 * (window - 1) / (2 ** (3 * top) - 1)) + 1)
         out.append((pair[0], pair[1]))
     return out or None
+
+
+def geometry_from_buffers(state_dict: Mapping[str, torch.Tensor]
+                           ) -> tuple[tuple[int, int], tuple[int, int], list[tuple[int, int]]] | None:
+    """``(img_size, window_size, trained windows)`` of an official checkpoint, from the buffers it saves (None without
+    them). Each stage's window is the side of its ``relative_position_index`` (N = W*W tokens) and its trained window
+    comes from :func:`windows_from_coords_tables`; the image size from the first stage's shifted-window mask
+    (``attn_mask``: one (N, N) mask per window, so sqrt(count) windows per side, square images as released), or, when
+    that stage has no mask (one window covers the map), from its window. Patch size: the stem's kernel."""
+    trained = windows_from_coords_tables(state_dict)
+    stem = next((v for k, v in state_dict.items() if k.removeprefix("encoder.") == "patch_embed.proj.weight"), None)
+    if trained is None or stem is None:
+        return None
+
+    def buffer(stage: int, block: int, name: str) -> torch.Tensor | None:
+        return next((v for k, v in state_dict.items() if k.removeprefix("encoder.") ==
+                     f"layers.{stage}.blocks.{block}.attn.{name}" or k.removeprefix("encoder.") ==
+                     f"layers.{stage}.blocks.{block}.{name}"), None)
+
+    windows = []
+    for i in range(len(trained)):
+        index = buffer(i, 0, "relative_position_index")
+        if index is None:
+            return None
+        side = math.isqrt(index.shape[0])
+        windows.append((side, side))
+    mask = buffer(0, 1, "attn_mask")
+    per_side = math.isqrt(mask.shape[0]) if mask is not None else 1
+    patch = stem.shape[-1]
+    side = windows[0][0] * per_side * patch
+    return (side, side), windows[0], trained
 
 
 def detect_format(state_dict: Mapping[str, torch.Tensor]) -> Format:
@@ -224,26 +191,75 @@ def check_compatible(model: nn.Module, state_dict: Mapping[str, torch.Tensor], w
             "for parts you mean to re-initialise (e.g. 'head.')")
 
 
+class ReadWeights(Protocol):
+    """What :func:`simmim.weights.read_weights` returns, as far as :func:`load_pretrained` uses it."""
+
+    state_dict: dict[str, torch.Tensor]
+    windows: list[tuple[int, int]] | None
+
+    def describe(self) -> str: ...
+
+
+def _backbone(model: nn.Module) -> Any:
+    """The SwinV2 inside ``model`` (itself, or a SimMIM wrapper's ``encoder``), None for anything else."""
+    for candidate in (model, getattr(model, "encoder", None)):
+        if hasattr(candidate, "trained_window_sizes"):
+            return candidate
+    return None
+
+
+def check_trained_windows(model: nn.Module, windows: Sequence[Sequence[int]] | None, what: str,
+                          fix: str = "") -> None:
+    """Refuse weights whose log-CPB was trained at other windows than ``model`` normalises its position bias by
+    (the model's ``trained_window_sizes``): it would run, with outputs silently off (1-25% on a 64 px / W4 encoder
+    loaded at the default 192 px / W12). ``fix`` says how to build the right model."""
+    backbone = _backbone(model)
+    if windows is None or backbone is None:
+        return
+    trained = [tuple(w) for w in windows]
+    have = backbone.trained_window_sizes
+    if trained != have:
+        def show(ws: Sequence[Sequence[int]]) -> str:
+            return "/".join(str(w[0]) if w[0] == w[1] else f"{w[0]}x{w[1]}" for w in ws)
+
+        size = backbone.img_size[0] if backbone.img_size[0] == backbone.img_size[1] else backbone.img_size
+        raise UserError(
+            f"{what} was trained with position-bias windows {show(trained)}, but the model normalises by "
+            f"{show(have)} ({size} px, window {backbone.window_size[0]}); "
+            + (fix or f"build it with pretrained_window_sizes={[list(w) for w in trained]}") + " (or load the "
+            "encoder with simmim.load_encoder(path), which builds it at its trained geometry)")
+
+
 def load_pretrained(
     model: nn.Module,
-    checkpoint: str | Path | Mapping,
+    weights: Mapping[str, torch.Tensor] | ReadWeights,
     source: Format | Literal["auto"] = "auto",
     exclude: Sequence[str] = (),
 ) -> dict[str, torch.Tensor]:
-    """Load an official, timm or own checkpoint (file or dict) into ``model``, all keys or a clear error.
+    """Load a state dict (official, timm, HF or ours) or what :func:`simmim.weights.read_weights` returned into
+    ``model``: all keys or a clear error, nothing partially loaded.
 
     A SimMIM checkpoint (``encoder.*`` + ``decoder.*``) loaded into a bare encoder contributes its encoder only;
-    ``exclude`` lists key prefixes skipped on both sides (they keep the model's own values). Returns the
-    converted state dict that was loaded.
+    ``exclude`` lists key prefixes skipped on both sides (they keep the model's own values). When the windows the
+    weights were trained at are known (read weights; official buffers in a state dict) and differ from the ones the
+    model normalises its log-CPB by, the load is refused with the fix (see :func:`check_trained_windows`). Returns
+    the converted state dict that was loaded. Files are read with ``read_weights(path)``, not here.
     """
-    raw = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
-    sd = convert_state_dict(unwrap(raw), source)
+    if isinstance(weights, (str, Path)):
+        raise TypeError(f"load_pretrained takes a state dict or read weights, not the path {str(weights)!r}: "
+                        "pass simmim.weights.read_weights(path) (or use simmim.load_encoder(path))")
+    if isinstance(weights, Mapping):
+        raw, what = unwrap(weights), "checkpoint"
+        sd = convert_state_dict(raw, source)
+        windows = windows_from_coords_tables(raw) if detect_format(raw) == "official" else None
+    else:
+        sd, what, windows = dict(weights.state_dict), weights.describe(), weights.windows
+    check_trained_windows(model, windows, what)
     own = model.state_dict()
     if not any(k.startswith("encoder.") for k in own) and any(k.startswith("encoder.") for k in sd):
         sd = encoder_state(sd, keep=("mask_token",) if "mask_token" in own else ())
     sd = {k: v for k, v in sd.items() if not k.startswith(tuple(exclude))}
     kept = {k: v for k, v in own.items() if k.startswith(tuple(exclude))}
-    check_compatible(model, {**sd, **kept}, what=str(checkpoint) if isinstance(checkpoint, (str, Path)) else
-                     "checkpoint")
+    check_compatible(model, {**sd, **kept}, what=what)
     model.load_state_dict({**sd, **kept}, strict=True)
     return sd

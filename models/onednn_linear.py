@@ -5,7 +5,8 @@ Why: the backbone's training step is ~70% Linear GEMMs on a CPU. PyTorch runs fl
 ships (``torch.ops.mkldnn._linear_pointwise``, the op inductor uses), measured about 2x faster than MKL on the
 forward and input-gradient products of every SwinV2-T shape, and on the weight gradient except where the input
 has few channels (there the BLAS keeps it; see ``_backward``). The result is the same float32 product
-with another summation order (differences ~1e-6 relative), not a reduced-precision mode.
+with another summation order (differences ~1e-6 relative), not a reduced-precision mode. The op is private to
+PyTorch: :mod:`simmim.compat` checks it once with a tiny call, and without it every product here is ``F.linear``.
 
 Where it does not apply, :func:`linear` is ``F.linear``: other devices and dtypes, autocast (PyTorch already
 sends bf16 products to oneDNN, and routing them through this op measured slower in the training step), and whenever
@@ -21,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from simmim import compat
+
 from .tracing import is_symbolic_tracing
 
 Backend = Literal["auto", "aten"]
@@ -31,18 +34,12 @@ MIN_WORK = 4_000_000
 
 
 def onednn_available() -> bool:
-    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-            and hasattr(torch.library, "custom_op"))  # torch >= 2.4
+    """Whether oneDNN's linear op passed its check at import (:mod:`simmim.compat`: a tiny call against
+    ``F.linear``); if not, a warning named the torch version and every product here is ``F.linear``."""
+    return compat.MKLDNN_LINEAR
 
 
 _AVAILABLE = onednn_available()
-
-
-def _autocast_on() -> bool:
-    try:
-        return torch.is_autocast_enabled("cpu")
-    except TypeError:  # torch < 2.4
-        return torch.is_autocast_cpu_enabled()
 
 
 if _AVAILABLE:
@@ -52,7 +49,7 @@ if _AVAILABLE:
     @torch.library.custom_op("simmim::onednn_matmul_nt", mutates_args=())
     def _matmul_nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``a @ b.T (+ bias)`` in oneDNN: a (M, K), b (N, K) -> (M, N)."""
-        return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
+        return compat.mkldnn_linear(a, b, bias)
 
     @_matmul_nt.register_fake
     def _(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -89,7 +86,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     hold standard aten ops only (ONNX, other runtimes).
     """
     if (backend == "aten" or not _AVAILABLE or _exporting()  # first: fx proxies have no device or dtype
-            or x.device.type != "cpu" or _autocast_on()
+            or x.device.type != "cpu" or torch.is_autocast_enabled("cpu")
             or not (x.dtype == weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32))
             or x.numel() * weight.shape[0] < MIN_WORK):
         return F.linear(x, weight, bias)
@@ -100,8 +97,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def _exporting() -> bool:
     """Recorded for another runtime (fx, TorchScript tracing, torch.export), where only aten ops belong; plain
     torch.compile is not (its graphs run here and keep the custom op)."""
-    exporting = getattr(torch.compiler, "is_exporting", torch.compiler.is_compiling)  # older torch: any compile
-    return is_symbolic_tracing() or torch.jit.is_tracing() or exporting()
+    return is_symbolic_tracing() or torch.jit.is_tracing() or compat.is_exporting()
 
 
 class Linear(nn.Linear):

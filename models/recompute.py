@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from simmim import compat
 from simmim.errors import UserError
 
 from .tracing import is_symbolic_tracing
@@ -52,13 +53,6 @@ def recompute_in_backward(fn: Callable[..., torch.Tensor], *args: torch.Tensor) 
     return checkpoint(fn, *args, use_reentrant=False)
 
 
-def _autocast_state(device_type: str) -> tuple[bool, torch.dtype | None]:
-    try:
-        return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
-    except (TypeError, AttributeError):  # torch < 2.4
-        return False, None
-
-
 class _RecomputedAttention(torch.autograd.Function):
     """``out = softmax(q k^T + bias) v`` keeping only ``qkv`` and ``bias``. Backward recomputes q, k, v and the
     probabilities under the forward's autocast state (the same ops on the same inputs: the same numbers) and
@@ -67,7 +61,8 @@ class _RecomputedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, attn: nn.Module, qkv: torch.Tensor, bias: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
         ctx.attn = attn
-        ctx.amp = (qkv.device.type, *_autocast_state(qkv.device.type))
+        device_type = qkv.device.type
+        ctx.amp = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
         ctx.save_for_backward(qkv, bias, *params)
         return attn._core(qkv, bias)  # (B_, nH, N, d); the autograd graph inside is not recorded
 
@@ -91,8 +86,7 @@ class _RecomputedAttention(torch.autograd.Function):
                 v3 = v.detach().reshape(B_ * nH, N, d)
                 grad_logits = torch.bmm(g3, v3.transpose(1, 2)).view(B_, nH, N, N).to(probs.dtype)
                 del g3, v3
-                torch.ops.aten._softmax_backward_data.out(grad_logits, probs, -1, probs.dtype,
-                                                          grad_input=grad_logits)  # row by row, in place
+                compat.softmax_backward_(grad_logits, probs)  # row by row, in place
                 del probs
                 grad_bias = grad_logits.view(B_ // G, G, nH, N, N).sum(0) if ctx.needs_input_grad[2] else None
                 gl3 = grad_logits.view(B_ * nH, N, N).to(q.dtype)

@@ -27,6 +27,7 @@ from timm.layers import DropPath, trunc_normal_
 from timm.layers import register_notrace_function as _timm_notrace
 from torch import nn
 
+from simmim import compat
 from simmim.errors import UserError
 
 from .onednn_linear import Backend, Linear, linear
@@ -264,11 +265,12 @@ class WindowAttention(nn.Module):
     def position_bias_tensor(self) -> torch.Tensor:
         """The bias, cached at inference: it depends on parameters only, so it is recomputed when any of them
         changes in place (optimizer step, EMA update, ``load_state_dict``), is swapped or moves device/dtype."""
-        if self.training or torch.is_grad_enabled() or not self.cache_bias or is_tracing():
+        if (self.training or torch.is_grad_enabled() or not self.cache_bias or is_tracing()
+                or not compat.VERSION_COUNTER):  # no counter: in-place updates could not be noticed
             self._bias_cache = None
             return self._compute_bias()
         params = [p for n, p in self.named_parameters() if n.startswith(("cpb_mlp", "relative_position"))]
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        key = tuple((p.data_ptr(), compat.version_of(p), p.dtype, p.device) for p in params)
         key += ((self.relative_position_index.data_ptr(),),)
         if self._bias_cache is None or self._bias_cache[0] != key:
             self._bias_cache = (key, self._compute_bias())
@@ -776,11 +778,7 @@ class SwinTransformerV2(nn.Module):
         for stage, (res, _), pre in zip(self.layers, geometry, pretrained, strict=True):
             for blk in stage.blocks:
                 blk.set_geometry(res, win, pre)
-        try:  # timm >= 1.0.26 records the current size apart from the source checkpoint's pretrained_cfg
-            from timm.models._input import update_model_input_size
-        except ImportError:
-            return
-        update_model_input_size(self, img, window_size=win)
+        compat.record_input_size(self, img, win)  # timm keeps it apart from the source's pretrained_cfg
 
     def init_non_persistent_buffers(self) -> None:
         """Recompute every derived buffer (after ``to_empty`` from the meta device, for example)."""
@@ -826,10 +824,11 @@ class SwinTransformerV2(nn.Module):
             blk.attn.fused = enable
 
     def set_linear_backend(self, backend: Backend = "auto") -> None:
-        """Where the blocks' Linear layers compute: ``'auto'`` (oneDNN for float32 on CPU outside autocast and
-        tracing, ``F.linear`` otherwise; see :mod:`.onednn_linear`) or ``'aten'`` (always ``F.linear``)."""
+        """Where the blocks' Linear layers compute (config ``model.linear_backend``): ``'auto'`` (oneDNN for float32
+        on CPU outside autocast and tracing where its op passed its check, ``F.linear`` otherwise; see
+        :mod:`.onednn_linear`) or ``'aten'`` (always ``F.linear``)."""
         if backend not in ("auto", "aten"):
-            raise ValueError(f"backend must be 'auto' or 'aten', got {backend!r}")
+            raise UserError(f"linear backend must be 'auto' or 'aten', got {backend!r} (model.linear_backend)")
         for m in self.modules():
             if isinstance(m, Linear):
                 m.backend = backend
@@ -913,11 +912,9 @@ class SwinTransformerV2(nn.Module):
         (B, C_i, h_i, w_i) map per index (``output_fmt='NHWC'``: (B, h_i, w_i, C_i)); or only the list with
         ``intermediates_only``. Any input size: maps are ceil(H / reduction) x ceil(W / reduction).
         """
-        from timm.models._features import feature_take_indices
-
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        take, max_index = feature_take_indices(len(self.layers), indices)
+        take, max_index = compat.feature_take_indices(len(self.layers), indices)
         stages = self.layers if not stop_early or torch.jit.is_scripting() else self.layers[:max_index + 1]
         last = len(self.layers) - 1
         intermediates = []
@@ -939,9 +936,7 @@ class SwinTransformerV2(nn.Module):
     ) -> list[int]:
         """Drop the stages after the last of ``indices`` (and the final norm / head as timm does); returns the
         absolute indices kept, for :meth:`forward_intermediates`."""
-        from timm.models._features import feature_take_indices
-
-        take, max_index = feature_take_indices(len(self.layers), indices)
+        take, max_index = compat.feature_take_indices(len(self.layers), indices)
         prune_end = max_index < len(self.layers) - 1
         if prune_norm or prune_end:
             self.norm = nn.Identity()
@@ -953,21 +948,6 @@ class SwinTransformerV2(nn.Module):
         if prune_head or prune_end:
             self.reset_classifier(0, "")
         return take
-
-    def forward_stages(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, norm_last: bool = True
-    ) -> list[torch.Tensor]:
-        """Deprecated alias of ``forward_intermediates(x, norm=norm_last, intermediates_only=True)`` (one
-        (B, C_i, h_i, w_i) map per stage), with an optional SimMIM ``mask``."""
-        if mask is None:
-            return self.forward_intermediates(x, norm=norm_last, intermediates_only=True)
-        x = self._embed(x, mask)
-        outs = []
-        for i, stage in enumerate(self.layers):
-            x = stage(x)
-            y = self.norm(x) if (norm_last and i == len(self.layers) - 1) else x
-            outs.append(y.permute(0, 3, 1, 2))  # (B, C_i, h_i, w_i)
-        return outs
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """(B, h, w, C) -> logits (B, num_classes) or pooled (B, C) when ``pre_logits``/``num_classes=0``."""

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import torch
 
+from simmim import compat
+
 
 def is_symbolic_tracing() -> bool:
     """True inside ``torch.fx.symbolic_trace`` (shapes are proxies there, not ints)."""
-    from torch.fx import _symbolic_trace as fx
-
-    return getattr(fx, "is_fx_symbolic_tracing", fx.is_fx_tracing)()
+    return compat.is_fx_symbolic_tracing()
 
 
 def is_tracing() -> bool:

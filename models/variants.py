@@ -8,7 +8,11 @@ per head is the natural choice and gives its 658M / 3.0B parameters. H and G add
 from __future__ import annotations
 
 import inspect
+import re
+from collections.abc import Mapping
 from typing import Any
+
+import torch
 
 from simmim.errors import UserError
 
@@ -47,3 +51,26 @@ def create_model(name: str, **overrides: Any) -> SwinTransformerV2:
     model = SwinTransformerV2(**{**VARIANTS[name], **overrides})
     model.pretrained_cfg["architecture"] = f"simmim_{name}"  # timm.create_model builds the same variant
     return model
+
+
+def variant_of(state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """The variant whose dimensions a bare encoder state dict (our keys) has, from its shapes (embed dim, blocks per
+    stage, heads per stage, extra norms); None when no variant matches (e.g. a custom depth)."""
+    stem = state_dict.get("patch_embed.proj.weight")
+    if stem is None:
+        return None
+    depths: dict[int, int] = {}
+    heads: dict[int, int] = {}
+    for key, value in state_dict.items():
+        if m := re.match(r"layers\.(\d+)\.blocks\.(\d+)\.", key):
+            stage, block = int(m[1]), int(m[2])
+            depths[stage] = max(depths.get(stage, 0), block + 1)
+            if key.endswith(".attn.logit_scale"):  # (heads, 1, 1): one temperature per head
+                heads[stage] = value.shape[0]
+    extra = any(".extra_norm." in k for k in state_dict)  # H/G's main-branch norms
+    found = (stem.shape[0], tuple(depths[i] for i in sorted(depths)), tuple(heads.get(i, 0) for i in sorted(depths)))
+    for name, spec in VARIANTS.items():
+        if (spec["embed_dim"], tuple(spec["depths"]), tuple(spec["num_heads"])) == found and \
+                bool(spec.get("extra_norm_period")) == extra:
+            return name
+    return None

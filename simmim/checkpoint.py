@@ -31,7 +31,6 @@ from typing import Any
 import torch
 
 from simmim.errors import UserError
-from simmim.models.convert import read_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -117,18 +116,6 @@ def save_checkpoint(state: dict, path: str | Path) -> Path:
     return write_atomic(path, lambda f: torch.save(state, f))
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint this package wrote onto the CPU with ``weights_only=True`` (pickled classes refused).
-
-    Raises ``FileNotFoundError`` if ``path`` is not a file and ``ValueError`` (naming the path) if it cannot be read:
-    truncated, corrupt, not a torch file, or holding something other than a dict of plain data.
-    """
-    state = read_checkpoint(path, stub_classes=False)
-    if not isinstance(state, dict):
-        raise UserError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")
-    return state
-
-
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -203,8 +190,9 @@ class CheckpointManager:
                 found.append((int(m.group(1)), p))
         return sorted(found)
 
-    def latest_valid(self, load: Callable[[Path], Any] = load_checkpoint) -> tuple[Path, Any] | None:
+    def latest_valid(self, load: Callable[[Path], Any]) -> tuple[Path, Any] | None:
         """The newest step checkpoint that ``load`` accepts, with what it returned; ``None`` if there is none.
+        Files are read by ``load`` (e.g. :func:`simmim.weights.read_run_checkpoint`), not here.
 
         A newest file that is truncated, corrupt or foreign (``load`` raises ``ValueError``) is skipped with a
         warning and the one before it is used.

@@ -118,17 +118,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
     """Our SimMIM/SwinV2 vs SimMIM on timm's SwinV2 side by side (step, inference, memory), the input pipeline vs
-    the official one, the folder index (simmim/benchmark.py); tables printed, optionally JSON."""
+    the official one, the folder index (simmim.benchmarks); tables printed, optionally JSON."""
     import json
 
     import torch
 
-    from simmim.benchmark import report, run
+    from simmim.benchmarks import BenchmarkSettings, report, run
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    sections = run(args)
-    text, doc = report(args, sections)
+    modes = ("inference",) if args.inference else ("train",) if args.train else ("train", "inference")
+    settings = BenchmarkSettings(
+        what=tuple(args.what), model=args.model, img_size=args.img_size, window_size=args.window_size,
+        batch_size=args.batch_size, memory_batch_sizes=tuple(args.memory_batch_sizes), modes=modes,
+        dtypes=tuple(args.dtype), rounds=args.rounds, iters=args.iters, compile=args.compile, threads=args.threads,
+        device=args.device, folder=args.folder, index_files=args.index_files, compare_list=args.compare_list)
+    text, doc = report(settings, run(settings))
     print(text)
     if args.json == "-":
         print(json.dumps(doc, indent=2, default=str))
@@ -159,6 +164,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"exported {args.checkpoint} as {args.format}:")
     for path in files:
         print(f"  {path}")
+    return 0
+
+
+def cmd_configs(args: argparse.Namespace) -> int:
+    """The bundled recipes by name (or path), or the path of one."""
+    from simmim.configs import CONFIG_DIR, resolve
+
+    if args.name:
+        path = resolve(args.name).resolve()
+        if args.path:
+            print(path)
+        else:
+            sys.stdout.write(path.read_text())
+        return 0
+    for path in sorted(CONFIG_DIR.glob("*/*.yaml")):
+        print(path if args.path else path.relative_to(CONFIG_DIR).with_suffix(""))
     return 0
 
 
@@ -273,13 +294,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("demo", help="the whole pipeline on images shipped in scikit-image/scikit-learn (CPU, minutes)")
-    p.add_argument("--output", default="runs/demo")
-    p.add_argument("--pretrain-steps", type=at_least(1), default=300)
-    p.add_argument("--finetune-epochs", type=at_least(1), default=4)
+    p.add_argument("--output", default="runs/demo", help="folder for the demo's runs (pretrain/, finetune/, "
+                   "export/); a previous demo output there is replaced, any other folder is refused")
+    p.add_argument("--pretrain-steps", type=at_least(1), default=300, help="SimMIM pretraining steps")
+    p.add_argument("--finetune-epochs", type=at_least(1), default=4, help="fine-tuning epochs on the digits")
     p.add_argument("--compare", action="store_true", help="also fine-tune from scratch with the same budget")
     p.add_argument("--quick", action="store_true", help="a much shorter run (40 pretraining steps, 1 epoch)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("configs", help="list the bundled recipes and where they are installed",
+                       description="The bundled YAML recipes (pretrain/, finetune/, demo/, accelerate/). Commands take "
+                       "them by name (demo/pretrain); accelerate needs a path: --config_file $(simmim configs --path "
+                       "accelerate/ddp).")
+    p.add_argument("name", nargs="?", help="one recipe, e.g. accelerate/ddp (default: list all)")
+    p.add_argument("--path", action="store_true", help="print file paths instead of names")
+    p.set_defaults(func=cmd_configs)
     return parser
 
 

@@ -77,6 +77,9 @@ class ModelConfig:
     # of step time); full (activation checkpointing). See models/recompute.py and docs/benchmarks.md
     recompute: Literal["none", "attention", "full"] = "none"
     sequential_attention: int | None = None  # windows per attention chunk (paper §3.6); None = all at once
+    # where float32 CPU Linear products run: auto (oneDNN, ~2x faster than MKL on the project's CPU, where it
+    # passes its check; F.linear elsewhere); aten (always F.linear). Same products up to summation order.
+    linear_backend: Literal["auto", "aten"] = "auto"
 
     limits: ClassVar[dict[str, Range]] = {
         "img_size": AT_LEAST_1, "window_size": AT_LEAST_1,

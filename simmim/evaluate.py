@@ -101,7 +101,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, sizes: Sequence[tuple
     if not getattr(model, "num_classes", 0):
         raise UserError(f"{checkpoint} holds an encoder without a classifier; use --knn/--linear-probe, or "
                          "fine-tune it first with simmim finetune")
-    source = open_labeled(data, split, classes=meta.get("classes"), channels=model.in_chans)
+    source = open_labeled(data, split, classes=meta.get("classes"), channels=model.in_chans, split_key="--split",
+                          against=f"checkpoint {checkpoint}")
     if sizes is None:
         sizes = [(model.img_size[0], model.window_size[0])]
     rows = []
@@ -117,11 +118,19 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, sizes: Sequence[tuple
     return rows
 
 
+def check_stage(stage: int, stages: int, model: str) -> None:
+    """Refuse a ``--stage`` the encoder does not have: 0..stages-1, or counted from the last (-1 = the last)."""
+    if not -stages <= stage < stages:
+        raise UserError(f"--stage {stage} is not a stage of {model}, which has {stages}: use 0..{stages - 1}, or -1 "
+                        "for the last")
+
+
 def probe_checkpoint(checkpoint: str | Path, data: str, stage: int = -1, k: int = 20, linear_probe: bool = True,
                      batch_size: int = 64, num_workers: int = 0, model_name: str | None = None,
                      build_size: tuple[int, int] | None = None) -> dict[str, float]:
     """k-NN (and linear-probe) top-1 of a checkpoint's frozen encoder on ``data`` (train split fits, val scores)."""
     model, meta = load_for_eval(checkpoint, model_name, *(build_size or (None, None)))
+    check_stage(stage, len(model.layers), meta.get("model") or model_name or "the encoder")
     monitor = FeatureMonitor(data, model.img_size[0], meta["mean"], meta["std"], stage=stage, k=k,
                              batch_size=batch_size, num_workers=num_workers)
     return monitor(model, linear_probe=linear_probe)

@@ -17,15 +17,14 @@ from torch import nn
 
 from simmim.config import FinetuneConfig, to_dict
 from simmim.data import make_loader
-from simmim.data.labeled import LabeledDataset, open_labeled
+from simmim.data.labeled import LabeledDataset, check_class_count, check_classes, open_labeled
 from simmim.data.transforms import eval_transform, finetune_transform
 from simmim.engine import Engine, LoopSettings, StepResult
 from simmim.errors import UserError
 from simmim.evaluate import evaluate
 from simmim.models import SwinTransformerV2, compile_model, create_model
 from simmim.models.convert import load_pretrained
-from simmim.optim import param_groups
-from simmim.plan import build_optimization, plan_training
+from simmim.optim import build_optimization, param_groups, plan_training
 from simmim.run_dir import open_run, start_run
 from simmim.weights import Weights, check_channels, geometry_metadata, read_weights, sha256, start_windows
 
@@ -53,6 +52,7 @@ def build_classifier(cfg: FinetuneConfig, num_classes: int) -> tuple[SwinTransfo
                  m.img_size)
     model.set_recompute("full" if m.grad_checkpointing else m.recompute)
     model.set_sequential_attention(m.sequential_attention)
+    model.set_linear_backend(m.linear_backend)
     return model, weights
 
 
@@ -138,15 +138,28 @@ def build_data(cfg: FinetuneConfig, seed: int) -> tuple[LabeledDataset, LabeledD
         raise UserError("no training data: pass --data PATH (an ImageNet-style folder with train/ and val/, a "
                          "datasets save_to_disk folder, hf:NAME or embedded:digits) or set data.path")
     channels = cfg.model.in_chans
-    train_src = open_labeled(d.path, d.train_split, d.image_column, d.label_column, channels=channels)
+    train_src = open_labeled(d.path, d.train_split, d.image_column, d.label_column, channels=channels,
+                             split_key="data.train_split")
     classes = list(train_src.classes)
-    val_src = open_labeled(d.path, d.val_split, d.image_column, d.label_column,
-                           classes=classes if hasattr(train_src, "samples") else None, channels=channels)
+    check_class_count(classes, f"the training data {d.path}")
+    val_src = open_labeled(d.path, d.val_split, d.image_column, d.label_column, classes=classes, channels=channels,
+                           split_key="data.val_split")
     size = cfg.model.img_size
     train_tf = finetune_transform(size, d.crop_scale, d.hflip, d.auto_augment, d.color_jitter, d.re_prob,
                                   interpolation=d.interpolation, mean=d.mean, std=d.std, channels=channels)
     val_tf = eval_transform(size, d.crop_pct, d.interpolation, d.mean, d.std, channels=channels)
     return LabeledDataset(train_src, train_tf, seed), LabeledDataset(val_src, val_tf, seed), classes
+
+
+def check_resume_classes(resume: Weights | None, classes: list[str], data: str) -> None:
+    """A resumed fine-tune must train on the classes its head was trained on, in the same order: otherwise the
+    head would be silently relabelled and the best top-1 compared across two tasks. Refuses naming the classes
+    that differ (the check ``eval`` makes)."""
+    trained = resume.meta.get("classes") if resume is not None else None
+    if trained is None:
+        return
+    check_classes(classes, list(trained), f"the data {data}", f"resume checkpoint {resume.path}",
+                  "resume on the data the run was trained on, or fine-tune into a new --output")
 
 
 def finetune_metadata(cfg: FinetuneConfig, model: SwinTransformerV2, classes: list[str],
@@ -174,6 +187,7 @@ def run(cfg: FinetuneConfig, overwrite: bool = False) -> dict:
                    model_name=cfg.model.name, data=d.path) as start:
         accelerator, out = start.accelerator, start.out
         train_ds, val_ds, classes = build_data(cfg, r.seed)
+        check_resume_classes(start.resume, classes, d.path)
         num_classes = cfg.model.num_classes or len(classes)
         model, weights = build_classifier(cfg, num_classes)
 

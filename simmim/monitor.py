@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from simmim.data.labeled import LabeledDataset, open_labeled
+from simmim.data.labeled import LabeledDataset, check_class_count, open_labeled
 from simmim.data.transforms import eval_transform
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,8 @@ def extract_features(encoder: nn.Module, loader: DataLoader, stage: int = -1) ->
     device = next(encoder.parameters()).device
     feats, labels = [], []
     for batch in loader:
-        maps = encoder.forward_stages(batch["image"].to(device))  # list of (B, C_i, h_i, w_i)
+        maps = encoder.forward_intermediates(batch["image"].to(device), norm=True,
+                                             intermediates_only=True)  # list of (B, C_i, h_i, w_i)
         feats.append(maps[stage].float().mean(dim=(2, 3)).cpu())
         labels.append(batch["label"].cpu())
     encoder.train(was_training)
@@ -70,7 +71,8 @@ class FeatureMonitor:
                  batch_size: int = 128, num_workers: int = 0) -> None:
         channels = len(mean)  # one normalisation value per input channel
         train = open_labeled(data, "train", channels=channels)
-        val = open_labeled(data, "val", classes=getattr(train, "classes", None), channels=channels)
+        check_class_count(list(train.classes), f"the probe data {data}")  # one class: k-NN top-1 is 100%
+        val = open_labeled(data, "val", classes=list(train.classes), channels=channels)
         tf = eval_transform(img_size, crop_pct=1.0, mean=mean, std=std, channels=channels)
         self.loaders = [DataLoader(LabeledDataset(src, tf), batch_size=batch_size, num_workers=num_workers)
                         for src in (train, val)]

@@ -29,8 +29,7 @@ from simmim.model import SimMIM, normalize_target
 from simmim.models import SwinTransformerV2, compile_model, create_model
 from simmim.models.convert import encoder_state, load_pretrained
 from simmim.monitor import FeatureMonitor
-from simmim.optim import param_groups
-from simmim.plan import build_optimization, plan_training
+from simmim.optim import build_optimization, param_groups, plan_training
 from simmim.run_dir import check_stream_layout, open_run, start_run
 from simmim.visualize import reconstruction_grid
 from simmim.weights import Weights, check_channels, geometry_metadata, read_weights, sha256, start_windows
@@ -47,6 +46,7 @@ def build_encoder(cfg: PretrainConfig, init: Weights | None = None) -> SwinTrans
                            pretrained_window_sizes=windows, drop_path_rate=m.drop_path_rate, in_chans=m.in_chans)
     encoder.set_recompute("full" if m.grad_checkpointing else m.recompute)
     encoder.set_sequential_attention(m.sequential_attention)
+    encoder.set_linear_backend(m.linear_backend)
     return encoder
 
 

@@ -73,7 +73,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 
-from simmim.checkpoint import CHECKPOINT_DIRNAME, CheckpointManager, load_checkpoint, pid_alive, write_atomic
+from simmim.checkpoint import CHECKPOINT_DIRNAME, CheckpointManager, pid_alive, write_atomic
 from simmim.data.file_index import RUN_MANIFEST as MANIFEST_NAME  # data scans skip folders holding it
 from simmim.errors import InputNotFoundError, RunStopped, UserError
 from simmim.weights import Weights, read_run_checkpoint
@@ -447,7 +447,7 @@ class RunDir:
 # choosing and checking the resume checkpoint
 
 
-def resolve_resume(resume: str | Path | None, output_dir: str | Path, load: Callable[[Path], Any] = load_checkpoint,
+def resolve_resume(resume: str | Path | None, output_dir: str | Path, load: Callable[[Path], Any],
                    prefix: str = "ckpt") -> tuple[Path, Any] | None:
     """Turn the ``--resume`` value into ``(checkpoint path, load(path))``, or ``None`` to start fresh.
 
@@ -652,11 +652,11 @@ def make_accelerator(output: Path, mixed_precision: str, accumulation_steps: int
     """An Accelerator logging to ``output/tensorboard`` that accumulates ``accumulation_steps`` micro-batches per
     optimizer step. On machines without a GPU it runs on the CPU, and under ``torchrun`` its processes join one
     gloo group (accelerate only does this when told it is on the CPU)."""
-    from accelerate.state import AcceleratorState
     from accelerate.utils import ProjectConfiguration
 
-    if AcceleratorState._shared_state:  # a second run in one process (tests, the demo) may change precision
-        AcceleratorState._reset_state(reset_partial_state=False)
+    from simmim.compat import reset_accelerator_state
+
+    reset_accelerator_state()  # a second run in one process (tests, the demo) may change precision
 
     has_accelerator = torch.cuda.is_available() or torch.backends.mps.is_available() or (
         hasattr(torch, "xpu") and torch.xpu.is_available())

@@ -1,7 +1,10 @@
-"""One way in for weights: every entry point that reads weights (fine-tuning, evaluation, export, resume and the
-``--init`` warm start) calls :func:`read_weights`, which turns any supported source into our state dict plus what
-is known about it (:class:`Weights`). Pure state-dict conversion lives in :mod:`simmim.models.convert` and
-:mod:`simmim.models.hf`; this module decides which conversion a file needs and what its metadata says.
+"""One way in for weights: every entry point that reads weights (fine-tuning, evaluation, export, resume, the
+``--init`` warm start, :func:`load_encoder` and the ``simmim_*`` models registered with timm) calls
+:func:`read_weights`, which turns any supported source into our state dict plus what is known about it
+(:class:`Weights`, with the :class:`Geometry` it was trained at). This module is the only one that opens weight
+files (:func:`read_checkpoint` decodes one file for it); everything else takes state dicts. Pure state-dict
+conversion lives in :mod:`simmim.models.convert` and :mod:`simmim.models.hf`; this module decides which conversion
+a file needs and what its metadata says.
 
 Sources, by what :attr:`Weights.source` calls them:
 
@@ -11,8 +14,10 @@ Sources, by what :attr:`Weights.source` calls them:
 * ``official``: an official Swin-Transformer classification or SimMIM checkpoint (``.pth``);
 * ``timm``: any other state dict in timm's (= our) layout.
 
-The windows the log-CPB MLP was trained at (:attr:`Weights.windows`) come from the run metadata, the card, the HF
-config, or the ``relative_coords_table`` buffers official files save; a bare timm file does not record them (None).
+The windows the log-CPB MLP was trained at (:attr:`Weights.windows`) come from the run metadata, the card, the
+safetensors header of an export, the HF config, or the ``relative_coords_table`` buffers official files save; a
+bare timm file does not record them (None). :attr:`Weights.geometry` adds the variant, image size and window where
+the file records them too (an official file through its saved buffers).
 """
 
 from __future__ import annotations
@@ -20,24 +25,28 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from simmim.errors import UserError
-from simmim.models import SwinTransformerV2, create_model
+from simmim.errors import InputNotFoundError, UserError
+from simmim.models import VARIANTS, SwinTransformerV2, create_model
 from simmim.models.convert import (
     check_compatible,
     convert_state_dict,
     detect_format,
     encoder_state,
-    read_checkpoint,
+    geometry_from_buffers,
+    load_pretrained,
     unwrap,
     windows_from_coords_tables,
 )
 from simmim.models.swin_transformer_v2 import stage_geometry, to_pair, trained_windows
+from simmim.models.variants import variant_of
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +60,28 @@ class WrongCheckpointError(UserError):
     """The file holds weights, but not ones this command can use (the message says which it needs)."""
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """The geometry weights were trained at: what rebuilds the model as trained (``variant`` None when the file does
+    not name it; :func:`~simmim.models.variants.variant_of` tells it from the shapes)."""
+
+    variant: str | None
+    img_size: Pair
+    window_size: Pair
+    trained_windows: list[Pair]  # per stage, the windows the log-CPB MLP was trained at (its normalisation)
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """``create_model`` keywords that rebuild the trained geometry (pretrained windows = trained windows, which
+        gives the same outputs as the trained model and keeps them when the size is changed later)."""
+        return dict(img_size=self.img_size, window_size=self.window_size,
+                    pretrained_window_sizes=list(self.trained_windows))
+
+    def describe(self) -> str:
+        size = self.img_size[0] if self.img_size[0] == self.img_size[1] else f"{self.img_size[0]}x{self.img_size[1]}"
+        window = self.window_size[0] if self.window_size[0] == self.window_size[1] else self.window_size
+        return f"{size} px, window {window}, position-bias windows {'/'.join(str(w[0]) for w in self.trained_windows)}"
+
+
 @dataclass
 class Weights:
     """What a weights file holds, in our layout.
@@ -59,7 +90,8 @@ class Weights:
     ``head.fc.*``, or a bare encoder; geometry buffers dropped. ``meta``: the run metadata or export card
     (``model``, ``img_size``, window sizes, ``mean``/``std``, ``classes``...), ``{}`` when the file says nothing.
     ``windows``: per-stage windows the log-CPB was trained at, None if unknown. ``checkpoint``: the whole run
-    checkpoint (optimizer, scheduler, step, ...) for ``source == "run"``.
+    checkpoint (optimizer, scheduler, step, ...) for ``source == "run"``. ``geometry``: the trained geometry where the
+    file records it (see :class:`Geometry`), else None.
     """
 
     path: Path
@@ -68,6 +100,7 @@ class Weights:
     meta: dict = field(default_factory=dict)
     windows: list[Pair] | None = None
     checkpoint: dict | None = None
+    geometry: Geometry | None = None
 
     @property
     def kind(self) -> str | None:
@@ -139,6 +172,85 @@ def run_checkpoint_problem(ckpt: Any, resume: bool = False) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# decoding one file: the one place where this package calls torch.load
+
+
+def _stub_class(qualified: str) -> type:
+    """A harmless dict subclass standing in for a pickled config class (e.g. the official yacs ``CfgNode``)."""
+    module, _, name = qualified.rpartition(".")
+    stub = type(name, (dict,), {"__setstate__": lambda self, state: None, "__module__": module})
+    stub.__qualname__ = name
+    return stub
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:  # truncated, foreign (a renamed pickle), empty
+        raise UserError(f"{path} is not a readable safetensors file (truncated, or another format renamed "
+                         f"to .safetensors?): {_first_line(err)}") from err
+
+
+def _safetensors_header(path: Path) -> dict[str, str]:
+    """The string metadata in a safetensors header (``simmim export`` writes the geometry there); {} if none."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
+
+
+def read_checkpoint(path: str | Path, stub_classes: bool = True) -> dict:
+    """Decode one ``.safetensors`` file or torch checkpoint with ``weights_only=True`` (no pickled code ever runs),
+    nothing converted: the raw contents under :func:`read_weights`, which library code reads weights through (use
+    this to look inside a file, e.g. a run checkpoint's ``step``).
+
+    Official checkpoints pickle their training config (a yacs ``CfgNode``); the classes such a file names are
+    replaced by empty dict stand-ins (listed in one pass with ``get_unsafe_globals_in_checkpoint``), so the tensors
+    load and the config is dropped. Zip-format files are memory-mapped: tensors are read from disk when used.
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file for anything unreadable:
+    truncated, corrupt, not a checkpoint, or pickling objects that cannot be stood in for (functions, blocked
+    modules such as ``os``), whose global names the message lists. ``stub_classes=False`` refuses every pickled
+    class too (the files this package writes hold plain data only).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputNotFoundError(f"checkpoint {path} does not exist (check the path)")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    zipped = zipfile.is_zipfile(path)
+    stubs: list[type] = []
+    if zipped and stub_classes:
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        except Exception as err:  # a damaged archive: torch.load below names the problem
+            log.debug("cannot list the globals of %s: %s", path, err)
+            names = []
+        stubs = [_stub_class(n) for n in names]
+        if names:
+            log.info("%s pickles %s: read as empty stand-ins, never executed", path, ", ".join(names))
+    try:
+        with torch.serialization.safe_globals(stubs):
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+    except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError, ... depending on the damage
+        refused = re.findall(r"GLOBAL ([\w.]+)", str(err))
+        if refused:
+            raise UserError(
+                f"{path} was not loaded: it pickles Python objects ({', '.join(dict.fromkeys(refused))}), not only "
+                "tensors and plain data, and simmim never executes pickled code; re-save the weights as a plain "
+                "state dict (torch.save(model.state_dict(), ...)) or as .safetensors") from None
+        raise UserError(f"{path} is not a readable checkpoint (truncated or corrupt?): {_first_line(err)}") from err
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # the reader
 
 
@@ -155,13 +267,13 @@ def _hf_directory(path: Path) -> Weights:
     except Exception as err:
         raise UserError(f"{path / 'model.safetensors'} is not a readable Swinv2 safetensors file: "
                          f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
-    geometry = stage_geometry(to_pair(config["image_size"]), config["patch_size"], len(config["depths"]),
-                              to_pair(config["window_size"]))
+    img, window = to_pair(config["image_size"]), to_pair(config["window_size"])
+    geometry = stage_geometry(img, config["patch_size"], len(config["depths"]), window)
     pretrained = [to_pair(p) for p in config["pretrained_window_sizes"]]
     windows = trained_windows(pretrained, [win for _, win in geometry])
     card = path / HF_CARD
     meta = _card_meta(json.loads(card.read_text())) if card.is_file() else {}
-    return Weights(path, "hf", sd, meta, windows)
+    return Weights(path, "hf", sd, meta, windows, geometry=Geometry(meta.get("model"), img, window, windows))
 
 
 def _card_meta(card: dict) -> dict:
@@ -174,11 +286,42 @@ def _card_meta(card: dict) -> dict:
     return meta
 
 
-def _classify(sd: dict[str, torch.Tensor]) -> tuple[Source, dict[str, torch.Tensor], list[Pair] | None]:
-    """A foreign state dict -> (source, our layout, windows recovered from saved buffers)."""
+def _header_meta(header: dict[str, str]) -> dict:
+    """Run-style metadata from the ``simmim.*`` entries of an export's safetensors header (used without its card);
+    {} when the header has none or names an unknown variant."""
+    try:
+        variant = header["simmim.variant"]
+        img, window = to_pair(json.loads(header["simmim.img_size"])), to_pair(json.loads(header["simmim.window_size"]))
+        pretrained = [to_pair(p) for p in json.loads(header["simmim.pretrained_window_sizes"])]
+        num_classes = int(header.get("simmim.num_classes", 0))
+    except (KeyError, ValueError, TypeError):
+        return {}
+    if variant not in VARIANTS:
+        return {}
+    spec = VARIANTS[variant]
+    effective = [win for _, win in stage_geometry(img, spec.get("patch_size", 4), len(spec["depths"]), window)]
+    return {"model": variant, "img_size": list(img), "window_size": list(window), "num_classes": num_classes,
+            "effective_window_sizes": [list(w) for w in effective],
+            "pretrained_window_sizes": [list(p) for p in pretrained]}
+
+
+def _meta_geometry(meta: dict) -> Geometry | None:
+    """The geometry recorded in run metadata or an export card, None if it is incomplete."""
+    if not all(k in meta for k in ("img_size", "window_size", "effective_window_sizes", "pretrained_window_sizes")):
+        return None
+    return Geometry(meta.get("model"), to_pair(meta["img_size"]), to_pair(meta["window_size"]), meta_windows(meta))
+
+
+def _classify(sd: dict[str, torch.Tensor]) -> tuple[Source, dict[str, torch.Tensor], list[Pair] | None,
+                                                      Geometry | None]:
+    """A foreign state dict -> (source, our layout, windows and geometry recovered from saved buffers)."""
     fmt = detect_format(sd)
-    windows = windows_from_coords_tables(sd) if fmt == "official" else None
-    return ("timm" if fmt == "ours" else fmt), convert_state_dict(sd, fmt), windows
+    windows = geometry = None
+    if fmt == "official":
+        windows = windows_from_coords_tables(sd)
+        if found := geometry_from_buffers(sd):
+            geometry = Geometry(None, *found)
+    return ("timm" if fmt == "ours" else fmt), convert_state_dict(sd, fmt), windows, geometry
 
 
 def read_weights(path: str | Path) -> Weights:
@@ -194,23 +337,28 @@ def read_weights(path: str | Path) -> Weights:
         raise UserError(f"{path} is a directory without config.json + model.safetensors; pass a checkpoint "
                                 "file (.pt/.pth/.safetensors) or a transformers Swinv2 directory")
     raw = read_checkpoint(path)
-    if path.suffix == ".safetensors":
-        card = path.with_name(path.name + ".json")  # simmim export writes x.safetensors.json beside it
+    card = path.with_name(path.name + ".json")  # simmim export writes x.safetensors.json (x.pth.json) beside it
+    if path.suffix == ".safetensors" or card.is_file() and run_checkpoint_problem(raw) is not None:
         meta = _card_meta(json.loads(card.read_text())) if card.is_file() else {}
-        source, sd, _ = _classify(raw)
-        windows = meta_windows(meta) if "effective_window_sizes" in meta else None
-        return Weights(path, "export" if source == "timm" else source, sd, meta, windows)
+        source, sd, windows, geometry = _classify(unwrap(raw))
+        if not meta and path.suffix == ".safetensors" and (meta := _header_meta(_safetensors_header(path))):
+            stem = encoder_state(sd).get("patch_embed.proj.weight")
+            meta["in_chans"] = stem.shape[1] if stem is not None else 3
+        geometry = _meta_geometry(meta) or geometry
+        windows = meta_windows(meta) if "effective_window_sizes" in meta else windows
+        return Weights(path, "export" if source == "timm" else source, sd, meta, windows, geometry=geometry)
     if run_checkpoint_problem(raw) is None:
         meta = raw["meta"]
-        return Weights(path, "run", dict(raw["model"]), meta, meta_windows(meta), checkpoint=raw)
+        return Weights(path, "run", dict(raw["model"]), meta, meta_windows(meta), checkpoint=raw,
+                       geometry=_meta_geometry(meta))
     if isinstance(raw, dict) and isinstance(raw.get("meta"), dict) and raw["meta"].get("kind") in KINDS:
         raise UserError(f"{path} is a damaged simmim checkpoint: {run_checkpoint_problem(raw)}")
     try:
         sd = unwrap(raw)
     except ValueError as err:
         raise UserError(f"{path} holds no SwinV2 weights: {err}") from None
-    source, sd, windows = _classify(sd)
-    return Weights(path, source, sd, {}, windows)
+    source, sd, windows, geometry = _classify(sd)
+    return Weights(path, source, sd, {}, windows, geometry=geometry)
 
 
 def read_run_checkpoint(path: str | Path, what: str = "this command", resume: bool = False) -> Weights:
@@ -267,4 +415,39 @@ def model_from_weights(weights: Weights) -> SwinTransformerV2:
         in_chans=meta.get("in_chans", 3), drop_path_rate=0.0)
     check_compatible(model, state, what=str(weights.path))
     model.load_state_dict(state)
+    return model.eval()
+
+
+def load_encoder(path: str | Path | Weights, img_size: int | tuple[int, int] | None = None,
+                 window_size: int | tuple[int, int] | None = None, drop_path_rate: float = 0.0
+                 ) -> SwinTransformerV2:
+    """The encoder in any weights file :func:`read_weights` knows (run checkpoint, export, HF directory, official
+    release, timm file), at the geometry it was trained at, or moved to ``img_size``/``window_size`` with its
+    log-CPB still normalised by the windows it was trained at (as fine-tuning does). Returns the bare encoder
+    (``num_classes=0``: pooled features (B, C); a classifier's head and SimMIM's mask token and decoder dropped) in
+    eval mode; ``drop_path_rate`` is for training it further (e.g. as a detection backbone).
+
+    A bare timm state dict records no geometry: pass the ``img_size`` and ``window_size`` it was trained at.
+    """
+    weights = path if isinstance(path, Weights) else read_weights(path)
+    state = weights.encoder()
+    geometry = weights.geometry
+    variant = (geometry.variant if geometry else None) or weights.meta.get("model") or variant_of(state)
+    if variant is None:
+        raise WrongCheckpointError(f"{weights.describe()} matches none of the variants {', '.join(VARIANTS)}; build "
+                                   "the model with simmim.models.create_model and load it with load_pretrained")
+    if geometry is None:
+        if img_size is None or window_size is None:
+            raise UserError(f"{weights.describe()} does not record the geometry it was trained at; pass it: "
+                            "load_encoder(path, img_size=..., window_size=...), e.g. 192 and 12 for the paper's "
+                            "pretraining")
+        geometry = Geometry(variant, to_pair(img_size), to_pair(window_size), [(0, 0)] * len(VARIANTS[variant]
+                                                                                               ["depths"]))
+        img_size = window_size = None  # built there: that is the geometry it was trained at, by the caller's word
+    stem = state.get("patch_embed.proj.weight")
+    model = create_model(variant, num_classes=0, in_chans=stem.shape[1] if stem is not None else 3,
+                         drop_path_rate=drop_path_rate, **geometry.model_kwargs())
+    load_pretrained(model, state, source="timm")
+    if img_size is not None or window_size is not None:
+        model.set_input_size(img_size=img_size, window_size=window_size)  # keeps the trained windows
     return model.eval()

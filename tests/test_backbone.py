@@ -207,11 +207,11 @@ def test_pre_norm_keeps_unit_norm_weights():
     assert torch.equal(model.blocks()[0].norm1.weight, torch.ones(16))
 
 
-def test_forward_stages_give_the_feature_pyramid():
+def test_forward_intermediates_give_the_feature_pyramid():
     model = perturb_(create_model("swinv2_pico", img_size=64, window_size=4, num_classes=0)).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        maps = model.forward_stages(x)
+        maps = model.forward_intermediates(x, norm=True, intermediates_only=True)
         final = model.forward_features(x)
     assert [tuple(m.shape) for m in maps] == [(2, 16, 16, 16), (2, 32, 8, 8), (2, 64, 4, 4), (2, 128, 2, 2)]
     torch.testing.assert_close(maps[-1], final.permute(0, 3, 1, 2))

@@ -1,11 +1,12 @@
 """simmim benchmark: the timm reference is the same SimMIM, memory is measured, sections and JSON come out."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from simmim.benchmark import TimmSimMIM, build_pair, make_batch, memory_section, peak_memory
+from simmim.benchmarks.model import TimmSimMIM, build_pair, make_batch, memory_section, peak_memory
 from simmim.cli import main
 
 
@@ -57,6 +58,12 @@ def test_cli_prints_tables_and_writes_json(tmp_path, capsys):
     assert f"{ours['vs_timm']:.2f}x" == rows[0][-1]
     doc = json.loads(out.read_text())
     assert doc["machine"]["torch"] == torch.__version__ and doc["sections"]["model"]["rows"][0]["images_per_sec"] > 0
+    assert table.startswith("swinv2_pico 64px W4")  # the model timed heads the report
+    # the CPU's vector extensions decide which kernels run: every report records them (from /proc/cpuinfo here)
+    flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split()
+    assert doc["machine"]["cpu_flags"] == [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni",
+                                                       "amx_bf16", "amx_tile") if f in flags]
+    assert doc["settings"]["model"] == "swinv2_pico" and doc["machine"]["cpus_usable"] >= 1
 
 
 def test_cli_errors_name_the_problem(capsys):
@@ -78,6 +85,7 @@ def test_pipeline_and_index_sections_through_the_cli(tmp_path, capsys):
                  "--index-files", "300", "--compare-list", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "[pipeline]" in printed and "[index]" in printed
+    assert "swinv2" not in printed.split("[pipeline]")[0]  # no model was timed: the header names none
     sections = json.loads(out.read_text())["sections"]
     row = sections["pipeline"]["rows"][0]
     assert row["images"] == 3 and row["ratio"] == pytest.approx(row["ours_ips"] / row["official_ips"])

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 from test_pretrain import TINY
 
-from simmim.checkpoint import load_checkpoint
 from simmim.cli import main
+from simmim.weights import read_checkpoint
 
 GRAY = ["model.in_chans=1", "data.mean=[0.5]", "data.std=[0.5]"]
 GRAY_FT = ["model.img_size=32", "model.window_size=4", "data.batch_size=24", "schedule.max_steps=6",
@@ -23,7 +23,7 @@ def test_grayscale_pretrain_finetune_eval_export(tmp_path, capsys):
     assert main(["pretrain", "demo/pretrain", *TINY, *GRAY, "--data", "embedded:digits", "--output", str(pre),
                  "schedule.max_steps=6", "run.image_every=3"]) == 0
     ckpt = sorted((pre / "checkpoints").glob("ckpt-*.pt"))[-1]
-    state = load_checkpoint(ckpt)
+    state = read_checkpoint(ckpt)
     assert state["model"]["encoder.patch_embed.proj.weight"].shape[1] == 1
     assert state["model"]["decoder.0.weight"].shape[0] == 32 * 32 * 1  # the decoder predicts one channel
     assert state["meta"]["in_chans"] == 1 and state["meta"]["mean"] == [0.5]
@@ -33,7 +33,7 @@ def test_grayscale_pretrain_finetune_eval_export(tmp_path, capsys):
     ft = tmp_path / "ft"
     assert main(["finetune", "demo/finetune", *GRAY_FT, "--pretrained", str(ckpt), "--output", str(ft)]) == 0
     best = ft / "checkpoints" / "best.pt"
-    assert load_checkpoint(best)["meta"]["in_chans"] == 1
+    assert read_checkpoint(best)["meta"]["in_chans"] == 1
     capsys.readouterr()
     assert main(["eval", str(best), "--data", "embedded:digits"]) == 0
     assert "top-1" in capsys.readouterr().out
@@ -57,7 +57,7 @@ def test_multiband_npy_folder_pretrains(tmp_path):
     assert main(["pretrain", "demo/pretrain", *TINY, "model.in_chans=4", "data.mean=[0.5,0.5,0.5,0.5]",
                  "data.std=[0.29,0.29,0.29,0.29]", "--data", str(data), "--output", str(out),
                  "schedule.max_steps=3", "data.batch_size=4", "run.image_every=3"]) == 0
-    state = load_checkpoint(out / "checkpoints" / "ckpt-00000003.pt")
+    state = read_checkpoint(out / "checkpoints" / "ckpt-00000003.pt")
     assert state["model"]["encoder.patch_embed.proj.weight"].shape[1] == 4
     assert state["model"]["decoder.0.weight"].shape[0] == 32 * 32 * 4
     assert list((out / "images").glob("*.png"))  # the first three bands are shown

@@ -9,10 +9,10 @@ from timm.scheduler import CosineLRScheduler
 
 from simmim.checkpoint import (
     CheckpointManager,
-    load_checkpoint,
     save_checkpoint,
 )
 from simmim.run_dir import resolve_resume
+from simmim.weights import read_checkpoint
 
 
 def assert_same(a, b, where="state"):
@@ -41,7 +41,7 @@ def test_save_load_roundtrip_leaves_no_temp_files(tmp_path):
     out = save_checkpoint(state, tmp_path / "sub" / "model.pt")
     assert out == tmp_path / "sub" / "model.pt"
     assert files(tmp_path / "sub") == ["model.pt"]
-    assert_same(load_checkpoint(out), state)
+    assert_same(read_checkpoint(out), state)
     assert_same(torch.load(out, weights_only=True), state)
 
 
@@ -59,7 +59,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.undo()
 
     assert files(tmp_path) == ["ckpt.pt"]  # temp file removed
-    state = load_checkpoint(path)
+    state = read_checkpoint(path)
     assert state["step"] == 1 and torch.equal(state["w"], torch.ones(2))
 
 
@@ -73,7 +73,7 @@ def test_rotation_keeps_exactly_keep_last(tmp_path):
         assert path.name == f"ckpt-{step:08d}.pt"
     assert [s for s, _ in mgr.list()] == [30, 40]
     assert files(tmp_path) == ["best.pt", "ckpt-00000030.pt", "ckpt-00000040.pt", "ckpt-final.pt", "notes.txt"]
-    assert load_checkpoint(tmp_path / "best.pt") == {"best": True}
+    assert read_checkpoint(tmp_path / "best.pt") == {"best": True}
 
 
 def test_save_never_deletes_the_file_just_written(tmp_path):
@@ -89,7 +89,7 @@ def test_save_cleans_leftover_temp_files_and_list_ignores_them(tmp_path):
     stale = tmp_path / ".ckpt-00000001.pt.tmp-99999"
     stale.write_bytes(b"crashed mid-write")
     assert mgr.list() == []
-    assert mgr.latest_valid() is None
+    assert mgr.latest_valid(read_checkpoint) is None
     mgr.save({"step": 2}, 2)
     assert not stale.exists()
     assert files(tmp_path) == ["ckpt-00000002.pt"]
@@ -102,14 +102,14 @@ def test_latest_valid_skips_corrupt_newest(tmp_path, caplog):
     newest = mgr.path_for(3)
     newest.write_bytes(newest.read_bytes()[:100])  # a partially copied file
     with caplog.at_level(logging.WARNING, logger="simmim.checkpoint"):
-        path, state = mgr.latest_valid()
+        path, state = mgr.latest_valid(read_checkpoint)
     assert path == mgr.path_for(2) and state["step"] == 2
     assert "step 3" in caplog.text and str(newest) in caplog.text
 
 
 def test_latest_valid_none_when_all_corrupt(tmp_path):
     (tmp_path / "ckpt-00000001.pt").write_bytes(b"garbage")
-    assert CheckpointManager(tmp_path).latest_valid() is None
+    assert CheckpointManager(tmp_path).latest_valid(read_checkpoint) is None
 
 
 class Foo:
@@ -173,43 +173,43 @@ def test_realistic_training_state_loads_with_weights_only(tmp_path):
     torch.amp.GradScaler("cpu").load_state_dict(loaded["scaler"])
 
 
-def test_load_checkpoint_errors_name_the_path(tmp_path):
+def test_read_checkpoint_errors_name_the_path(tmp_path):
     missing = tmp_path / "nope.pt"
     with pytest.raises(FileNotFoundError, match=str(missing)):
-        load_checkpoint(missing)
+        read_checkpoint(missing)
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"this is not a torch file")
     with pytest.raises(ValueError, match=str(bad)):
-        load_checkpoint(bad)
+        read_checkpoint(bad)
     empty = tmp_path / "empty.pt"
     empty.write_bytes(b"")
     with pytest.raises(ValueError, match=str(empty)):
-        load_checkpoint(empty)
+        read_checkpoint(empty)
 
 
 def test_resolve_resume(tmp_path, caplog):
-    assert resolve_resume(None, tmp_path) is None
-    assert resolve_resume("", tmp_path) is None
+    assert resolve_resume(None, tmp_path, load=read_checkpoint) is None
+    assert resolve_resume("", tmp_path, load=read_checkpoint) is None
     with caplog.at_level(logging.INFO, logger="simmim.run_dir"):
-        assert resolve_resume("auto", tmp_path) is None
+        assert resolve_resume("auto", tmp_path, load=read_checkpoint) is None
     assert "starts fresh" in caplog.text
 
     mgr = CheckpointManager(tmp_path / "checkpoints")
     mgr.save({"step": 1}, 1)
     newest = mgr.save({"step": 2}, 2)
-    assert resolve_resume("auto", tmp_path) == (newest, {"step": 2})
-    assert resolve_resume(str(newest), tmp_path / "elsewhere") == (newest, {"step": 2})
+    assert resolve_resume("auto", tmp_path, load=read_checkpoint) == (newest, {"step": 2})
+    assert resolve_resume(str(newest), tmp_path / "elsewhere", load=read_checkpoint) == (newest, {"step": 2})
 
     missing = tmp_path / "missing.pt"
     with pytest.raises(FileNotFoundError, match="--resume auto") as err:
-        resolve_resume(str(missing), tmp_path)
+        resolve_resume(str(missing), tmp_path, load=read_checkpoint)
     assert str(missing) in str(err.value)
 
 
 def test_resolve_resume_auto_falls_back_past_a_foreign_newest_checkpoint(tmp_path, caplog):
     """A loadable but foreign newest file (issue 8 item 7) is skipped with a warning naming why."""
     def load(path):
-        state = load_checkpoint(path)
+        state = read_checkpoint(path)
         if "model" not in state:
             raise ValueError(f"{path} is not a run checkpoint")
         return state
@@ -247,8 +247,8 @@ def test_stale_temp_files_of_a_live_writer_are_kept(tmp_path):
     assert live.exists() and not dead.exists()
 
 
-def test_load_checkpoint_refuses_pickled_objects(tmp_path):
+def test_read_checkpoint_refuses_pickled_objects(tmp_path):
     path = tmp_path / "unsafe.pt"
     torch.save({"obj": Foo()}, path)  # written around save_checkpoint, e.g. by an old script
     with pytest.raises(ValueError, match=str(path)):
-        load_checkpoint(path)
+        read_checkpoint(path, stub_classes=False)

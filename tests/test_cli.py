@@ -58,3 +58,11 @@ def test_bad_numbers_on_the_command_line_are_one_line_errors(argv, message, caps
         code = exit_.code
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_import_and_version_do_not_load_torch():
+    """``import simmim`` and ``simmim --version`` stay fast: the public names load torch on first use only."""
+    code = ("import sys, simmim; from simmim.cli import build_parser; build_parser(); "
+            "assert not {'torch', 'timm'} & set(sys.modules); "
+            "from simmim import SimMIM; assert 'torch' in sys.modules and SimMIM.__name__ == 'SimMIM'")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -7,7 +7,8 @@ from safetensors.torch import save_file
 from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmSwinV2
 
 from simmim.models import convert_state_dict, create_model, detect_format, load_pretrained, to_official
-from simmim.models.convert import CheckpointMismatchError, read_checkpoint
+from simmim.models.convert import CheckpointMismatchError
+from simmim.weights import read_checkpoint, read_weights
 
 
 class OfficialConfig:
@@ -45,7 +46,7 @@ def test_official_classification_checkpoint_round_trip(tmp_path):
     path = tmp_path / "official.pth"
     torch.save({"model": official_from_timm(ref), "epoch": 99, "config": OfficialConfig()}, path)
     ours = create_model("swinv2_pico", img_size=64, window_size=4, num_classes=7).eval()
-    load_pretrained(ours, path)
+    load_pretrained(ours, read_weights(path))
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=1e-5)
@@ -66,7 +67,7 @@ def test_official_simmim_checkpoint_converts_and_loads_into_an_encoder(tmp_path)
     assert not any(k.endswith("relative_position_index") or ".rpe_mlp." in k for k in converted)
 
     encoder = create_model("swinv2_pico", img_size=64, window_size=4, num_classes=0).eval()
-    load_pretrained(encoder, path)  # decoder and mask token are not part of a bare encoder
+    load_pretrained(encoder, read_weights(path))  # decoder and mask token are not part of a bare encoder
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(encoder(x), ref(x), atol=1e-5, rtol=1e-5)
@@ -76,7 +77,7 @@ def test_timm_safetensors_file_loads(tmp_path):
     ref = timm_reference()
     save_file(ref.state_dict(), tmp_path / "timm.safetensors")
     ours = create_model("swinv2_pico", img_size=64, window_size=4, num_classes=7).eval()
-    load_pretrained(ours, tmp_path / "timm.safetensors")
+    load_pretrained(ours, read_weights(tmp_path / "timm.safetensors"))
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=1e-5)

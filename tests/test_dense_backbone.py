@@ -70,7 +70,6 @@ def test_forward_intermediates_follows_timm_semantics():
         torch.testing.assert_close(early.permute(0, 3, 1, 2), maps[1])  # stopped after stage 1, unnormed
         nhwc = model.forward_intermediates(x, indices=[1], output_fmt="NHWC", intermediates_only=True)
         torch.testing.assert_close(nhwc[0], maps[1].permute(0, 2, 3, 1))
-        torch.testing.assert_close(model.forward_stages(x), [*maps[:3], final.permute(0, 3, 1, 2)])  # alias
     with pytest.raises(ValueError, match="output_fmt"):
         model.forward_intermediates(x, output_fmt="NLC")
 

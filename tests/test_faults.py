@@ -16,8 +16,8 @@ from conftest import CPU_ENV, torchrun
 from safetensors.torch import load_file
 from test_pretrain import TINY, assert_same_weights, final_weights
 
-from simmim.checkpoint import load_checkpoint
 from simmim.cli import main
+from simmim.weights import read_checkpoint
 
 DRIVER = str(Path(__file__).with_name("fault_driver.py"))
 PRETRAIN = ["pretrain", "demo/pretrain", *TINY, "run.save_every=4"]
@@ -65,7 +65,7 @@ def test_a_fresh_run_into_another_runs_directory_is_refused_and_changes_nothing(
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["ckpt-00000004.pt", "ckpt-00000006.pt"]
     assert "max_steps: 6" in (out / "config.yaml").read_text()
     assert main([*PRETRAIN, "--output", str(out), "schedule.max_steps=6", "--resume", "auto"]) == 0  # done already
-    assert load_checkpoint(out / "checkpoints" / "ckpt-00000006.pt")["step"] == 6
+    assert read_checkpoint(out / "checkpoints" / "ckpt-00000006.pt")["step"] == 6
 
 
 def test_a_rejected_resume_writes_nothing(tmp_path, capsys):
@@ -99,7 +99,7 @@ def test_a_second_job_on_a_running_directory_is_refused_and_a_stale_lock_is_take
         assert main([*args, "--resume", "auto"]) == 0
     assert f"stale lock of pid {first.pid}" in caplog.text
     assert not (out / ".lock").exists()  # released at the end
-    assert load_checkpoint(out / "checkpoints" / "ckpt-00000012.pt")["step"] == 12
+    assert read_checkpoint(out / "checkpoints" / "ckpt-00000012.pt")["step"] == 12
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -119,7 +119,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one_and_resumes_ex
     ckpts = killed / "checkpoints"
     assert sorted(p.name for p in ckpts.glob("ckpt-*.pt")) == ["ckpt-00000004.pt"]  # 8 was never renamed in
     assert list(ckpts.glob(".ckpt-00000008.pt.tmp-*"))  # the half-written temp file
-    assert load_checkpoint(ckpts / "ckpt-00000004.pt")["step"] == 4
+    assert read_checkpoint(ckpts / "ckpt-00000004.pt")["step"] == 4
     assert main([*args, "--output", str(killed), "--resume", "auto"]) == 0
     assert not list(ckpts.glob(".*.tmp-*"))  # the dead writer's temp file is cleaned up
     assert_same_weights(final_weights(killed), final_weights(tmp_path / "straight"))
@@ -142,7 +142,7 @@ def test_a_full_disk_stops_with_one_line_and_keeps_the_previous_checkpoint(tmp_p
     line = one_line_error(capsys)
     assert "No space left on device" in line and "ckpt-00000004.pt is intact" in line and "--resume auto" in line
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["ckpt-00000004.pt"]  # no temp file left
-    assert load_checkpoint(out / "checkpoints" / "ckpt-00000004.pt")["step"] == 4
+    assert read_checkpoint(out / "checkpoints" / "ckpt-00000004.pt")["step"] == 4
     monkeypatch.undo()
     assert main([*PRETRAIN, "--output", str(out), "schedule.max_steps=12", "--resume", "auto"]) == 0
 
@@ -156,11 +156,11 @@ def test_a_killed_rank_ends_the_distributed_run_and_resume_continues(tmp_path):
     elapsed = time.monotonic() - t0
     assert proc.returncode != 0 and "KILLING RANK 1" in proc.stdout, proc.stderr[-2000:]
     assert elapsed < 200  # the surviving rank did not hang on its next collective
-    assert load_checkpoint(out / "checkpoints" / "ckpt-00000004.pt")["step"] == 4
+    assert read_checkpoint(out / "checkpoints" / "ckpt-00000004.pt")["step"] == 4
     resumed = subprocess.run(torchrun(2, "-m", "simmim", *args, "--resume", "auto"), env=CPU_ENV,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert load_checkpoint(out / "checkpoints" / "ckpt-00000012.pt")["step"] == 12
+    assert read_checkpoint(out / "checkpoints" / "ckpt-00000012.pt")["step"] == 12
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -174,7 +174,7 @@ def test_a_foreign_newest_checkpoint_is_skipped_by_resume_auto(tmp_path, caplog)
     with caplog.at_level("WARNING", logger="simmim"):
         assert main([*PRETRAIN, "--output", str(out), "schedule.max_steps=6", "--resume", "auto"]) == 0
     assert "skipping checkpoint of step 8" in caplog.text
-    assert load_checkpoint(out / "checkpoints" / "ckpt-00000006.pt")["step"] == 6
+    assert read_checkpoint(out / "checkpoints" / "ckpt-00000006.pt")["step"] == 6
 
 
 @pytest.mark.parametrize("content", [b"", b"garbage", "foreign"])
@@ -249,5 +249,5 @@ def test_resume_auto_starts_fresh_where_a_run_stopped_before_its_first_checkpoin
     Manifest(out).add([out / "config.yaml", out / "checkpoints" / "ckpt-00000003.pt.diverged"],
                       [out / "checkpoints"])  # and its list of them
     assert main([*PRETRAIN, "--output", str(out), "schedule.max_steps=4", "--resume", "auto"]) == 0
-    assert load_checkpoint(out / "checkpoints" / "ckpt-00000004.pt")["step"] == 4
+    assert read_checkpoint(out / "checkpoints" / "ckpt-00000004.pt")["step"] == 4
     assert (out / "checkpoints" / "ckpt-00000003.pt.diverged").read_bytes() == b"set aside"

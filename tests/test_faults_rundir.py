@@ -12,10 +12,10 @@ import numpy as np
 from PIL import Image
 from test_faults import PRETRAIN, one_line_error, snapshot
 
-from simmim.checkpoint import load_checkpoint
 from simmim.cli import main
 from simmim.configs import resolve
 from simmim.run_dir import MANIFEST_NAME
+from simmim.weights import read_checkpoint
 
 
 def user_images(folder: Path, n: int = 40) -> Path:
@@ -131,7 +131,7 @@ def test_a_run_of_the_previous_version_resumes_is_adopted_and_is_never_overwritt
         line = refused([*PRETRAIN, "--output", str(out), "schedule.max_steps=6", *extra], out, capsys)
         assert "earlier simmim version" in line and "--resume auto" in line
     assert main([*PRETRAIN, "--output", str(out), "schedule.max_steps=6", "--resume", "auto"]) == 0
-    assert load_checkpoint(out / "checkpoints" / "ckpt-00000006.pt")["step"] == 6
+    assert read_checkpoint(out / "checkpoints" / "ckpt-00000006.pt")["step"] == 6
     listed = set(manifest(out))
     assert {"config.yaml", "train.log", "checkpoints/ckpt-00000004.pt", "checkpoints/ckpt-00000006.pt"} <= listed
     assert main([*PRETRAIN, "--output", str(out), "schedule.max_steps=2", "--overwrite"]) == 0  # adopted: ours now
@@ -159,7 +159,7 @@ def test_a_resume_whose_optimizer_state_does_not_fit_is_refused_before_anything_
     out = tmp_path / "run"
     assert main([*PRETRAIN, "--output", str(out), "schedule.max_steps=4"]) == 0
     path = out / "checkpoints" / "ckpt-00000004.pt"
-    ckpt = load_checkpoint(path)
+    ckpt = read_checkpoint(path)
     groups = ckpt["optimizer"]["param_groups"]
     ckpt["optimizer"]["param_groups"] = [{**groups[0], "params": groups[0]["params"][:1]}]  # another grouping
     save_checkpoint(ckpt, path)  # a new file: the loaded one is memory-mapped

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from simmim.benchmarks.pipeline import format_index_results, run_index_benchmark, scan_paths_list
 from simmim.data import ImageFolderSource
 from simmim.data.file_index import FileIndex, walk_sorted
 from simmim.data.images import is_image_file
 from simmim.data.labeled import ClassFolderSource
-from simmim.pipeline_benchmark import format_index_results, run_index_benchmark, scan_paths_list
 
 TRICKY = ["a.jpg", "a-b.jpg", "a/x.jpg", "a/b/y.png", "ab/y.jpg", "a b/z.jpg", "B.PNG", "b.png", "é.png",
           "z/0/1/2/deep.webp", "x.txt", ".hidden.jpg", ".cache/c.jpg", "m/.h/d.jpg", "n/data.npy"]

@@ -11,7 +11,7 @@ from conftest import CPU_ENV, PICO, perturb_, torchrun
 from PIL import Image
 from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmSwinV2
 
-from simmim.checkpoint import load_checkpoint, save_checkpoint
+from simmim.checkpoint import save_checkpoint
 from simmim.cli import main
 from simmim.config import FinetuneConfig, PretrainConfig, load_config
 from simmim.configs import resolve
@@ -20,7 +20,7 @@ from simmim.finetune import build_classifier
 from simmim.models import create_model, to_official
 from simmim.models.convert import CheckpointMismatchError, windows_from_coords_tables
 from simmim.pretrain import checkpoint_metadata
-from simmim.weights import read_weights
+from simmim.weights import read_checkpoint, read_weights
 
 QUICK = ["run.progress=false", "run.log_every=5", "data.batch_size=16", "schedule.warmup_epochs=0.1"]
 
@@ -117,7 +117,7 @@ def test_imagenet_folder_layout_fine_tunes_and_evaluates(tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "val top-1" in printed
-    ckpt = load_checkpoint(out / "checkpoints" / "ckpt-00000006.pt")
+    ckpt = read_checkpoint(out / "checkpoints" / "ckpt-00000006.pt")
     assert ckpt["meta"]["kind"] == "simmim-finetune" and ckpt["meta"]["classes"] == classes
     assert "ema" in ckpt["extra"] and ckpt["extra"]["ema"].keys() == ckpt["model"].keys()
     assert (out / "checkpoints" / "best.pt").is_file()

@@ -7,10 +7,9 @@ import torch
 from conftest import PICO, perturb_
 from test_pretrain import TINY
 
-from simmim.checkpoint import load_checkpoint
 from simmim.cli import main
 from simmim.models import create_model, to_official
-from simmim.weights import sha256
+from simmim.weights import read_checkpoint, sha256
 
 # a negligible lr (the config refuses 0): the weights a warm-started run ends with are the ones it started from,
 # to far below the tolerance below, while any weight not loaded differs by O(0.02)
@@ -20,7 +19,7 @@ SAME = dict(rtol=0, atol=1e-7)
 
 
 def last(out: Path) -> dict:
-    return load_checkpoint(sorted((out / "checkpoints").glob("ckpt-*.pt"))[-1])
+    return read_checkpoint(sorted((out / "checkpoints").glob("ckpt-*.pt"))[-1])
 
 
 def source_run(tmp_path: Path) -> Path:
@@ -31,7 +30,7 @@ def source_run(tmp_path: Path) -> Path:
 
 def test_init_from_our_checkpoint_at_a_new_size_loads_encoder_decoder_and_records_the_source(tmp_path):
     ckpt = source_run(tmp_path)  # 32 px / W4: effective windows 4/4/4/2... at 32 px: 4/4/2/1
-    source = load_checkpoint(ckpt)
+    source = read_checkpoint(ckpt)
     out = tmp_path / "warm"
     assert main(["pretrain", "demo/pretrain", *TINY, *FROZEN, "model.img_size=64", "data.mask_patch_size=16",
                  "--init", str(ckpt), "--output", str(out)]) == 0

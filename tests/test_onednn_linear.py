@@ -50,14 +50,50 @@ def test_falls_back_to_f_linear_where_it_does_not_apply(monkeypatch):
     assert torch.equal(linear(x, w, b), F.linear(x, w, b))  # small products: the op's dispatch costs more
 
 
-def test_model_backend_switch():
+def onednn_calls(fn) -> int:
+    """How many times ``fn()`` ran the oneDNN op (the profiler sees each call of the custom op)."""
+    with torch.profiler.profile() as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if "onednn_matmul_nt" in e.key)
+
+
+def test_model_backend_switch(monkeypatch):
+    monkeypatch.setattr(onednn_linear, "MIN_WORK", 0)  # pico's products are below the size the op pays off at
     model = create_model("swinv2_pico", img_size=64, window_size=4, num_classes=0).eval()
     x = torch.randn(2, 3, 64, 64)
+    linears = sum(isinstance(m, Linear) for m in model.modules())
     with torch.no_grad():
+        assert onednn_calls(lambda: model(x)) == linears  # every block Linear and patch merging, once each
         fast = model(x)
         model.set_linear_backend("aten")
+        assert onednn_calls(lambda: model(x)) == 0
         plain = model(x)
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
     assert all(m.backend == "aten" for m in model.modules() if isinstance(m, Linear))
-    with pytest.raises(ValueError, match="'auto' or 'aten'"):
+    with pytest.raises(ValueError, match="'auto' or 'aten'.*model.linear_backend"):
         model.set_linear_backend("mkl")
+
+
+def test_linear_backend_is_a_config_key(monkeypatch):
+    """``model.linear_backend`` (a dotted override on the command line) reaches every Linear of the run's model."""
+    from simmim.config import ConfigError, FinetuneConfig, PretrainConfig, load_config
+    from simmim.configs import CONFIG_DIR
+    from simmim.finetune import build_classifier
+    from simmim.pretrain import build_encoder
+
+    monkeypatch.setattr(onednn_linear, "MIN_WORK", 0)
+    pretrain = CONFIG_DIR / "demo" / "pretrain.yaml"
+    assert load_config(PretrainConfig, pretrain).model.linear_backend == "auto"
+    for backend in ("aten", "auto"):
+        cfg = load_config(PretrainConfig, pretrain, [f"model.linear_backend={backend}"])
+        encoder = build_encoder(cfg).eval()
+        assert {m.backend for m in encoder.modules() if isinstance(m, Linear)} == {backend}
+        x = torch.randn(1, 3, cfg.model.img_size, cfg.model.img_size)
+        with torch.no_grad():
+            calls = onednn_calls(lambda enc=encoder, x=x: enc(x))
+        assert (calls > 0) == (backend == "auto")
+    cfg = load_config(FinetuneConfig, CONFIG_DIR / "demo" / "finetune.yaml", ["model.linear_backend=aten"])
+    model, _ = build_classifier(cfg, num_classes=3)
+    assert {m.backend for m in model.modules() if isinstance(m, Linear)} == {"aten"}
+    with pytest.raises(ConfigError, match="model.linear_backend"):
+        load_config(PretrainConfig, pretrain, ["model.linear_backend=mkl"])

@@ -205,7 +205,7 @@ def test_cosine_reaches_min_lr_at_the_end():
 
 def test_multistep_multiplies_by_gamma_per_milestone_in_absolute_steps():
     # timm 1.0's MultiStepLRScheduler counts milestones from the end of warmup by default (warmup_prefix=True):
-    # with 10 warmup steps, (30, 60) would act at steps 39 and 69. plan.py passes absolute steps
+    # with 10 warmup steps, (30, 60) would act at steps 39 and 69. build_optimization passes absolute steps
     # (round(m * per_epoch)) and the official recipe means epoch 700 of 800, not 700 + warmup.
     opt = single_group_optimizer(1.0)
     sched = build_scheduler(opt, "multistep", total_steps=100, warmup_steps=10, warmup_lr=0.0, min_lr=0.0,

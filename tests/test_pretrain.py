@@ -16,12 +16,12 @@ import torch
 from conftest import CPU_ENV, torchrun
 from PIL import Image
 
-from simmim.checkpoint import load_checkpoint
 from simmim.cli import main
 from simmim.config import PretrainConfig, load_config
 from simmim.configs import resolve
 from simmim.engine import NonFiniteLossError
 from simmim.pretrain import run
+from simmim.weights import read_checkpoint
 
 # pico at 32 px: token grid 8x8, windows 4/4/4/2... clamped to 4, 4, 2, 1; masks on a 4x4 grid of 8 px cells
 TINY = ["model.img_size=32", "data.mask_patch_size=8", "simmim.norm_target=true", "simmim.norm_target_window=7",
@@ -36,7 +36,7 @@ def tiny_cfg(tmp_path: Path, *overrides: str) -> PretrainConfig:
 
 def final_weights(out: Path) -> dict:
     ckpts = sorted((out / "checkpoints").glob("ckpt-*.pt"))
-    return load_checkpoint(ckpts[-1])["model"]
+    return read_checkpoint(ckpts[-1])["model"]
 
 
 def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
@@ -69,7 +69,7 @@ def test_pretraining_lowers_the_loss_and_fills_the_run_dir(tmp_path):
     acc = EventAccumulator(str(events[0].parent)).Reload()
     assert {"train/loss", "train/lr", "train/grad_norm", "train/images_per_sec"} <= set(acc.Tags()["scalars"])
     assert "reconstruction" in acc.Tags()["images"]
-    ckpt = load_checkpoint(out / "checkpoints" / "ckpt-00000060.pt")
+    ckpt = read_checkpoint(out / "checkpoints" / "ckpt-00000060.pt")
     assert ckpt["meta"]["effective_window_sizes"] == [[4, 4], [4, 4], [4, 4], [2, 2]]
     assert {"encoder.mask_token", "decoder.0.weight"} <= ckpt["model"].keys()
 
@@ -115,8 +115,8 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
 
     assert main([*args, f"run.output={killed}", "--resume", "auto"]) == 0
     assert_same_weights(final_weights(killed), final_weights(tmp_path / "straight"))
-    straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / "ckpt-00000024.pt")
-    resumed = load_checkpoint(killed / "checkpoints" / "ckpt-00000024.pt")
+    straight = read_checkpoint(tmp_path / "straight" / "checkpoints" / "ckpt-00000024.pt")
+    resumed = read_checkpoint(killed / "checkpoints" / "ckpt-00000024.pt")
     assert resumed["train_state"]["last_loss"] == straight["train_state"]["last_loss"]
     # with the normalised target the grid shows target and prediction in that space
     assert (killed / "images" / "reconstruction_normalized_target_00000024.png").is_file()
@@ -153,7 +153,7 @@ def test_unreadable_files_are_skipped_and_counted(tmp_path, capsys):
     out = capsys.readouterr().out
     skipped = int(out.split("skipped: ")[1].split()[0])
     assert skipped >= 3  # each bad file is met at least once in 24 draws from 17 files
-    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "ckpt-00000006.pt")
+    ckpt = read_checkpoint(tmp_path / "run" / "checkpoints" / "ckpt-00000006.pt")
     assert ckpt["train_state"]["skipped_files"] == skipped
 
 
@@ -177,7 +177,7 @@ def test_non_finite_losses_skip_steps_then_stop_with_the_last_good_checkpoint(tm
     with pytest.raises(NonFiniteLossError, match=r"4 steps in a row.*ckpt-00000005.pt \(ckpt-00000010.pt.diverged"):
         run(cfg)
     ckpts = tmp_path / "run" / "checkpoints"
-    good = load_checkpoint(ckpts / "ckpt-00000005.pt")
+    good = read_checkpoint(ckpts / "ckpt-00000005.pt")
     assert good["train_state"]["skipped_steps"] == 1
     assert all(torch.isfinite(v).all() for v in good["model"].values() if v.is_floating_point())
     assert sorted(p.name for p in ckpts.iterdir()) == ["ckpt-00000005.pt", "ckpt-00000010.pt.diverged"]
@@ -194,13 +194,13 @@ def test_diverged_run_resumes_with_a_lower_lr_and_finishes(tmp_path, capsys):
     log = (tmp_path / "run" / "train.log").read_text()
     assert " loss nan " in log  # not 0.0000
     for ckpt in (tmp_path / "run" / "checkpoints").glob("ckpt-*.pt"):  # whatever is left to resume is finite
-        weights = load_checkpoint(ckpt)["model"]
+        weights = read_checkpoint(ckpt)["model"]
         assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()), ckpt
 
     assert main([*args, "optim.base_lr=1e-3", "--resume", "auto"]) == 0
     out = capsys.readouterr()
     assert "loss" in out.out
-    final = load_checkpoint(tmp_path / "run" / "checkpoints" / "ckpt-00000012.pt")
+    final = read_checkpoint(tmp_path / "run" / "checkpoints" / "ckpt-00000012.pt")
     assert math.isfinite(final["train_state"]["last_loss"])
     assert final["meta"]["config"]["optim"]["base_lr"] == 1e-3
     lines = (tmp_path / "run" / "train.log").read_text().splitlines()
@@ -215,7 +215,7 @@ def test_resume_follows_the_current_schedule_and_logs_the_changes(tmp_path):
     assert main([*args, "schedule.max_steps=8", "--resume", "auto"]) == 0
     log = (tmp_path / "run" / "train.log").read_text()
     assert "schedule.max_steps: 4 -> 8" in log
-    final = load_checkpoint(tmp_path / "run" / "checkpoints" / "ckpt-00000008.pt")
+    final = read_checkpoint(tmp_path / "run" / "checkpoints" / "ckpt-00000008.pt")
     assert final["step"] == 8 and final["meta"]["config"]["schedule"]["max_steps"] == 8
     config = (tmp_path / "run" / "config.yaml").read_text()
     assert "max_steps: 8" in config

@@ -3,7 +3,8 @@ model size, image size, window, transforms, schedule and precision, at batch 2 o
 upgrade that breaks a recipe (Pillow 13 and timm's posterize did) fails here, not in a user's first epoch.
 
 Only what a recipe cannot be wrong about is reduced: the batch (2), the steps (1), DataLoader workers (0), the data
-(embedded photos) and the checkpoint writes (skipped: several GB for SwinV2-L, and tested in test_checkpoint.py).
+(embedded photos) and the checkpoint writes (skipped: several GB for SwinV2-L), except for the smallest recipe,
+which writes its checkpoint for real and resumes from it.
 SwinV2-H and -G do not fit a CPU test: they take their step on the meta device (every shape, the recipe's
 transform and mask on real images, forward, backward, clipping and AdamW; no arithmetic).
 """
@@ -31,6 +32,7 @@ from simmim.engine import Engine
 PRETRAIN = sorted((CONFIG_DIR / "pretrain").glob("*.yaml"))
 FINETUNE = sorted((CONFIG_DIR / "finetune").glob("*.yaml"))
 ON_META = ("swinv2_huge", "swinv2_giant")  # 658M / 3.0B parameters: shapes only
+SAVED = CONFIG_DIR / "pretrain" / "swinv2_tiny_192_w12_800ep.yaml"  # its step writes and resumes a checkpoint
 SMOKE = ["data.batch_size=2", "data.num_workers=0", "schedule.max_steps=1", "run.progress=false"]
 
 
@@ -112,7 +114,7 @@ def _no_checkpoints():
     return mock.patch.object(Engine, "save", lambda self, name=None: None)
 
 
-@pytest.mark.parametrize("path", PRETRAIN, ids=recipe_id)
+@pytest.mark.parametrize("path", [p for p in PRETRAIN if p != SAVED], ids=recipe_id)  # SAVED: below
 def test_pretrain_recipe_takes_one_step(path, tmp_path):
     cfg = recipe(PretrainConfig, path, "data.path=embedded:photos", f"run.output={tmp_path / 'run'}")
     if cfg.model.name in ON_META:
@@ -138,15 +140,45 @@ def test_finetune_recipe_takes_one_step(path, tmp_path):
     assert 0 <= summary["last_top1"] <= 100  # the end-of-run evaluation ran on the val split
 
 
-def test_huge_and_giant_recipes_are_checked_on_meta():
+def test_a_recipe_saves_and_resumes_for_real(tmp_path):
+    """The smallest pretraining recipe (SwinV2-T) writes its step-1 checkpoint for real; a second run with
+    ``run.resume=auto`` reads it back (weights, AdamW state, counters) and continues to step 2."""
+    from simmim.pretrain import run
+
+    args = ("data.path=embedded:photos", f"run.output={tmp_path / 'run'}")
+    first = run(recipe(PretrainConfig, SAVED, *args))
+    saved = torch.load(first["checkpoint"], weights_only=True)  # plain data, as any reader gets it
+    assert first["steps"] == saved["step"] == 1 and saved["meta"]["config"]["model"]["name"] == "swinv2_tiny"
+    adam_steps = {float(s["step"]) for s in saved["optimizer"]["state"].values()}
+    assert adam_steps == {1.0}
+
+    second = run(recipe(PretrainConfig, SAVED, *args, "schedule.max_steps=2", "run.resume=auto"))
+    final = torch.load(second["checkpoint"], weights_only=True)
+    assert second["steps"] == final["step"] == 2 and second["finite"]
+    # AdamW's own step count goes on from the saved state (a fresh optimizer would be at 1)
+    assert {float(s["step"]) for s in final["optimizer"]["state"].values()} == {2.0}
+    assert final["train_state"]["step"] == 2
+    moved = [k for k, v in final["model"].items() if not torch.equal(v, saved["model"][k])]
+    assert moved  # the second step started from the saved weights and changed them
+
+
+def test_exactly_the_models_too_big_for_a_cpu_step_are_checked_on_meta():
+    """ON_META is checked against the models' sizes, not against itself: every recipe whose model has more than
+    400M parameters takes its step on meta, and no smaller one skips the real arithmetic."""
+    from simmim.models import create_model
+
     names = {load_config(PretrainConfig if p in PRETRAIN else FinetuneConfig, p).model.name
              for p in [*PRETRAIN, *FINETUNE]}
-    assert set(ON_META) <= names  # the meta path is taken, not skipped
+    sizes = {}
+    for name in names:
+        with torch.device("meta"):
+            sizes[name] = sum(p.numel() for p in create_model(name, num_classes=0).parameters())
+    assert {name for name, n in sizes.items() if n > 400e6} == set(ON_META), sizes
 
 
 def _meta_step(model: torch.nn.Module, loss: torch.Tensor, groups_of, schedule, optim) -> None:
     """backward, clip and one AdamW step with the recipe's schedule, all on the meta device."""
-    from simmim.plan import build_optimization, plan_training
+    from simmim.optim import build_optimization, plan_training
 
     assert loss.device.type == "meta" and loss.dim() == 0
     loss.backward()

@@ -114,7 +114,7 @@ def test_exif_orientation_is_applied_before_the_crop(tmp_path: Path) -> None:
 
 
 def test_pipeline_benchmark_runs(tmp_path: Path) -> None:
-    from simmim.pipeline_benchmark import format_pipeline_results, official_pipeline, run_pipeline_benchmark
+    from simmim.benchmarks.pipeline import format_pipeline_results, official_pipeline, run_pipeline_benchmark
 
     results = run_pipeline_benchmark(sizes=[(96, 72)], images=3, rounds=1, img_size=64)
     (r,) = results

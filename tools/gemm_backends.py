@@ -16,6 +16,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from simmim.compat import mkldnn_linear as dnn
+
 
 def shapes(batch: int, img_size: int) -> list[tuple[int, int, int]]:
     """(M, K, N) of qkv, proj, fc1, fc2 per stage and of the patch merges of SwinV2-T."""
@@ -37,7 +39,6 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    dnn = torch.ops.mkldnn._linear_pointwise
 
     def ms(fn) -> float:
         t0 = time.perf_counter()
@@ -50,9 +51,9 @@ def main() -> None:
     totals = [0.0] * 6
     for m, k, n in shapes(args.batch, args.img_size):
         x, w, b, g = torch.randn(m, k), torch.randn(n, k), torch.randn(n), torch.randn(m, n)
-        fns = [lambda x=x, w=w, b=b: F.linear(x, w, b), lambda x=x, w=w, b=b: dnn(x, w, b, "none", [], ""),
-               lambda g=g, w=w: g @ w, lambda g=g, w=w: dnn(g, w.t().contiguous(), None, "none", [], ""),
-               lambda g=g, x=x: g.t() @ x, lambda g=g, x=x: dnn(g.t(), x.t(), None, "none", [], "")]
+        fns = [lambda x=x, w=w, b=b: F.linear(x, w, b), lambda x=x, w=w, b=b: dnn(x, w, b),
+               lambda g=g, w=w: g @ w, lambda g=g, w=w: dnn(g, w.t().contiguous(), None),
+               lambda g=g, x=x: g.t() @ x, lambda g=g, x=x: dnn(g.t(), x.t(), None)]
         for fn in fns:
             fn()
         times = [[] for _ in fns]

@@ -22,12 +22,13 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from simmim.benchmarks.report import Section
 from simmim.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderSource, MaskedImageDataset, MaskGenerator
 from simmim.data.samples import sample_photos
 from simmim.data.transforms import pretrain_transform
@@ -291,3 +292,21 @@ def format_index_results(results: Sequence[IndexResult]) -> str:
         copy = f"{r.worker_copy_mib:.1f}" if r.worker_copy_mib is not None else "n/a"
         lines.append(f"| {r.name} | {r.files} | {r.scan_s:.2f} | {r.bytes_per_file:.0f} | {copy} |")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the sections of simmim benchmark
+
+
+def pipeline_section(rounds: int = 5, img_size: int = 192, threads: int = 1, folder: str | None = None) -> Section:
+    """The input pipeline against the official SimMIM one : ImageNet-sized and 12 MP JPEGs
+    generated from the embedded photos, or ``folder`` of your own images, with ``threads`` intra-op threads."""
+    results = run_pipeline_benchmark(rounds=rounds, img_size=img_size, threads=threads, folder=folder)
+    rows = [{**asdict(r), "ratio": r.ratio} for r in results]
+    return Section("pipeline", format_pipeline_results(results), dict(img_size=img_size, rows=rows))
+
+
+def index_section(files: int = 1_000_000, compare_list: bool = False) -> Section:
+    """Scan time and memory of the packed folder index on a synthetic tree of ``files`` files."""
+    results = run_index_benchmark(files, compare_list=compare_list)
+    return Section("index", format_index_results(results), dict(rows=[asdict(r) for r in results]))

@@ -1,6 +1,5 @@
-"""``simmim benchmark``: our SimMIM/SwinV2 against SimMIM built on timm's SwinV2, measured side by side.
-
-Sections (``--what``, several allowed):
+"""The ``model`` and ``memory`` sections of ``simmim benchmark``: our SimMIM/SwinV2 against SimMIM built on timm's
+SwinV2, measured side by side.
 
 * ``model``: images/s of the SimMIM training step (forward, masked L1, backward; fp32 and/or bf16 autocast) and of
   inference (the encoder's pooled features under ``inference_mode``). timm's side is the same SimMIM (mask token
@@ -9,8 +8,6 @@ Sections (``--what``, several allowed):
 * ``memory``: activation memory of a training step per image for each recompute mode (none / attention / full /
   sequential attention) and timm, as the slope of the step's peak memory over two batch sizes (weights, gradients
   and optimizer-free constants cancel), with the step's images/s beside it.
-* ``pipeline``: the input pipeline against the official SimMIM one (:mod:`simmim.pipeline_benchmark`);
-* ``index``: scan time and memory of the folder index on a synthetic tree of files.
 
 Timing interleaves the contenders in rounds (A, B, A, B, ...) so a noisy shared machine slows both alike, and reports
 the median images/s and the median of the per-round ratios. Peak memory is the CUDA allocator's on GPUs and, on
@@ -19,36 +16,22 @@ CPUs, the running total of the allocations recorded by ``torch.profiler`` (``pro
 
 from __future__ import annotations
 
-import argparse
 import copy
-import datetime
-import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 
+from simmim.benchmarks.report import Section
 from simmim.errors import UserError
 from simmim.model import SimMIM, masked_l1_loss
 from simmim.models import VARIANTS, SwinTransformerV2, create_model
 
 RECOMPUTE_MODES = ("none", "attention", "full", "sequential")  # "sequential" = sequential attention, no recompute
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class Section:
-    """One benchmark's result: a printable table and the same figures as JSON-able data."""
-
-    name: str
-    table: str
-    data: dict[str, Any] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -307,77 +290,3 @@ def memory_section(name: str = "swinv2_tiny", img_size: int = 192, window_size: 
                      f"{r['images_per_sec']:>7.2f} {r['speed_vs_none']:>7.2f}x")
     return Section("memory", "\n".join(lines), dict(model=name, img_size=img_size, window_size=window_size,
                                                      batch_sizes=list(batch_sizes), dtype=dtype, rows=rows))
-
-
-def pipeline_section(args: argparse.Namespace) -> Section:
-    """The input pipeline against the official SimMIM one (:mod:`simmim.pipeline_benchmark`): ImageNet-sized and
-    12 MP JPEGs generated from the embedded photos, or ``--folder`` of your own images."""
-    from dataclasses import asdict
-
-    from simmim.pipeline_benchmark import format_pipeline_results, run_pipeline_benchmark
-
-    results = run_pipeline_benchmark(rounds=args.rounds, img_size=args.img_size, threads=args.threads or 1,
-                                     folder=args.folder)
-    rows = [{**asdict(r), "ratio": r.ratio} for r in results]
-    return Section("pipeline", format_pipeline_results(results), dict(img_size=args.img_size, rows=rows))
-
-
-def index_section(args: argparse.Namespace) -> Section:
-    """Scan time and memory of the packed folder index on a synthetic tree of ``--index-files`` files."""
-    from dataclasses import asdict
-
-    from simmim.pipeline_benchmark import format_index_results, run_index_benchmark
-
-    results = run_index_benchmark(args.index_files, compare_list=args.compare_list)
-    return Section("index", format_index_results(results), dict(rows=[asdict(r) for r in results]))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# command line
-
-
-def machine() -> dict[str, Any]:
-    """What a figure was measured on: versions, device, threads, date."""
-    import timm
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    info = dict(date=datetime.date.today().isoformat(), python=platform.python_version(), torch=torch.__version__,
-                timm=timm.__version__, cpu=cpu, threads=torch.get_num_threads(),
-                cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
-    return info
-
-
-def run(args: argparse.Namespace) -> list[Section]:
-    sections = []
-    for what in dict.fromkeys(args.what):
-        if what == "model":
-            modes = ["inference"] if args.inference else ["train"] if args.train else ["train", "inference"]
-            sections.append(model_section(args.model, args.img_size, args.window_size, args.batch_size, args.dtype,
-                                          modes, args.rounds, args.iters, device=args.device,
-                                          compile=args.compile))
-        elif what == "memory":
-            sections.append(memory_section(args.model, args.img_size, args.window_size,
-                                           tuple(args.memory_batch_sizes), dtype=args.dtype[0],
-                                           rounds=args.rounds, device=args.device))
-        elif what == "pipeline":
-            sections.append(pipeline_section(args))
-        else:
-            sections.append(index_section(args))
-    return sections
-
-
-def report(args: argparse.Namespace, sections: list[Section]) -> tuple[str, dict]:
-    """The text the command prints (a header with the machine, then each section's table) and the JSON document
-    (machine, command, every section's data)."""
-    info = machine()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    lines = [f"{args.model} {args.img_size}px W{args.window_size}, {device} ({info['threads']} threads), "
-             f"torch {info['torch']}, timm {info['timm']}, {info['date']}; median of {args.rounds} interleaved rounds"]
-    lines += [f"\n[{s.name}]\n{s.table}" for s in sections]
-    doc = dict(machine=info, command="simmim " + " ".join(sys.argv[1:]), sections={s.name: s.data for s in sections})
-    return "\n".join(lines), doc

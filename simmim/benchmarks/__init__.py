@@ -1,0 +1,83 @@
+"""``simmim benchmark``: measured figures, side by side with a peer built from its documented recipe.
+
+Sections (several per call):
+
+* ``model`` and ``memory`` (:mod:`simmim.benchmarks.model`): the SimMIM training step, inference and activation memory
+  of our SwinV2 against SimMIM on timm's ``SwinTransformerV2`` holding the same weights;
+* ``pipeline`` (:mod:`simmim.benchmarks.pipeline`): the input pipeline against the official SimMIM one;
+* ``index``: scan time and memory of the folder index on a synthetic tree of files.
+
+:func:`run` measures what :class:`BenchmarkSettings` asks for; :func:`report` turns the sections into the printed
+text and a JSON document that records the machine (CPU model and vector extensions, versions, threads).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+
+from simmim.benchmarks.report import Section, machine
+
+WHAT = ("model", "memory", "pipeline", "index")
+
+
+@dataclass(frozen=True)
+class BenchmarkSettings:
+    """What to measure, and how (the ``simmim benchmark`` options)."""
+
+    what: tuple[str, ...] = ("model",)
+    model: str = "swinv2_tiny"
+    img_size: int = 192
+    window_size: int = 12
+    batch_size: int = 8
+    memory_batch_sizes: tuple[int, int] = (2, 4)  # memory: the peak-memory slope between these is MiB per image
+    modes: tuple[str, ...] = ("train", "inference")  # model: training step and/or inference
+    dtypes: tuple[str, ...] = ("float32",)
+    rounds: int = 5
+    iters: int = 2
+    compile: bool = False
+    threads: int | None = None  # pipeline: intra-op threads of the measuring process (None: 1, as a data worker)
+    device: str | None = None  # None: cuda if available
+    folder: str | None = None  # pipeline: a folder of your own images instead of generated JPEGs
+    index_files: int = 1_000_000
+    compare_list: bool = False
+
+
+def run(settings: BenchmarkSettings) -> list[Section]:
+    """Measure each section of ``settings.what`` in turn."""
+    from simmim.benchmarks.model import memory_section, model_section
+    from simmim.benchmarks.pipeline import index_section, pipeline_section
+
+    s, sections = settings, []
+    for what in dict.fromkeys(s.what):
+        if what == "model":
+            sections.append(model_section(s.model, s.img_size, s.window_size, s.batch_size, list(s.dtypes),
+                                          list(s.modes), s.rounds, s.iters, device=s.device, compile=s.compile))
+        elif what == "memory":
+            sections.append(memory_section(s.model, s.img_size, s.window_size, s.memory_batch_sizes,
+                                           dtype=s.dtypes[0], rounds=s.rounds, device=s.device))
+        elif what == "pipeline":
+            sections.append(pipeline_section(s.rounds, s.img_size, s.threads or 1, s.folder))
+        elif what == "index":
+            sections.append(index_section(s.index_files, s.compare_list))
+        else:
+            raise ValueError(f"unknown benchmark section {what!r}; one of {', '.join(WHAT)}")
+    return sections
+
+
+def report(settings: BenchmarkSettings, sections: list[Section]) -> tuple[str, dict]:
+    """The text the command prints (a header with the machine, then each section's table) and the JSON document
+    (machine, settings, command, every section's data). The header names the model only where a section timed it."""
+    s, info = settings, machine()
+    device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    flags = "/".join(info["cpu_flags"]) or "no AVX2"
+    header = (f"{info['cpu']} ({flags}), {device}, {info['threads']} threads of {info['cpus_usable']} usable CPUs, "
+              f"torch {info['torch']}, timm {info['timm']}, {info['date']}")
+    if {"model", "memory"} & {sec.name for sec in sections}:
+        header = f"{s.model} {s.img_size}px W{s.window_size}; median of {s.rounds} interleaved rounds\n{header}"
+    lines = [header, *(f"\n[{sec.name}]\n{sec.table}" for sec in sections)]
+    doc = dict(machine=info, settings=asdict(s), command="simmim " + " ".join(sys.argv[1:]),
+               sections={sec.name: sec.data for sec in sections})
+    return "\n".join(lines), doc
