@@ -12,6 +12,7 @@ files sorted by relative path without holding all names at once: only one folder
 
 from __future__ import annotations
 
+import logging
 import os
 from array import array
 from collections.abc import Callable, Iterable, Iterator
@@ -19,10 +20,16 @@ from pathlib import Path
 
 import numpy as np
 
+logger = logging.getLogger(__name__)
+
+RUN_MANIFEST = ".simmim-run.json"  # what makes a folder a simmim run directory (simmim.run_dir.MANIFEST_NAME)
+
 
 def walk_sorted(root: str | Path, accept: Callable[[str], bool], prefix: str = "") -> Iterator[str]:
     """Relative paths (``prefix`` + posix path under ``root``) of the accepted files, in sorted order: recursive,
-    symlinked folders followed once (loops and repeated links skipped), hidden entries skipped."""
+    symlinked folders followed once (loops and repeated links skipped), hidden entries skipped, and simmim run
+    directories (a folder holding ``.simmim-run.json``) skipped with a warning: a run's reconstruction pictures
+    are never training data."""
     seen: set[str] = set()
 
     def listing(folder: str) -> list[tuple[str, os.DirEntry]]:
@@ -32,9 +39,13 @@ def walk_sorted(root: str | Path, accept: Callable[[str], bool], prefix: str = "
         seen.add(real)
         try:
             with os.scandir(folder) as it:
-                entries = [(e.name + "/" if _is_dir(e) else e.name, e) for e in it if not e.name.startswith(".")]
+                found = list(it)
         except OSError:  # an unreadable folder (permissions): skipped like an unreadable file
             return []
+        if any(e.name == RUN_MANIFEST for e in found):
+            logger.warning("skipping %s: it is a simmim run directory (it holds %s), not data", folder, RUN_MANIFEST)
+            return []
+        entries = [(e.name + "/" if _is_dir(e) else e.name, e) for e in found if not e.name.startswith(".")]
         entries.sort(key=lambda pair: pair[0])  # "name/" for folders: the order of the full relative paths
         return entries
 

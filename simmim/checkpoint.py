@@ -9,8 +9,8 @@ Writes are atomic: the state goes to ``.<name>.tmp-<pid>`` in the target directo
 the target with ``os.replace``. A crash mid-write leaves the previous checkpoint untouched; at worst a stray temp
 file remains, which ``CheckpointManager.save`` removes.
 
-Layout written by :class:`CheckpointManager` (one job writes a directory, see :mod:`simmim.run_dir`; under
-accelerate, its main process)::
+Layout written by :class:`CheckpointManager` (one job writes a directory; when to write, rotate and set aside
+is :mod:`simmim.run_dir`'s policy; under accelerate, the main process writes)::
 
     <output_dir>/checkpoints/ckpt-00001000.pt        step checkpoints, the newest ``keep_last`` kept
     <output_dir>/checkpoints/accelerate-00001000/    FSDP/DeepSpeed optimizer shards, rotated with their file
@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from simmim.errors import InputNotFoundError, UserError
+from simmim.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -86,20 +86,15 @@ def _tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def save_checkpoint(state: dict, path: str | Path) -> Path:
-    """Write ``state`` to ``path`` atomically and return the path.
-
-    Raises ``TypeError`` (before writing anything) if ``state`` holds anything but plain data.
-    """
-    if type(state) not in _MAPPING_TYPES:
-        raise TypeError(f"state is a {type(state).__name__}; a checkpoint is a dict")
-    _check_plain(state, "state")
+def write_atomic(path: str | Path, write: Callable[[Any], None]) -> Path:
+    """Write ``path`` atomically: ``write(f)`` fills a hidden temp file beside it (binary), which is fsynced and
+    renamed onto ``path``. Whatever goes wrong, ``path`` holds either its old content or the new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_path(path)
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -108,6 +103,17 @@ def save_checkpoint(state: dict, path: str | Path) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def save_checkpoint(state: dict, path: str | Path) -> Path:
+    """Write ``state`` to ``path`` atomically and return the path.
+
+    Raises ``TypeError`` (before writing anything) if ``state`` holds anything but plain data.
+    """
+    if type(state) not in _MAPPING_TYPES:
+        raise TypeError(f"state is a {type(state).__name__}; a checkpoint is a dict")
+    _check_plain(state, "state")
+    return write_atomic(path, lambda f: torch.save(state, f))
 
 
 def pid_alive(pid: int) -> bool:
@@ -154,15 +160,18 @@ class CheckpointManager:
             self.rotate(keep=[path])
         return path
 
-    def rotate(self, keep: Iterable[Path] = ()) -> None:
+    def rotate(self, keep: Iterable[Path] = ()) -> list[Path]:
         """Delete step checkpoints beyond the newest ``keep_last`` (never one listed in ``keep``), each with its
-        accelerate state folder."""
+        accelerate state folder. Returns the files and folders removed."""
         keep = {Path(p) for p in keep}
+        removed = []
         for old_step, old in self.list()[: -self.keep_last]:
             if old not in keep:
                 logger.debug("removing old checkpoint %s (step %d)", old, old_step)
                 old.unlink(missing_ok=True)
                 shutil.rmtree(self.state_dir_for(old_step), ignore_errors=True)
+                removed += [old, self.state_dir_for(old_step)]
+        return removed
 
     def save_named(self, state: dict, name: str) -> Path:
         """Write ``<name>.pt`` (e.g. ``best``, ``last``) atomically; named checkpoints are not rotated."""
@@ -204,35 +213,3 @@ class CheckpointManager:
             if p.is_file() and not (pid.isdigit() and pid_alive(int(pid))):
                 logger.info("removing temp file %s left by an interrupted checkpoint write", p)
                 p.unlink(missing_ok=True)
-
-
-def resolve_resume(resume: str | Path | None, output_dir: str | Path, load: Callable[[Path], Any],
-                   prefix: str = "ckpt") -> tuple[Path, Any] | None:
-    """Turn the ``--resume`` value into ``(checkpoint path, load(path))``, or ``None`` to start fresh.
-
-    ``None``/``""``: no resume. ``"auto"``: the newest checkpoint in ``<output_dir>/checkpoints`` that ``load``
-    accepts (older ones are tried when the newest is damaged or foreign), or ``None`` if there is none. A
-    directory: its newest valid checkpoint. Anything else: a file that must exist and load.
-    """
-    if resume is None or str(resume) == "":
-        return None
-    ckpt_dir = Path(output_dir) / CHECKPOINT_DIRNAME
-    if str(resume) == "auto":
-        found = CheckpointManager(ckpt_dir, prefix=prefix).latest_valid(load)
-        if found is None:
-            logger.info("--resume auto: no valid checkpoint in %s, training starts fresh", ckpt_dir)
-            return None
-        logger.info("--resume auto: resuming from %s", found[0])
-        return found
-    path = Path(resume).expanduser()
-    if path.is_dir():
-        found = CheckpointManager(path, prefix=prefix).latest_valid(load)
-        if found is None:
-            raise InputNotFoundError(f"resume directory {path} holds no valid {prefix}-<step>.pt checkpoint")
-        return found
-    if not path.is_file():
-        raise InputNotFoundError(
-            f"resume checkpoint {path} does not exist; pass --resume auto to continue from the newest checkpoint "
-            f"in {ckpt_dir} (or start fresh if there is none)"
-        )
-    return path, load(path)

@@ -15,6 +15,7 @@ from simmim.config import FinetuneConfig, PretrainConfig, load_config, replace
 from simmim.configs import resolve
 from simmim.errors import UserError
 from simmim.evaluate import evaluate_checkpoint, format_table
+from simmim.run_dir import MANIFEST_NAME, Manifest
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ class DemoResult:
     configs: dict[str, Any] = field(default_factory=dict)
 
 
-MARKER = ".simmim-demo"  # marks a folder the demo wrote, so a second demo may replace it
+DEMO_NAMES = ("pretrain", "finetune", "finetune-scratch", "export")  # what the demo writes in its folder
 
 
 def run_demo(output: str | Path = "runs/demo", pretrain_steps: int = 300, finetune_epochs: int = 4,
@@ -38,7 +39,9 @@ def run_demo(output: str | Path = "runs/demo", pretrain_steps: int = 300, finetu
     """Pretrain -> fine-tune -> evaluate -> export under ``output``. ``compare`` also fine-tunes from scratch with
     the same budget, to see what pretraining bought. ``extra`` are overrides applied to both configs' ``run``.
 
-    A previous demo in ``output`` is replaced; any other non-empty folder is refused (nothing of yours is lost)."""
+    The demo follows the run directory's rule (:mod:`simmim.run_dir`): ``output``'s manifest lists what it wrote,
+    and a later demo replaces only that (each run its own listed files, the export its files). Other files in
+    ``output`` are left alone; one with a name the demo writes that no manifest lists is refused, naming it."""
     out = Path(output)
     # both configs are loaded (and checked) before anything runs: a bad epoch count fails now, not after pretraining
     shared = [f"run.{o}" for o in (extra or [])]
@@ -47,10 +50,13 @@ def run_demo(output: str | Path = "runs/demo", pretrain_steps: int = 300, finetu
     ft_args = [f"schedule.epochs={finetune_epochs}", *shared]
     base_cfg = load_config(FinetuneConfig, resolve("demo/finetune"), [f"run.output={out / 'finetune-scratch'}",
                                                                         *ft_args])
-    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
-        raise UserError(f"{out} is not empty and was not written by simmim demo; pass another --output")
+    manifest = Manifest.read(out) or Manifest(out)
+    foreign = [f"{n}/" for n in DEMO_NAMES if (out / n).exists() and not manifest.owns(n)]
+    if foreign:
+        raise UserError(f"{out} holds {', '.join(foreign)}, which simmim demo did not write (no {MANIFEST_NAME} "
+                        "lists them); move them away or pass another --output (nothing was changed)")
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("written by simmim demo; a later demo replaces this folder\n")
+    manifest.add([], [out / n for n in DEMO_NAMES if n != "finetune-scratch" or compare])
     pre = pretrain.run(pre_cfg, overwrite=True)
 
     ft_cfg = replace(base_cfg, **{"pretrained": pre["checkpoint"], "run.output": str(out / "finetune")})
@@ -61,8 +67,10 @@ def run_demo(output: str | Path = "runs/demo", pretrain_steps: int = 300, finetu
     rows = evaluate_checkpoint(ft["checkpoint"], ft_cfg.data.path, [(size, window), (size * 4 // 3, window * 4 // 3)])
     from simmim.export import export
 
-    exported = export(ft["checkpoint"], "safetensors", out / "export" / f"{ft_cfg.model.name}_digits.safetensors",
-                      overwrite=True)
+    target = out / "export" / f"{ft_cfg.model.name}_digits.safetensors"
+    manifest.add([target, target.with_name(target.name + ".json")])  # the weights and their card
+    exported = export(ft["checkpoint"], "safetensors", target, overwrite=True)
+    manifest.add(exported)
     images = sorted((out / "pretrain" / "images").glob("*.png"))
     return DemoResult(pre, ft, format_table(rows), exported, baseline, {
         "tensorboard": f"tensorboard --logdir {out}",

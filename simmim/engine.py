@@ -12,9 +12,9 @@ skipped on the device by the fused AdamW (``found_inf``); values are read at log
 ``max_bad_steps`` steps (to stop a diverged run on time) and around checkpoints.
 
 Divergence: a step whose loss or gradient is not finite is skipped; ``max_bad_steps`` in a row stop the run. No
-checkpoint is written during such a streak or from non-finite weights, and a checkpoint only counts as good (and
-lets older ones rotate away) once a later step trained on finite numbers. When a streak stops the run, a checkpoint
-that never proved good is set aside (renamed ``*.diverged``), so ``--resume auto`` continues from the last good one.
+checkpoint is written during such a streak or from non-finite weights (:meth:`Engine.save_if_healthy`); which
+checkpoints count as good, rotate or are set aside is :class:`simmim.run_dir.CheckpointPolicy`'s business (its
+module docstring says what happens on resume and on divergence).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -34,10 +34,12 @@ from torch import nn
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from simmim.checkpoint import CheckpointManager
 from simmim.data import sample_seed
-from simmim.errors import RunStopped, UserError
+from simmim.errors import UserError
 from simmim.models.convert import check_compatible
+from simmim.run_dir import CheckpointPolicy
+from simmim.run_dir import CheckpointWriteError as CheckpointWriteError  # re-exported: raised by the policy
+from simmim.run_dir import NonFiniteLossError as NonFiniteLossError
 from simmim.weights import Weights
 
 log = logging.getLogger(__name__)
@@ -70,14 +72,6 @@ class Task(Protocol):
 
     def load_extra_state(self, state: dict) -> None:
         """Restore :meth:`extra_state` on resume."""
-
-
-class NonFiniteLossError(RunStopped):
-    """The loss was NaN/inf for too many steps in a row."""
-
-
-class CheckpointWriteError(RunStopped):
-    """A checkpoint could not be written (full disk, permissions); the previous one is intact."""
 
 
 @dataclass
@@ -151,18 +145,15 @@ class Engine:
     """
 
     def __init__(self, accelerator: Accelerator, task: Task, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: Any, loader: Any, checkpoints: CheckpointManager, settings: LoopSettings,
-                 metadata: dict, image_dir: Path | None = None) -> None:
+                 scheduler: Any, loader: Any, checkpoints: CheckpointPolicy, settings: LoopSettings,
+                 metadata: dict, image_dir: Path | None = None,
+                 record: Callable[[Path], None] = lambda path: None) -> None:
         self.acc, self.task, self.model, self.optimizer = accelerator, task, model, optimizer
         self.scheduler, self.loader, self.checkpoints, self.settings = scheduler, loader, checkpoints, settings
-        self.metadata, self.image_dir = metadata, image_dir
+        self.metadata, self.image_dir, self.record = metadata, image_dir, record  # record: list a file we write
         self.state = TrainState()
-        self.last_good: Path | None = None  # newest checkpoint that proved good (a later step trained finitely)
-        self._pending: tuple[int, Path] | None = None  # newest step checkpoint, not yet proven good
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
-        # the fused AdamW skips a step on the device when told found_inf: no host sync to decide
-        self._skip_on_device = (isinstance(inner, torch.optim.Optimizer) and inner.defaults.get("fused") is True
-                                and accelerator.mixed_precision != "fp16"
+        self._skip_on_device = (can_skip_on_device(inner) and accelerator.mixed_precision != "fp16"
                                 and accelerator.distributed_type != DistributedType.DEEPSPEED)
         self._inner_optimizer = inner
 
@@ -173,11 +164,12 @@ class Engine:
 
     def save(self, name: str | None = None) -> Path | None:
         """Write a checkpoint (all processes must call; the main process writes). Returns its path on main.
-        A step checkpoint is not rotated here: :meth:`_confirm` rotates once it has proven good."""
+        A step checkpoint is not rotated here: the policy rotates once it has proven good."""
         step = self.state.step
         weights = self.acc.get_state_dict(self.model)  # a collective under FSDP/DeepSpeed
         if self._sharded() and name is None:  # optimizer shards live in accelerate's own folder beside our file
-            self.acc.save_state(str(self.checkpoints.state_dir_for(step)))
+            self.acc.save_state(str(self.checkpoints.state_dir(step)))
+            self.checkpoints.state_dir_written(step)
         path = None
         if self.acc.is_main_process:
             scaler = getattr(self.acc, "scaler", None)
@@ -191,47 +183,26 @@ class Engine:
                 "extra": self.task.extra_state(),
                 "meta": self.metadata,
             }
-            target = self.checkpoints.directory / f"{name}.pt" if name else self.checkpoints.path_for(step)
-            try:
-                path = (self.checkpoints.save_named(state, name) if name
-                        else self.checkpoints.save(state, step, rotate=False))
-            except OSError as err:
-                previous = self.last_good or (self._pending[1] if self._pending else None)
-                raise CheckpointWriteError(
-                    f"could not write checkpoint {target}: {err.strerror or err}; "
-                    f"{f'the previous checkpoint {previous} is intact' if previous else 'no earlier checkpoint'}. "
-                    "Free disk space (or fix permissions), then continue with --resume auto") from err
-            log.info("saved checkpoint %s", path)
+            path = self.checkpoints.write(state, step, name)
         self.acc.wait_for_everyone()
         return path
+
+    def save_if_healthy(self, final: bool) -> None:
+        """Save a step checkpoint now unless the run is in a non-finite streak or its weights are not finite
+        (all processes call it; the loop at its save points, and whoever must stop the run at a step boundary)."""
+        st = self.state
+        if st.bad_in_a_row or not self._weights_finite():
+            log.warning("step %d: not writing a checkpoint: %s", st.step,
+                        "the loss is non-finite now" if st.bad_in_a_row else "the weights are non-finite")
+            return
+        self.save()
+        self.checkpoints.written(st.step, final)
 
     def _weights_finite(self) -> bool:
         """Whether every weight is finite, agreed by all processes (under FSDP each holds only its shards)."""
         flags = [torch.isfinite(p).all() for p in self.model.parameters() if p.is_floating_point()]
         bad = (~torch.stack(flags).all()).float() if flags else torch.zeros((), device=self.acc.device)
         return float(self.acc.reduce(bad.to(self.acc.device), "sum")) == 0
-
-    def _confirm(self) -> None:
-        """The pending checkpoint proved good: it becomes the last good one and older ones rotate away."""
-        if self._pending is not None:
-            self.last_good = self._pending[1]
-            self._pending = None
-        if self.acc.is_main_process:
-            self.checkpoints.rotate(keep=[self.last_good] if self.last_good else [])
-
-    def _set_aside_unproven(self) -> Path | None:
-        """Rename the checkpoint that never proved good to ``*.diverged`` (kept, but not resumed by ``auto``)."""
-        if self._pending is None:
-            return None
-        step, path = self._pending
-        target = path.with_name(path.name + ".diverged")
-        if self.acc.is_main_process:
-            path.rename(target)
-            state_dir = self.checkpoints.state_dir_for(step)
-            if state_dir.is_dir():
-                state_dir.rename(state_dir.with_name(state_dir.name + ".diverged"))
-        self._pending = None
-        return target
 
     def resume(self, weights: Weights) -> None:
         """Restore weights, optimizer, grad scaler, counters, task state and (through the step) the data position.
@@ -242,6 +213,7 @@ class Engine:
         check_compatible(model, ckpt["model"], what=f"resume checkpoint {weights.path} (was the model config "
                                                      "changed?)")
         model.load_state_dict(ckpt["model"])
+        state_dir = self.checkpoints.resumed(weights)  # the resumed file counts as the last good checkpoint
         current = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         if ckpt.get("optimizer") is not None:
             try:
@@ -249,7 +221,7 @@ class Engine:
             except ValueError as err:
                 raise UserError(f"the optimizer state in {weights.path} does not fit the current parameter groups "
                                  f"({err}); was optim.layer_decay changed? Resume with the original setting") from None
-        elif (state_dir := self.checkpoints.state_dir_for(ckpt["step"])).is_dir():
+        elif state_dir is not None:
             self.acc.load_state(str(state_dir))
         for group, hyper in zip(self.optimizer.param_groups, current, strict=True):
             group.update(hyper)  # lr, weight decay, betas of the current config, not the checkpoint's
@@ -259,7 +231,6 @@ class Engine:
         self.state = TrainState(**ckpt["train_state"])
         self.state.bad_in_a_row = 0
         self.task.load_extra_state(ckpt.get("extra") or {})
-        self.last_good = weights.path
         log.info("resumed from %s at step %d", weights.path, self.state.step)
 
     # -- data ------------------------------------------------------------------------------------------------
@@ -309,7 +280,7 @@ class Engine:
         if norm is not None and self.acc.mixed_precision != "fp16":  # under fp16 the grad scaler handles overflow
             ok = ok & torch.isfinite(norm)
         if self._skip_on_device:
-            self._inner_optimizer.found_inf = (~ok).float()
+            skip_step_on_device(self._inner_optimizer, ok)
             self.optimizer.step()
         elif bool(ok):  # a host sync: optimizers that cannot skip on the device (DeepSpeed, fp16 scaler, ...)
             self.optimizer.step()
@@ -351,7 +322,7 @@ class Engine:
                 final = st.step >= s.total_steps
                 save_due = st.step % s.save_every == 0 or final
                 if (st.step % s.log_every == 0 or st.step % s.max_bad_steps == 0 or final or save_due
-                        or self._pending is not None):
+                        or self.checkpoints.pending is not None):
                     t0 = self._sync(meter, grad_norm, t0, bar, log_now=st.step % s.log_every == 0 or final)
                 if (s.image_every and st.step % s.image_every == 0) or final:
                     self._log_images(st.step, batch, outputs)
@@ -359,7 +330,7 @@ class Engine:
                 if result is not None:
                     self._record(result)
                 if save_due:
-                    self._save_if_healthy(final)
+                    self.save_if_healthy(final)
                 if final:
                     break
         bar.close()
@@ -383,16 +354,9 @@ class Engine:
             log.warning("step %d: %d step(s) since the last check had a non-finite loss or gradient and were "
                         "skipped (%d in a row now)", st.step, values["skipped"], st.bad_in_a_row)
         if values["max_run"] >= s.max_bad_steps:
-            aside = self._set_aside_unproven()
-            where = (f"the last good checkpoint is {self.last_good}" if self.last_good
-                     else "no checkpoint had proven good yet")
-            raise NonFiniteLossError(
-                f"the loss was non-finite for {int(values['max_run'])} steps in a row (by step {st.step}); {where}"
-                + (f" ({aside.name}, written just before the divergence, was set aside)" if aside else "")
-                + ". Lower optim.base_lr, raise schedule.warmup_epochs or use run.mixed_precision=bf16/no, then "
-                "resume with --resume auto")
-        if self._pending is not None and values["last_ok"]:
-            self._confirm()
+            raise self.checkpoints.diverged(int(values["max_run"]), st.step)
+        if self.checkpoints.pending is not None and values["last_ok"]:
+            self.checkpoints.proven()
         if not log_now:
             return t0
         elapsed = time.perf_counter() - t0
@@ -414,17 +378,6 @@ class Engine:
         meter.reset_window()
         return time.perf_counter()
 
-    def _save_if_healthy(self, final: bool) -> None:
-        st = self.state
-        if st.bad_in_a_row or not self._weights_finite():
-            log.warning("step %d: not writing a checkpoint: %s", st.step,
-                        "the loss is non-finite now" if st.bad_in_a_row else "the weights are non-finite")
-            return
-        self.save()
-        self._pending = (st.step, self.checkpoints.path_for(st.step))
-        if final:  # the run ended: nothing later can prove it, so it stands as the newest
-            self._confirm()
-
     def _record(self, result: StepResult) -> None:
         if result.metrics:
             self.acc.log(result.metrics, step=self.state.step)
@@ -444,7 +397,9 @@ class Engine:
                 writer.add_image(name, grid, step)
             if self.image_dir is not None:
                 try:
-                    save_png(grid, self.image_dir / f"{name.replace('/', '_')}_{step:08d}.png")
+                    path = self.image_dir / f"{name.replace('/', '_')}_{step:08d}.png"
+                    self.record(path)
+                    save_png(grid, path)
                 except OSError as err:  # a picture is never worth a run
                     log.warning("could not write the %s image of step %d: %s", name, step, err)
 
@@ -454,3 +409,19 @@ def _tensorboard_writer(acc: Accelerator) -> Any:
         return acc.get_tracker("tensorboard", unwrap=True)
     except (ValueError, KeyError, AttributeError):
         return None
+
+
+def can_skip_on_device(optimizer: Any) -> bool:
+    """Whether ``optimizer`` (the torch one, unwrapped) can skip a step on the device: torch's fused Adam/AdamW."""
+    return isinstance(optimizer, torch.optim.Optimizer) and optimizer.defaults.get("fused") is True
+
+
+def skip_step_on_device(optimizer: torch.optim.Optimizer, ok: torch.Tensor) -> None:
+    """Make the next ``optimizer.step()`` a no-op on the device where ``ok`` is False, with no host sync.
+
+    This relies on a torch internal that GradScaler uses: the fused Adam/AdamW set ``_step_supports_amp_scaling``
+    and their ``step()`` passes ``getattr(self, "found_inf", None)`` to the fused kernel, which leaves parameters
+    and moments unchanged where ``found_inf`` is non-zero (tests/test_pretrain.py's non-finite tests fail if a
+    skipped step moves the weights).
+    """
+    optimizer.found_inf = (~ok).float()  # type: ignore[attr-defined]

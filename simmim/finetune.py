@@ -15,7 +15,6 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from simmim.checkpoint import CheckpointManager
 from simmim.config import FinetuneConfig, to_dict
 from simmim.data import make_loader
 from simmim.data.labeled import LabeledDataset, check_class_count, check_classes, open_labeled
@@ -185,7 +184,7 @@ def run(cfg: FinetuneConfig, overwrite: bool = False) -> dict:
     before anything is written; ``overwrite`` replaces another run found in ``run.output``."""
     r, d, o = cfg.run, cfg.data, cfg.optim
     with start_run(r.output, r.mixed_precision, r.resume, r.seed, o.accumulation_steps, overwrite,
-                   model_name=cfg.model.name) as start:
+                   model_name=cfg.model.name, data=d.path) as start:
         accelerator, out = start.accelerator, start.out
         train_ds, val_ds, classes = build_data(cfg, r.seed)
         check_resume_classes(start.resume, classes, d.path)
@@ -208,7 +207,6 @@ def run(cfg: FinetuneConfig, overwrite: bool = False) -> dict:
         model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader,
                                                                          val_loader)
 
-        open_run(start, cfg, overwrite)
         log.info("fine-tuning %s at %dpx W%d on %d classes (%d train / %d val images): %d steps, global batch %d, "
                  "lr %.3e, layer decay %.2f", cfg.model.name, cfg.model.img_size, cfg.model.window_size,
                  num_classes, len(train_ds), len(val_ds), plan.total_steps, plan.global_batch, plan.lr,
@@ -217,14 +215,15 @@ def run(cfg: FinetuneConfig, overwrite: bool = False) -> dict:
         if r.compile:  # after the EMA copy is made: a deep copy of a compiled model would call the original
             compile_model(accelerator.unwrap_model(model))
         engine = Engine(
-            accelerator, task, model, optimizer, scheduler, train_loader,
-            CheckpointManager(out / "checkpoints", keep_last=r.keep_last),
+            accelerator, task, model, optimizer, scheduler, train_loader, start.checkpoints(r.keep_last),
             LoopSettings(total_steps=plan.total_steps, clip_grad=o.clip_grad, log_every=r.log_every,
                          image_every=0, save_every=r.save_every, max_bad_steps=r.max_bad_steps, seed=r.seed,
                          progress=r.progress),
             metadata=metadata)
-        if start.resume is not None:
+        if start.resume is not None:  # a resumed state that does not fit is refused before anything is written
             engine.resume(start.resume)
+
+        open_run(start, cfg, overwrite)
         state = engine.fit()
         accelerator.end_training()
     return {
@@ -235,7 +234,7 @@ def run(cfg: FinetuneConfig, overwrite: bool = False) -> dict:
         "last_top1": task.last_metrics.get("val/top1", math.nan),
         "last_top5": task.last_metrics.get("val/top5", math.nan),
         "output": str(out),
-        "checkpoint": str(engine.last_good or engine.checkpoints.path_for(state.step)),
+        "checkpoint": str(engine.checkpoints.newest(state.step)),
         "best_checkpoint": str(engine.checkpoints.directory / "best.pt"),
         "main_process": accelerator.is_main_process,
         "skipped_files": state.skipped_files,

@@ -111,6 +111,10 @@ def plan_training(schedule: ScheduleConfig, optim: OptimConfig, batch_size: int,
                   batches_per_process: int | None) -> Plan:
     """``batches_per_process`` is the per-process loader length (None for a stream, which needs max_steps)."""
     global_batch = batch_size * num_processes * optim.accumulation_steps
+    if batches_per_process is not None and batches_per_process < optim.accumulation_steps:
+        # checked here, before the run directory is written, not when the loop first asks for an epoch
+        raise UserError(f"an epoch has {batches_per_process} batches per process, fewer than "
+                        f"optim.accumulation_steps {optim.accumulation_steps}; lower it or data.batch_size")
     if schedule.max_steps:
         total, per_epoch = schedule.max_steps, schedule.max_steps / schedule.epochs
     elif batches_per_process is None:

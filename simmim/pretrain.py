@@ -14,7 +14,6 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from simmim.checkpoint import CheckpointManager
 from simmim.config import PretrainConfig, to_dict
 from simmim.data import (
     MaskedImageDataset,
@@ -31,7 +30,7 @@ from simmim.models import SwinTransformerV2, compile_model, create_model
 from simmim.models.convert import encoder_state, load_pretrained
 from simmim.monitor import FeatureMonitor
 from simmim.optim import build_optimization, param_groups, plan_training
-from simmim.run_dir import open_run, start_run
+from simmim.run_dir import check_stream_layout, open_run, start_run
 from simmim.visualize import reconstruction_grid
 from simmim.weights import Weights, check_channels, geometry_metadata, read_weights, sha256, start_windows
 
@@ -161,14 +160,6 @@ def stream_layout(cfg: PretrainConfig, accelerator: Any) -> dict:
             "batch_size": cfg.data.batch_size, "accumulation_steps": cfg.optim.accumulation_steps}
 
 
-def check_stream_layout(saved: dict | None, now: dict) -> None:
-    if saved is not None and saved != now:
-        changed = ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in now.items() if saved.get(k) != v)
-        raise UserError(f"a stream resumes by position, which depends on processes, data.num_workers, "
-                         f"data.batch_size and optim.accumulation_steps; they changed ({changed}): resume with "
-                         "the settings of the interrupted run")
-
-
 def checkpoint_metadata(cfg: PretrainConfig, encoder: SwinTransformerV2, init: dict | None = None) -> dict:
     """What fine-tuning and export need to know about the pretrained encoder (plain data); ``init`` describes
     the weights a warm start began from."""
@@ -190,7 +181,7 @@ def run(cfg: PretrainConfig, overwrite: bool = False) -> dict:
     """
     r, o = cfg.run, cfg.optim
     with start_run(r.output, r.mixed_precision, r.resume, r.seed, o.accumulation_steps, overwrite,
-                   model_name=cfg.model.name) as start:
+                   model_name=cfg.model.name, data=cfg.data.path) as start:
         accelerator, out = start.accelerator, start.out
         init = None
         if cfg.init and start.resume is None:  # a resumed run has its warm start in its weights already
@@ -228,7 +219,6 @@ def run(cfg: PretrainConfig, overwrite: bool = False) -> dict:
         else:
             model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 
-        open_run(start, cfg, overwrite)
         log.info("pretraining %s at %dpx W%d: %d steps, global batch %d, lr %.3e, %d processes, %s precision",
                  cfg.model.name, cfg.model.img_size, cfg.model.window_size, plan.total_steps, plan.global_batch,
                  plan.lr, accelerator.num_processes, r.mixed_precision)
@@ -239,16 +229,17 @@ def run(cfg: PretrainConfig, overwrite: bool = False) -> dict:
         task = PretrainTask(cfg.data.mean, cfg.data.std, monitor=monitor, monitor_every=cfg.monitor.every,
                             main_process=accelerator.is_main_process)
         engine = Engine(
-            accelerator, task, model, optimizer, scheduler, loader,
-            CheckpointManager(out / "checkpoints", keep_last=r.keep_last),
+            accelerator, task, model, optimizer, scheduler, loader, start.checkpoints(r.keep_last),
             LoopSettings(total_steps=plan.total_steps, clip_grad=o.clip_grad, log_every=r.log_every,
                          image_every=r.image_every, save_every=r.save_every, max_bad_steps=r.max_bad_steps,
                          seed=r.seed, progress=r.progress),
             metadata={**checkpoint_metadata(cfg, encoder, init_meta),
                       "stream": stream_layout(cfg, accelerator) if stream else None},
-            image_dir=out / "images")
-        if start.resume is not None:
+            image_dir=out / "images", record=start.record)
+        if start.resume is not None:  # a resumed state that does not fit is refused before anything is written
             engine.resume(start.resume)
+
+        open_run(start, cfg, overwrite)
         state: TrainState = engine.fit()
         accelerator.end_training()
     return {
@@ -258,7 +249,7 @@ def run(cfg: PretrainConfig, overwrite: bool = False) -> dict:
         "skipped_steps": state.skipped_steps,
         "skipped_files": state.skipped_files,
         "output": str(out),
-        "checkpoint": str(engine.last_good or engine.checkpoints.path_for(state.step)),
+        "checkpoint": str(engine.checkpoints.newest(state.step)),
         "finite": state.last_loss is not None and math.isfinite(state.last_loss),
         "main_process": accelerator.is_main_process,
         "monitor": task.last_monitor,

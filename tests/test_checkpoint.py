@@ -9,9 +9,9 @@ from timm.scheduler import CosineLRScheduler
 
 from simmim.checkpoint import (
     CheckpointManager,
-    resolve_resume,
     save_checkpoint,
 )
+from simmim.run_dir import resolve_resume
 from simmim.weights import read_checkpoint
 
 
@@ -190,7 +190,7 @@ def test_read_checkpoint_errors_name_the_path(tmp_path):
 def test_resolve_resume(tmp_path, caplog):
     assert resolve_resume(None, tmp_path, load=read_checkpoint) is None
     assert resolve_resume("", tmp_path, load=read_checkpoint) is None
-    with caplog.at_level(logging.INFO, logger="simmim.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="simmim.run_dir"):
         assert resolve_resume("auto", tmp_path, load=read_checkpoint) is None
     assert "starts fresh" in caplog.text
 

@@ -83,10 +83,13 @@ def test_a_second_job_on_a_running_directory_is_refused_and_a_stale_lock_is_take
     first = start("hang_after_save:4", *args)
     try:
         wait_for(first, "CHECKPOINTED")
+        # the first job waits; its TensorBoard writer may still flush in the background: compare the rest
+        before = {k: v for k, v in snapshot(out).items() if not k.startswith("tensorboard")}
         for extra in ([], ["--resume", "auto"], ["--overwrite"]):
             assert main([*args, *extra]) == 2
             line = one_line_error(capsys)
             assert "in use by another job" in line and f"pid {first.pid}" in line
+        assert {k: v for k, v in snapshot(out).items() if not k.startswith("tensorboard")} == before
         assert (out / "checkpoints" / "ckpt-00000004.pt").is_file()
     finally:
         first.kill()
@@ -212,7 +215,7 @@ def test_truncated_and_foreign_safetensors_are_one_line_errors(tmp_path, capsys)
             assert main(command) == 2, command
             line = one_line_error(capsys)
             assert "not a readable safetensors file" in line and str(bad) in line, line
-    assert not (tmp_path / "ft").exists()
+    assert not (tmp_path / "ft").exists() and not (tmp_path / "x.onnx").exists()
 
 
 def test_export_never_writes_onto_its_source_or_an_existing_file(tmp_path, capsys):
@@ -237,10 +240,14 @@ def test_export_never_writes_onto_its_source_or_an_existing_file(tmp_path, capsy
 
 
 def test_resume_auto_starts_fresh_where_a_run_stopped_before_its_first_checkpoint(tmp_path):
+    from simmim.run_dir import Manifest
+
     out = tmp_path / "run"
     (out / "checkpoints").mkdir(parents=True)
     (out / "config.yaml").write_text("model: {}\n")  # what a run that died before saving leaves
     (out / "checkpoints" / "ckpt-00000003.pt.diverged").write_bytes(b"set aside")
+    Manifest(out).add([out / "config.yaml", out / "checkpoints" / "ckpt-00000003.pt.diverged"],
+                      [out / "checkpoints"])  # and its list of them
     assert main([*PRETRAIN, "--output", str(out), "schedule.max_steps=4", "--resume", "auto"]) == 0
     assert read_checkpoint(out / "checkpoints" / "ckpt-00000004.pt")["step"] == 4
     assert (out / "checkpoints" / "ckpt-00000003.pt.diverged").read_bytes() == b"set aside"
