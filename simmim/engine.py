@@ -34,6 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from simmim import signals
 from simmim.checkpoint import CheckpointManager
 from simmim.data import sample_seed
 from simmim.errors import RunStopped, UserError
@@ -90,6 +91,9 @@ class LoopSettings:
     max_bad_steps: int = 5
     seed: int = 0
     progress: bool = True
+    # in a distributed run the processes vote on a stop request (SIGTERM/SIGINT) every this many steps: a
+    # collective and a host sync, so not every step; a single process checks its own flag at every step
+    stop_vote_every: int = 5
 
 
 @dataclass
@@ -326,6 +330,9 @@ class Engine:
         t0, micro, grad_norm = time.perf_counter(), st.step * accum, None
         step_loss = torch.zeros((), device=acc.device)
         files = torch.zeros((), device=acc.device)
+        if st.step < s.total_steps and (signum := self._stop_agreed(force=True)):  # a signal during setup
+            bar.close()
+            self._stop(signum, before_first=True)
         with logging_redirect_tqdm(loggers=[logging.getLogger("simmim")]):
             for batch in self._micro_batches() if st.step < s.total_steps else ():
                 if micro % accum == 0:
@@ -349,7 +356,8 @@ class Engine:
                 step_loss, files = torch.zeros((), device=acc.device), torch.zeros((), device=acc.device)
                 bar.update(1)
                 final = st.step >= s.total_steps
-                save_due = st.step % s.save_every == 0 or final
+                stop = self._stop_agreed()  # SIGTERM/SIGINT: save as a periodic save would, then stop
+                save_due = st.step % s.save_every == 0 or final or stop is not None
                 if (st.step % s.log_every == 0 or st.step % s.max_bad_steps == 0 or final or save_due
                         or self._pending is not None):
                     t0 = self._sync(meter, grad_norm, t0, bar, log_now=st.step % s.log_every == 0 or final)
@@ -362,8 +370,39 @@ class Engine:
                     self._save_if_healthy(final)
                 if final:
                     break
+                if stop is not None:
+                    bar.close()
+                    self._stop(stop)
         bar.close()
         return st
+
+    # -- stopping when told (SIGTERM, SIGINT) ----------------------------------------------------------------
+
+    def _stop_agreed(self, force: bool = False) -> int | None:
+        """The signal that asks this run to stop now, agreed by every process (so all stop at the same step),
+        or None. A distributed run votes every ``stop_vote_every`` steps (and when ``force``)."""
+        asked = signals.requested()
+        if self.acc.num_processes == 1:
+            return asked
+        if not force and self.state.step % self.settings.stop_vote_every:
+            return None
+        vote = torch.tensor(asked or 0, device=self.acc.device)
+        return int(self.acc.reduce(vote, "max").item()) or None  # any process's signal stops all of them
+
+    def _stop(self, signum: int, before_first: bool = False) -> None:
+        """Raise :class:`StoppedBySignal` naming what this step saved (``fit`` saved it as a periodic save)."""
+        st, name = self.state, signals.signal_name(signum)
+        if before_first:  # nothing trained yet, so nothing new to save
+            where = (f"before training went on from step {st.step}; checkpoint {self.last_good} is unchanged"
+                     if self.last_good else "before the first step; no checkpoint to write")
+            raise signals.StoppedBySignal(f"stopped by {name} {where}; continue with --resume auto", signum)
+        if self._pending is not None and self._pending[0] == st.step:
+            kept = f"checkpoint {self._pending[1]}"
+        else:  # the health check refused to save non-finite numbers
+            kept = ("no checkpoint written (the loss or weights are non-finite now); "
+                    + (f"the last good checkpoint is {self.last_good}" if self.last_good else "no earlier checkpoint"))
+        raise signals.StoppedBySignal(f"stopped by {name} at step {st.step}; {kept}; continue with --resume auto",
+                                      signum)
 
     def _sync(self, meter: _Meter, grad_norm: torch.Tensor | None, t0: float, bar: Any, log_now: bool) -> float:
         """Read the device-side numbers (one host sync, one collective): count skipped steps and unreadable files,

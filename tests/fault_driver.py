@@ -4,6 +4,10 @@ FAULT is one of
     hang_after_save:STEP        after checkpoint STEP is written, print CHECKPOINTED and wait to be killed;
     hang_in_write:STEP          while checkpoint STEP is being written (half of it on disk), print WRITING and wait;
     kill_rank:RANK:STEP         the process of that rank SIGKILLs itself right after checkpoint STEP is written;
+    signal:NAMES:RANK:STEP      right after optimizer step STEP, the process of rank RANK (or every rank: all) sends
+                                itself the signals NAMES (comma-separated, e.g. TERM or INT,INT), prints SIGNALLED;
+    pause_at:STEP               right after optimizer step STEP, print PAUSED and wait until a stop signal arrives
+                                (for a test that signals from outside, e.g. the whole process group as Ctrl-C does);
     none                        no fault.
 """
 
@@ -63,6 +67,30 @@ def inject(fault: str) -> None:
             return original_save(obj, f, *a, **kw)
 
         checkpoint_module.torch.save = half_then_hang  # simmim.checkpoint's torch is the torch module
+    elif kind in ("signal", "pause_at"):
+        from simmim.engine import Engine
+
+        step_at = int(args[-1])
+        original_step = Engine._optimizer_step
+
+        def optimizer_step(self, loss):
+            out = original_step(self, loss)
+            if self.state.step + 1 != step_at:  # the loop counts the step right after this returns
+                return out
+            if kind == "pause_at":
+                from simmim import signals
+
+                print("PAUSED", flush=True)
+                deadline = time.monotonic() + 120
+                while signals.requested() is None and time.monotonic() < deadline:
+                    time.sleep(0.05)
+            elif args[1] in ("all", str(self.acc.process_index)):
+                for name in args[0].split(","):
+                    os.kill(os.getpid(), getattr(signal, f"SIG{name}"))
+                print("SIGNALLED", flush=True)
+            return out
+
+        Engine._optimizer_step = optimizer_step
     elif kind != "none":
         raise SystemExit(f"unknown fault {fault}")
 
