@@ -22,8 +22,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -39,6 +40,7 @@ from simmim.checkpoint import CheckpointManager
 from simmim.data import sample_seed
 from simmim.errors import RunStopped, UserError
 from simmim.models.convert import check_compatible
+from simmim.side_outputs import SideOutputs
 from simmim.weights import Weights
 
 log = logging.getLogger(__name__)
@@ -169,6 +171,7 @@ class Engine:
                                 and accelerator.mixed_precision != "fp16"
                                 and accelerator.distributed_type != DistributedType.DEEPSPEED)
         self._inner_optimizer = inner
+        self.side_outputs = SideOutputs()  # TensorBoard and pictures: a failed write warns once, never stops the run
 
     # -- checkpoints -----------------------------------------------------------------------------------------
 
@@ -445,7 +448,7 @@ class Engine:
             "train/skipped_steps": st.skipped_steps,
             "data/skipped_files": st.skipped_files,
         }
-        acc.log(scalars, step=st.step)
+        self._log_scalars(scalars)
         bar.set_postfix(loss=f"{window_loss:.4f}", lr=f"{scalars['train/lr']:.2e}")
         log.info("step %d/%d loss %.4f lr %.3e grad %.3f %.1f img/s skipped steps %d files %d", st.step,
                  s.total_steps, window_loss, scalars["train/lr"], norm, scalars["train/images_per_sec"],
@@ -466,7 +469,7 @@ class Engine:
 
     def _record(self, result: StepResult) -> None:
         if result.metrics:
-            self.acc.log(result.metrics, step=self.state.step)
+            self._log_scalars(result.metrics)
         self.metadata.update(result.meta)
         if result.save_as:
             self.save(name=result.save_as)
@@ -477,19 +480,33 @@ class Engine:
         from simmim.visualize import save_png
 
         images = self.task.log_images(self.acc.unwrap_model(self.model), batch, outputs)
-        writer = _tensorboard_writer(self.acc)
         for name, grid in images.items():
-            if writer is not None:
-                writer.add_image(name, grid, step)
+            if (tracker := _tensorboard_tracker(self.acc)) is not None:
+                self._tensorboard(partial(tracker.tracker.add_image, name, grid, step))
             if self.image_dir is not None:
-                try:
-                    save_png(grid, self.image_dir / f"{name.replace('/', '_')}_{step:08d}.png")
-                except OSError as err:  # a picture is never worth a run
-                    log.warning("could not write the %s image of step %d: %s", name, step, err)
+                path = self.image_dir / f"{name.replace('/', '_')}_{step:08d}.png"
+                self.side_outputs.write("images", self.image_dir, partial(save_png, grid, path))
+
+    # -- side outputs: logged for people, never worth a run --------------------------------------------------
+
+    def _log_scalars(self, scalars: dict[str, float]) -> None:
+        self._tensorboard(lambda: self.acc.log(scalars, step=self.state.step))
+
+    def _tensorboard(self, write: Callable[[], Any]) -> None:
+        """Write to TensorBoard; a failure (full disk...) warns once and ends TensorBoard logging for this run
+        (its writer is closed and removed from the accelerator, so ``end_training`` does not fail on it either)."""
+        tracker = _tensorboard_tracker(self.acc)
+
+        def drop() -> None:
+            self.acc.trackers.remove(tracker)
+            tracker.finish()
+
+        if tracker is not None:
+            self.side_outputs.write("tensorboard", getattr(tracker, "logging_dir", "tensorboard/"), write, drop)
+        else:  # other trackers, or none (non-main processes)
+            write()
 
 
-def _tensorboard_writer(acc: Accelerator) -> Any:
-    try:
-        return acc.get_tracker("tensorboard", unwrap=True)
-    except (ValueError, KeyError, AttributeError):
-        return None
+def _tensorboard_tracker(acc: Accelerator) -> Any:
+    """accelerate's TensorBoard tracker, or None (not the main process, or switched off after a failed write)."""
+    return next((t for t in acc.trackers if t.name == "tensorboard"), None)

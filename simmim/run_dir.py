@@ -30,6 +30,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 
 from simmim.checkpoint import CHECKPOINT_DIRNAME, pid_alive, resolve_resume
 from simmim.errors import UserError
+from simmim.side_outputs import LogFileHandler
 from simmim.weights import Weights, read_run_checkpoint
 
 log = logging.getLogger(__name__)
@@ -222,7 +223,7 @@ def setup_logging(log_file: str | Path | None, main_process: bool = True, level:
     handlers: list[logging.Handler] = [console]
     if log_file is not None and main_process:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(log_file)
+        file_handler = LogFileHandler(log_file)  # a failing write warns once, never stops the run
         file_handler.setFormatter(logging.Formatter(_FORMAT))
         handlers.append(file_handler)
         if held is not None:
