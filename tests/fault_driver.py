@@ -8,6 +8,7 @@ FAULT is one of
                                 itself the signals NAMES (comma-separated, e.g. TERM or INT,INT), prints SIGNALLED;
     pause_at:STEP               right after optimizer step STEP, print PAUSED and wait until a stop signal arrives
                                 (for a test that signals from outside, e.g. the whole process group as Ctrl-C does);
+    bug_in_step:STEP            the pretraining loss raises a ValueError (a stand-in for a bug) at micro-batch STEP;
     none                        no fault.
 """
 
@@ -91,6 +92,18 @@ def inject(fault: str) -> None:
             return out
 
         Engine._optimizer_step = optimizer_step
+    elif kind == "bug_in_step":
+        from simmim.pretrain import PretrainTask
+
+        call_at, calls, original_loss = int(args[0]), [], PretrainTask.loss
+
+        def loss(self, model, batch):
+            calls.append(1)
+            if len(calls) == call_at:
+                raise ValueError("injected bug: operands could not be broadcast together")
+            return original_loss(self, model, batch)
+
+        PretrainTask.loss = loss
     elif kind != "none":
         raise SystemExit(f"unknown fault {fault}")
 
