@@ -52,24 +52,32 @@ def test_sigterm_saves_at_the_step_releases_the_lock_and_resume_is_exact(tmp_pat
     assert_same_weights(final_weights(out), straight)
 
 
-def test_ctrl_c_reaches_the_data_workers_too_and_the_run_still_stops_cleanly(tmp_path, straight):
-    """A terminal's Ctrl-C signals the whole process group, DataLoader workers included: they must not die or
-    break the loader, the main process decides."""
+ACCUMULATED = [*RUN, "data.batch_size=4", "optim.accumulation_steps=2", "data.num_workers=2"]
+
+
+@pytest.mark.parametrize("start_method", ["fork", "forkserver"])  # Linux's default; Python 3.14's default
+def test_ctrl_c_in_the_middle_of_a_step_reaches_the_data_workers_too_and_the_run_still_stops_cleanly(
+        tmp_path, start_method):
+    """A terminal's Ctrl-C signals the whole process group, DataLoader workers included. The signal lands in the
+    first of a step's two micro-batches: the second must still come from the workers, which must not have died
+    of it (the main process decides); then the run saves that step."""
+    straight = tmp_path / "straight"
+    assert main([*ACCUMULATED, "--output", str(straight)]) == 0
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, DRIVER, "pause_at:5", "--", *RUN, "data.num_workers=2", "--output",
-                             str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=CPU_ENV,
-                            cwd=os.path.dirname(DRIVER), start_new_session=True)
+    proc = subprocess.Popen([sys.executable, DRIVER, "pause_at:9", "--", *ACCUMULATED, "--output", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=os.path.dirname(DRIVER),
+                            env={**CPU_ENV, "SIMMIM_TEST_START_METHOD": start_method}, start_new_session=True)
     try:
-        wait_for(proc, "PAUSED")
+        wait_for(proc, "PAUSED")  # in the forward of micro-batch 9 = the first half of step 5
         os.killpg(proc.pid, signal.SIGINT)
-        _, stderr = proc.communicate(timeout=120)
+        _, stderr = proc.communicate(timeout=200)
     finally:
         proc.kill()
     assert proc.returncode == 130, stderr[-3000:]  # 128 + SIGINT
     assert stop_line(stderr).startswith("error: stopped by SIGINT at step 5; checkpoint ")
     assert checkpoints(out) == ["ckpt-00000004.pt", "ckpt-00000005.pt"]
-    assert main([*RUN, "--output", str(out), "--resume", "auto"]) == 0  # workers do not change the samples
-    assert_same_weights(final_weights(out), straight)
+    assert main([*ACCUMULATED, "--output", str(out), "--resume", "auto"]) == 0
+    assert_same_weights(final_weights(out), final_weights(straight))
 
 
 @pytest.mark.parametrize("name,code", [("INT", -signal.SIGINT), ("TERM", -signal.SIGTERM)])
@@ -78,6 +86,7 @@ def test_a_second_signal_aborts_at_once_and_the_lock_dies_with_the_process(tmp_p
     proc = start(f"signal:{name},{name}:0:6", *RUN, "--output", str(out))
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == code, stderr[-3000:]  # killed by the signal: no save, no clean exit
+    assert f"received SIG{name}: finishing the current step" in stderr  # the first one was only noted
     assert checkpoints(out) == ["ckpt-00000004.pt"]  # the step-6 save never happened
     # SIGINT unwinds (KeyboardInterrupt) and removes the lock file; SIGTERM's default action leaves it, stale
     assert main([*RUN, "schedule.max_steps=6", "--output", str(out), "--resume", "auto"]) == 0
