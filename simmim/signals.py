@@ -7,7 +7,11 @@ and raises :class:`StoppedBySignal`, which the command line prints as one line a
 128 + the signal number (143 for SIGTERM, 130 for SIGINT), as shells report a process the signal killed.
 
 A second signal aborts at once: SIGINT raises ``KeyboardInterrupt``, SIGTERM takes its default action. The run's
-lock is a kernel lock (``lockf``), so it dies with the process either way.
+lock is a kernel lock (``lockf``), so it dies with the process either way. Not so under an elastic launcher
+(``torchrun``, ``accelerate launch``): it forwards the signal it gets to its workers, which have often received
+the same signal already (a terminal's Ctrl-C reaches the whole process group, SLURM signals every process of a
+job step), so a repeat is not a second request there; the launcher ends workers that outlive its own grace period
+(30 s) with SIGKILL.
 
 Handlers are installed in the main thread only (elsewhere the context does nothing) and the previous handlers are
 restored on exit, so a program can run many jobs in one process. Forked DataLoader workers inherit the handler
@@ -48,6 +52,8 @@ class StopRequest:
     def __init__(self) -> None:
         self.signum: int | None = None
         self._pid = os.getpid()
+        # torchrun sets TORCHELASTIC_RUN_ID in its workers: there a repeated signal is the launcher's forward
+        self.repeat_aborts = "TORCHELASTIC_RUN_ID" not in os.environ
         self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
@@ -62,16 +68,19 @@ class StopRequest:
     def _handle(self, signum: int, frame: Any) -> None:
         if os.getpid() != self._pid:  # a forked DataLoader worker: the main process decides when to stop
             return
-        if self.signum is not None:  # the second signal: the user does not want to wait
-            self.restore()
+        if self.signum is not None:
+            if not self.repeat_aborts:  # the launcher's forward of a signal already noted
+                return
+            self.restore()  # the second signal: the user does not want to wait
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
         self.signum = signum
-        log.warning("received %s: finishing the current step, then saving a checkpoint and stopping (send it "
-                    "again to abort at once, losing the steps since the last checkpoint)", signal_name(signum))
+        log.warning("received %s: finishing the current step, then saving a checkpoint and stopping%s",
+                    signal_name(signum), " (send it again to abort at once, losing the steps since the last "
+                    "checkpoint)" if self.repeat_aborts else "")
 
 
 _active: list[StopRequest] = []
