@@ -1,7 +1,8 @@
 """SIGTERM and SIGINT during training (issue 15 item 4): the run finishes its optimizer step, saves a checkpoint as a
 periodic save would, releases its lock, prints one line and exits 128 + the signal number; ``--resume auto`` then
-ends with exactly the weights of an uninterrupted run. A second signal aborts at once. Runs use swinv2_pico at
-32 px; the subprocess runs go through tests/fault_driver.py."""
+ends with exactly the weights of an uninterrupted run. A second signal aborts at once (under torchrun a repeat is
+the launcher's forward and is ignored). Runs use swinv2_pico at 32 px; the subprocess runs go through
+tests/fault_driver.py."""
 
 import os
 import signal
