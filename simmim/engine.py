@@ -360,6 +360,9 @@ class Engine:
                 bar.update(1)
                 final = st.step >= s.total_steps
                 stop = self._stop_agreed()  # SIGTERM/SIGINT: save as a periodic save would, then stop
+                if stop is not None:  # every process says so (before the save's barrier, so before any exits)
+                    log.warning("step %d: stopping on %s (process %d of %d); saving a checkpoint first", st.step,
+                                signals.signal_name(stop), acc.process_index, acc.num_processes)
                 save_due = st.step % s.save_every == 0 or final or stop is not None
                 if (st.step % s.log_every == 0 or st.step % s.max_bad_steps == 0 or final or save_due
                         or self._pending is not None):
