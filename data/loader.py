@@ -14,6 +14,7 @@ from typing import Any
 from torch.utils.data import DataLoader, IterableDataset
 
 from simmim.errors import UserError
+from simmim.signals import ignore_in_worker
 
 from .sampler import EpochSampler
 
@@ -34,5 +35,7 @@ def make_loader(dataset: Any, batch_size: int, num_workers: int = 0, seed: int =
         raise UserError(f"num_workers must be >= 0, got {num_workers} (data.num_workers)")
     sampler = None if isinstance(dataset, IterableDataset) else EpochSampler(len(dataset), seed, shuffle)
     extra = {"prefetch_factor": prefetch_factor} if num_workers > 0 and prefetch_factor else {}
+    if num_workers > 0:  # a stop signal is the main process's to handle (simmim.signals), not the workers'
+        extra["worker_init_fn"] = ignore_in_worker
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last,
                       pin_memory=pin_memory, persistent_workers=num_workers > 0, **extra)

@@ -337,21 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunStopped as err:  # stopped for a reason outside the code: what was kept and how to go on
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
-    except Exception:  # a bug: its traceback goes to the run's train.log too, then to the console as usual
-        _log_bug()
-        raise
-
-
-def _log_bug() -> None:
-    """Write the exception being handled to every log file the run opened (``train.log``), marked as a bug."""
-    import logging
-
-    for handler in logging.getLogger("simmim").handlers:
-        if isinstance(handler, logging.FileHandler):
-            record = logging.LogRecord("simmim", logging.CRITICAL, __file__, 0, "unexpected error (a bug, not a "
-                                       "problem with your input; please report it with this traceback)", None,
-                                       sys.exc_info())
-            handler.handle(record)
+    # anything else is a bug: Python shows its traceback and exits 1 (a run also wrote it into its train.log)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -34,12 +35,14 @@ from torch import nn
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from simmim import signals
 from simmim.data import sample_seed
 from simmim.errors import UserError
 from simmim.models.convert import check_compatible
 from simmim.run_dir import CheckpointPolicy
 from simmim.run_dir import CheckpointWriteError as CheckpointWriteError  # re-exported: raised by the policy
 from simmim.run_dir import NonFiniteLossError as NonFiniteLossError
+from simmim.side_outputs import SideOutputs
 from simmim.weights import Weights
 
 log = logging.getLogger(__name__)
@@ -84,6 +87,9 @@ class LoopSettings:
     max_bad_steps: int = 5
     seed: int = 0
     progress: bool = True
+    # in a distributed run the processes vote on a stop request (SIGTERM/SIGINT) every this many steps: a
+    # collective and a host sync, so not every step; a single process checks its own flag at every step
+    stop_vote_every: int = 5
 
 
 @dataclass
@@ -156,6 +162,7 @@ class Engine:
         self._skip_on_device = (can_skip_on_device(inner) and accelerator.mixed_precision != "fp16"
                                 and accelerator.distributed_type != DistributedType.DEEPSPEED)
         self._inner_optimizer = inner
+        self.side_outputs = SideOutputs()  # TensorBoard and pictures: a failed write warns once, never stops the run
 
     # -- checkpoints -----------------------------------------------------------------------------------------
 
@@ -297,6 +304,9 @@ class Engine:
         t0, micro, grad_norm = time.perf_counter(), st.step * accum, None
         step_loss = torch.zeros((), device=acc.device)
         files = torch.zeros((), device=acc.device)
+        if st.step < s.total_steps and (signum := self._stop_agreed(force=True)):  # a signal during setup
+            bar.close()
+            self._stop(signum, before_first=True)
         with logging_redirect_tqdm(loggers=[logging.getLogger("simmim")]):
             for batch in self._micro_batches() if st.step < s.total_steps else ():
                 if micro % accum == 0:
@@ -320,7 +330,11 @@ class Engine:
                 step_loss, files = torch.zeros((), device=acc.device), torch.zeros((), device=acc.device)
                 bar.update(1)
                 final = st.step >= s.total_steps
-                save_due = st.step % s.save_every == 0 or final
+                stop = self._stop_agreed()  # SIGTERM/SIGINT: save as a periodic save would, then stop
+                if stop is not None:  # every process says so (before the save's barrier, so before any exits)
+                    log.warning("step %d: stopping on %s (process %d of %d); saving a checkpoint first", st.step,
+                                signals.signal_name(stop), acc.process_index, acc.num_processes)
+                save_due = st.step % s.save_every == 0 or final or stop is not None
                 if (st.step % s.log_every == 0 or st.step % s.max_bad_steps == 0 or final or save_due
                         or self.checkpoints.pending is not None):
                     t0 = self._sync(meter, grad_norm, t0, bar, log_now=st.step % s.log_every == 0 or final)
@@ -333,8 +347,41 @@ class Engine:
                     self.save_if_healthy(final)
                 if final:
                     break
+                if stop is not None:
+                    bar.close()
+                    self._stop(stop)
         bar.close()
         return st
+
+    # -- stopping when told (SIGTERM, SIGINT) ----------------------------------------------------------------
+
+    def _stop_agreed(self, force: bool = False) -> int | None:
+        """The signal that asks this run to stop now, agreed by every process (so all stop at the same step),
+        or None. A distributed run votes every ``stop_vote_every`` steps (and when ``force``)."""
+        asked = signals.requested()
+        if self.acc.num_processes == 1:
+            return asked
+        if not force and self.state.step % self.settings.stop_vote_every:
+            return None
+        vote = torch.tensor(asked or 0, device=self.acc.device)
+        return int(self.acc.reduce(vote, "max").item()) or None  # any process's signal stops all of them
+
+    def _stop(self, signum: int, before_first: bool = False) -> None:
+        """Raise :class:`StoppedBySignal` naming what this step saved (``fit`` saved it as a periodic save)."""
+        st, name = self.state, signals.signal_name(signum)
+        if before_first:  # nothing trained yet, so nothing new to save
+            last_good = self.checkpoints.last_good
+            where = (f"before training went on from step {st.step}; checkpoint {last_good} is unchanged"
+                     if last_good else "before the first step; no checkpoint to write")
+            raise signals.StoppedBySignal(f"stopped by {name} {where}; continue with --resume auto", signum)
+        if self.checkpoints.pending is not None and self.checkpoints.pending[0] == st.step:
+            kept = f"checkpoint {self.checkpoints.pending[1]}"
+        else:  # the health check refused to save non-finite numbers
+            kept = ("no checkpoint written (the loss or weights are non-finite now); "
+                    + (f"the last good checkpoint is {self.checkpoints.last_good}" if self.checkpoints.last_good
+                       else "no earlier checkpoint"))
+        raise signals.StoppedBySignal(f"stopped by {name} at step {st.step}; {kept}; continue with --resume auto",
+                                      signum)
 
     def _sync(self, meter: _Meter, grad_norm: torch.Tensor | None, t0: float, bar: Any, log_now: bool) -> float:
         """Read the device-side numbers (one host sync, one collective): count skipped steps and unreadable files,
@@ -370,7 +417,7 @@ class Engine:
             "train/skipped_steps": st.skipped_steps,
             "data/skipped_files": st.skipped_files,
         }
-        acc.log(scalars, step=st.step)
+        self._log_scalars(scalars)
         bar.set_postfix(loss=f"{window_loss:.4f}", lr=f"{scalars['train/lr']:.2e}")
         log.info("step %d/%d loss %.4f lr %.3e grad %.3f %.1f img/s skipped steps %d files %d", st.step,
                  s.total_steps, window_loss, scalars["train/lr"], norm, scalars["train/images_per_sec"],
@@ -380,7 +427,7 @@ class Engine:
 
     def _record(self, result: StepResult) -> None:
         if result.metrics:
-            self.acc.log(result.metrics, step=self.state.step)
+            self._log_scalars(result.metrics)
         self.metadata.update(result.meta)
         if result.save_as:
             self.save(name=result.save_as)
@@ -391,24 +438,37 @@ class Engine:
         from simmim.visualize import save_png
 
         images = self.task.log_images(self.acc.unwrap_model(self.model), batch, outputs)
-        writer = _tensorboard_writer(self.acc)
         for name, grid in images.items():
-            if writer is not None:
-                writer.add_image(name, grid, step)
+            if (tracker := _tensorboard_tracker(self.acc)) is not None:
+                self._tensorboard(partial(tracker.tracker.add_image, name, grid, step))
             if self.image_dir is not None:
-                try:
-                    path = self.image_dir / f"{name.replace('/', '_')}_{step:08d}.png"
-                    self.record(path)
-                    save_png(grid, path)
-                except OSError as err:  # a picture is never worth a run
-                    log.warning("could not write the %s image of step %d: %s", name, step, err)
+                path = self.image_dir / f"{name.replace('/', '_')}_{step:08d}.png"
+                self.record(path)
+                self.side_outputs.write("images", self.image_dir, partial(save_png, grid, path))
+
+    # -- side outputs: logged for people, never worth a run --------------------------------------------------
+
+    def _log_scalars(self, scalars: dict[str, float]) -> None:
+        self._tensorboard(lambda: self.acc.log(scalars, step=self.state.step))
+
+    def _tensorboard(self, write: Callable[[], Any]) -> None:
+        """Write to TensorBoard; a failure (full disk...) warns once and ends TensorBoard logging for this run
+        (its writer is closed and removed from the accelerator, so ``end_training`` does not fail on it either)."""
+        tracker = _tensorboard_tracker(self.acc)
+
+        def drop() -> None:
+            self.acc.trackers.remove(tracker)
+            tracker.finish()
+
+        if tracker is not None:
+            self.side_outputs.write("tensorboard", getattr(tracker, "logging_dir", "tensorboard/"), write, drop)
+        else:  # other trackers, or none (non-main processes)
+            write()
 
 
-def _tensorboard_writer(acc: Accelerator) -> Any:
-    try:
-        return acc.get_tracker("tensorboard", unwrap=True)
-    except (ValueError, KeyError, AttributeError):
-        return None
+def _tensorboard_tracker(acc: Accelerator) -> Any:
+    """accelerate's TensorBoard tracker, or None (not the main process, or switched off after a failed write)."""
+    return next((t for t in acc.trackers if t.name == "tensorboard"), None)
 
 
 def can_skip_on_device(optimizer: Any) -> bool:

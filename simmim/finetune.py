@@ -26,6 +26,7 @@ from simmim.models import SwinTransformerV2, compile_model, create_model
 from simmim.models.convert import load_pretrained
 from simmim.optim import build_optimization, param_groups, plan_training
 from simmim.run_dir import open_run, start_run
+from simmim.signals import stops_on_signals
 from simmim.weights import Weights, check_channels, geometry_metadata, read_weights, sha256, start_windows
 
 log = logging.getLogger(__name__)
@@ -179,6 +180,7 @@ def finetune_metadata(cfg: FinetuneConfig, model: SwinTransformerV2, classes: li
     }
 
 
+@stops_on_signals  # SIGTERM/SIGINT: finish the step, save, exit 128 + signal
 def run(cfg: FinetuneConfig, overwrite: bool = False) -> dict:
     """Fine-tune as configured. Returns a summary (steps, best/last top-1, output paths). Inputs are checked
     before anything is written; ``overwrite`` replaces another run found in ``run.output``."""

@@ -31,6 +31,7 @@ from simmim.models.convert import encoder_state, load_pretrained
 from simmim.monitor import FeatureMonitor
 from simmim.optim import build_optimization, param_groups, plan_training
 from simmim.run_dir import check_stream_layout, open_run, start_run
+from simmim.signals import stops_on_signals
 from simmim.visualize import reconstruction_grid
 from simmim.weights import Weights, check_channels, geometry_metadata, read_weights, sha256, start_windows
 
@@ -173,6 +174,7 @@ def checkpoint_metadata(cfg: PretrainConfig, encoder: SwinTransformerV2, init: d
     }
 
 
+@stops_on_signals  # SIGTERM/SIGINT: finish the step, save, exit 128 + signal
 def run(cfg: PretrainConfig, overwrite: bool = False) -> dict:
     """Pretrain as configured. Returns a summary (steps, first/last loss, output paths).
 

@@ -76,6 +76,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 from simmim.checkpoint import CHECKPOINT_DIRNAME, CheckpointManager, pid_alive, write_atomic
 from simmim.data.file_index import RUN_MANIFEST as MANIFEST_NAME  # data scans skip folders holding it
 from simmim.errors import InputNotFoundError, RunStopped, UserError
+from simmim.side_outputs import LogFileHandler
 from simmim.weights import Weights, read_run_checkpoint
 
 log = logging.getLogger(__name__)
@@ -515,7 +516,7 @@ def setup_logging(log_file: str | Path | None, main_process: bool = True, level:
     handlers: list[logging.Handler] = [console]
     if log_file is not None and main_process:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(log_file)
+        file_handler = LogFileHandler(log_file)  # a failing write warns once, never stops the run
         file_handler.setFormatter(logging.Formatter(_FORMAT))
         handlers.append(file_handler)
         if held is not None:
@@ -528,6 +529,22 @@ def setup_logging(log_file: str | Path | None, main_process: bool = True, level:
     for h in handlers:
         h._simmim = True  # type: ignore[attr-defined]
         logger.addHandler(h)
+
+
+def close_logging() -> None:
+    """Remove and close the handlers :func:`setup_logging` added (at the end of a run)."""
+    logger = logging.getLogger("simmim")
+    for h in list(logger.handlers):
+        if getattr(h, "_simmim", False):
+            logger.removeHandler(h)
+            h.close()
+
+
+def _log_to_files(level: int, message: str, exc_info: Any = None) -> None:
+    """Write one record to the log files of the run (``train.log``) only, not to the console."""
+    for h in logging.getLogger("simmim").handlers:
+        if isinstance(h, logging.FileHandler):
+            h.handle(logging.LogRecord("simmim", level, __file__, 0, message, None, exc_info))
 
 
 def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -721,18 +738,27 @@ def start_run(output: str | Path, mixed_precision: str, resume: str | None, seed
     accelerator = make_accelerator(out, mixed_precision, accumulation_steps)
     setup_logging(None, main_process=accelerator.is_main_process)  # console only until the directory opens
     run_dir = RunDir(out, main_process=accelerator.is_main_process)
-    with run_dir:
-        _agree(accelerator, run_dir.acquire)  # the main process locks for every rank of the run
-        found = resolve_resume(resume, out, load=lambda p: read_run_checkpoint(p, "--resume", resume=True))
-        weights = found[1] if found else None
-        _agree(accelerator, lambda: run_dir.check_reuse(weights.path if weights else None, overwrite,
-                                                        resume_asked=str(resume) == "auto"))
-        if weights is not None and model_name and weights.meta.get("model") != model_name:
-            raise UserError(f"resume checkpoint {weights.path} holds a {weights.meta.get('model')} model, the "
-                            f"config asks for {model_name} (was the model config changed?); resume with "
-                            "model.name set as in that run, or start a new run in another --output")
-        set_seed(seed)
-        yield RunStart(run_dir, accelerator, weights)
+    try:
+        with run_dir:
+            _agree(accelerator, run_dir.acquire)  # the main process locks for every rank of the run
+            found = resolve_resume(resume, out, load=lambda p: read_run_checkpoint(p, "--resume", resume=True))
+            weights = found[1] if found else None
+            _agree(accelerator, lambda: run_dir.check_reuse(weights.path if weights else None, overwrite,
+                                                            resume_asked=str(resume) == "auto"))
+            if weights is not None and model_name and weights.meta.get("model") != model_name:
+                raise UserError(f"resume checkpoint {weights.path} holds a {weights.meta.get('model')} model, the "
+                                f"config asks for {model_name} (was the model config changed?); resume with "
+                                "model.name set as in that run, or start a new run in another --output")
+            set_seed(seed)
+            yield RunStart(run_dir, accelerator, weights)
+    except (UserError, RunStopped):
+        raise
+    except Exception:  # a bug: its traceback goes into train.log too (the console shows it as Python does)
+        _log_to_files(logging.CRITICAL, "unexpected error (a bug, not a problem with your input; please report it "
+                      "with this traceback)", exc_info=sys.exc_info())
+        raise
+    finally:
+        close_logging()  # the run's handlers end with it: no open train.log, no console bound to an old stderr
 
 
 def open_run(start: RunStart, config: Any, overwrite: bool = False) -> None:
