@@ -14,10 +14,10 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
 _LAZY = {  # public name -> the module that defines it
-    "SimMIM": "simmim.model",
-    "SimMIMOutput": "simmim.model",
-    "masked_l1_loss": "simmim.model",
-    "normalize_target": "simmim.model",
+    "SimMIM": "simmim.masked_modeling",
+    "SimMIMOutput": "simmim.masked_modeling",
+    "masked_l1_loss": "simmim.masked_modeling",
+    "normalize_target": "simmim.masked_modeling",
     "load_encoder": "simmim.weights",
 }
 

@@ -33,7 +33,7 @@ from simmim.config_loader import (
     to_dict,
 )
 from simmim.errors import UserError
-from simmim.model import check_norm_target_window
+from simmim.masked_modeling import check_norm_target_window
 from simmim.models import variant_geometry
 
 __all__ = [
@@ -177,7 +177,7 @@ class ScheduleConfig(Section):
 @dataclass(frozen=True)
 class SimMIMConfig(Section):
     norm_target: bool = True  # per-pixel normalised target, on in the official SwinV2 recipe
-    # odd sliding window of the target normalisation; its rule is simmim.model.check_norm_target_window's
+    # odd sliding window of the target normalisation; its rule is simmim.masked_modeling.check_norm_target_window's
     norm_target_window: Int = 47
 
 

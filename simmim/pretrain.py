@@ -25,7 +25,7 @@ from simmim.data import (
 )
 from simmim.engine import Engine, LoopSettings, StepResult, TrainState
 from simmim.errors import UserError
-from simmim.model import SimMIM, normalize_target
+from simmim.masked_modeling import SimMIM, normalize_target
 from simmim.models import SwinTransformerV2, compile_model, create_model
 from simmim.models.convert import encoder_state, load_pretrained
 from simmim.monitor import FeatureMonitor

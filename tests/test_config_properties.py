@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from simmim.config import ConfigError, FinetuneConfig, PretrainConfig, Range, load_config
 
 # number fields whose rule is not a range but a named function of the library (tested through EXPECTED below)
-RULES = {"simmim.norm_target_window": "simmim.model.check_norm_target_window"}
+RULES = {"simmim.norm_target_window": "simmim.masked_modeling.check_norm_target_window"}
 FAST = settings(max_examples=12, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 NUMBER = (int, float)
 

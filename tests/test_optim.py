@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from simmim.model import SimMIM
+from simmim.masked_modeling import SimMIM
 from simmim.models import create_model
 from simmim.optim import build_optimizer, build_scheduler, layer_id, param_groups, takes_weight_decay
 

@@ -191,7 +191,7 @@ def _meta_step(model: torch.nn.Module, loss: torch.Tensor, groups_of, schedule, 
 
 
 def _pretrain_step_on_meta(cfg: PretrainConfig) -> None:
-    from simmim.model import SimMIM
+    from simmim.masked_modeling import SimMIM
     from simmim.optim import param_groups
     from simmim.pretrain import build_dataset, build_encoder
 

@@ -1,5 +1,5 @@
-"""Tests for the SimMIM wrapper (simmim.model): the masked L1 loss, the normalised target, the state-dict layout,
-that masked pixels cannot leak into the encoder, and that a few optimizer steps learn."""
+"""Tests for the SimMIM wrapper (simmim.masked_modeling): the masked L1 loss, the normalised target, the state-dict
+layout, that masked pixels cannot leak into the encoder, and that a few optimizer steps learn."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from conftest import perturb_
 
 from simmim.data import MaskGenerator
-from simmim.model import SimMIM, SimMIMOutput, masked_l1_loss, normalize_target
+from simmim.masked_modeling import SimMIM, SimMIMOutput, masked_l1_loss, normalize_target
 from simmim.models import create_model
 
 IMG, PATCH, GRID, STRIDE, FEATURES = 64, 4, 16, 32, 128  # swinv2_pico at 64 px: 16x16 tokens, 128 final channels

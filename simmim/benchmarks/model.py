@@ -27,7 +27,7 @@ from torch import nn
 
 from simmim.benchmarks.report import Section
 from simmim.errors import UserError
-from simmim.model import SimMIM, masked_l1_loss
+from simmim.masked_modeling import SimMIM, masked_l1_loss
 from simmim.models import VARIANTS, SwinTransformerV2, create_model
 
 RECOMPUTE_MODES = ("none", "attention", "full", "sequential")  # "sequential" = sequential attention, no recompute
