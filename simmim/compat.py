@@ -19,6 +19,8 @@ epilogue)                                           linear.py
 ``Tensor._version`` (in-place change counter)       backbone    no inference cache of the position bias
 ``torch.fx._symbolic_trace.is_fx_symbolic_tracing`` models/     ``is_fx_tracing`` from the same module, then
                                                     tracing.py  "never tracing" (fx tracing of the model fails)
+``Optimizer.found_inf`` read by the fused AdamW     engine.py   the step is skipped after a host sync (one per
+(GradScaler's hook; set to skip a step)                         step) instead of on the device
 ``AcceleratorState._shared_state/_reset_state``     run_dir.py  RuntimeError: a second run in one process with
                                                                 other settings cannot be opened
 ``timm.models._features.feature_take_indices``      backbone    RuntimeError at ``forward_intermediates``
@@ -153,6 +155,45 @@ is_fx_symbolic_tracing: Callable[[], bool] = _fx_symbolic_tracing()
 is_exporting: Callable[[], bool] = getattr(torch.compiler, "is_exporting", torch.compiler.is_compiling)
 
 
+@functools.cache
+def _check_fused_found_inf() -> str | None:
+    """Why a fused AdamW cannot skip a step on the device through ``found_inf``, or None: one tiny step with
+    ``found_inf`` set must leave the parameter alone, one with it cleared must move it."""
+    p = torch.nn.Parameter(torch.ones(2))
+    try:
+        opt = torch.optim.AdamW([p], lr=0.1, fused=True)
+        for flag, moves in ((1.0, False), (0.0, True)):
+            p.grad = torch.ones(2)
+            before = p.detach().clone()
+            opt.found_inf = torch.tensor(flag)  # type: ignore[attr-defined]
+            opt.step()
+            if (not torch.equal(before, p.detach())) != moves:
+                return f"{_torch()}: the fused AdamW ignores found_inf={flag:g}"
+    except (RuntimeError, TypeError) as err:
+        return f"{_torch()}: fused AdamW with found_inf fails ({str(err).splitlines()[0][:120]})"
+    return None
+
+
+def can_skip_on_device(optimizer: Any) -> bool:
+    """Whether ``optimizer`` (the torch one, unwrapped) can skip a step on the device: torch's fused Adam/AdamW,
+    where :func:`skip_step_on_device` is known to work (checked once; else the engine decides on the host)."""
+    if not (isinstance(optimizer, torch.optim.Optimizer) and optimizer.defaults.get("fused") is True):
+        return False
+    return _record("torch.optim.AdamW(fused=True).found_inf", _check_fused_found_inf(),
+                   "a non-finite step is skipped after a host sync instead of on the device")
+
+
+def skip_step_on_device(optimizer: torch.optim.Optimizer, ok: torch.Tensor) -> None:
+    """Make the next ``optimizer.step()`` a no-op on the device where ``ok`` is False, with no host sync.
+
+    This relies on a torch internal that GradScaler uses: the fused Adam/AdamW set ``_step_supports_amp_scaling``
+    and their ``step()`` passes ``getattr(self, "found_inf", None)`` to the fused kernel, which leaves parameters
+    and moments unchanged where ``found_inf`` is non-zero (tests/test_pretrain.py's non-finite tests fail if a
+    skipped step moves the weights).
+    """
+    optimizer.found_inf = (~ok).float()  # type: ignore[attr-defined]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # timm
 
@@ -239,4 +280,5 @@ def reset_accelerator_state() -> None:
 def problems() -> dict[str, str]:
     """Every private API above that cannot be used with the installed libraries: name -> why (empty: all work)."""
     _check_accelerator_reset()
+    can_skip_on_device(torch.optim.AdamW([torch.nn.Parameter(torch.ones(1))], fused=True))
     return {name: problem for name, problem in _PROBLEMS.items() if problem is not None}

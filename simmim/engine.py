@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from simmim import signals
+from simmim.compat import can_skip_on_device, skip_step_on_device
 from simmim.data import sample_seed
 from simmim.errors import UserError
 from simmim.models.convert import check_compatible
@@ -469,19 +470,3 @@ class Engine:
 def _tensorboard_tracker(acc: Accelerator) -> Any:
     """accelerate's TensorBoard tracker, or None (not the main process, or switched off after a failed write)."""
     return next((t for t in acc.trackers if t.name == "tensorboard"), None)
-
-
-def can_skip_on_device(optimizer: Any) -> bool:
-    """Whether ``optimizer`` (the torch one, unwrapped) can skip a step on the device: torch's fused Adam/AdamW."""
-    return isinstance(optimizer, torch.optim.Optimizer) and optimizer.defaults.get("fused") is True
-
-
-def skip_step_on_device(optimizer: torch.optim.Optimizer, ok: torch.Tensor) -> None:
-    """Make the next ``optimizer.step()`` a no-op on the device where ``ok`` is False, with no host sync.
-
-    This relies on a torch internal that GradScaler uses: the fused Adam/AdamW set ``_step_supports_amp_scaling``
-    and their ``step()`` passes ``getattr(self, "found_inf", None)`` to the fused kernel, which leaves parameters
-    and moments unchanged where ``found_inf`` is non-zero (tests/test_pretrain.py's non-finite tests fail if a
-    skipped step moves the weights).
-    """
-    optimizer.found_inf = (~ok).float()  # type: ignore[attr-defined]

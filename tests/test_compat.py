@@ -17,7 +17,7 @@ from simmim.models import create_model
 
 def test_every_private_api_works_on_the_installed_versions():
     assert compat.problems() == {}  # an upgrade that breaks one fails here, even where a fallback hides it
-    assert len(compat._PROBLEMS) == 7
+    assert len(compat._PROBLEMS) == 8
     for name in compat._PROBLEMS:  # each is listed in the module's table, the one place a maintainer reads
         assert name.rsplit(".", 1)[-1] in compat.__doc__, name
 
@@ -118,3 +118,26 @@ def test_timm_helpers_fall_back_or_fail_naming_the_version(monkeypatch):
     monkeypatch.setattr(compat, "_feature_take_indices", fail)
     with pytest.raises(RuntimeError, match=f"timm {timm.__version__}: gone"):
         model.forward_intermediates(torch.randn(1, 3, 64, 64))
+
+
+def test_the_found_inf_check_catches_a_fused_step_that_ignores_it(monkeypatch):
+    """The engine skips non-finite steps on the device through ``found_inf``; a torch whose fused AdamW stopped
+    reading it must be caught by the check (the engine then decides on the host), not silently train on NaNs."""
+    original = torch.optim.AdamW.step
+
+    def ignoring_found_inf(self, *args, **kwargs):
+        self.__dict__.pop("found_inf", None)
+        return original(self, *args, **kwargs)
+
+    compat._check_fused_found_inf.cache_clear()
+    try:
+        assert compat._check_fused_found_inf() is None  # the installed torch honours it
+        compat._check_fused_found_inf.cache_clear()
+        monkeypatch.setattr(torch.optim.AdamW, "step", ignoring_found_inf)
+        assert "ignores found_inf=1" in compat._check_fused_found_inf()
+        fused = torch.optim.AdamW([torch.nn.Parameter(torch.ones(1))], fused=True)
+        assert not compat.can_skip_on_device(fused)
+        assert "found_inf" in " ".join(compat.problems())
+    finally:
+        compat._check_fused_found_inf.cache_clear()
+        compat._PROBLEMS.pop("torch.optim.AdamW(fused=True).found_inf", None)

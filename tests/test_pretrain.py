@@ -158,7 +158,7 @@ def test_unreadable_files_are_skipped_and_counted(tmp_path, capsys):
 
 
 def test_non_finite_losses_skip_steps_then_stop_with_the_last_good_checkpoint(tmp_path, monkeypatch):
-    from simmim import model as model_module
+    from simmim import masked_modeling as model_module
 
     original = model_module.SimMIM.forward
     calls = {"n": 0}
