@@ -161,16 +161,19 @@ def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step_and_resume_is_exa
                               env=CPU_ENV, capture_output=True, text=True, timeout=300)
     assert straight.returncode == 0, straight.stderr[-3000:]
     out = tmp_path / "run"
-    proc = subprocess.run(torchrun(2, DRIVER, "signal:TERM,TERM:0:3", "--", *args, "--output", str(out)), env=CPU_ENV,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0 and "SIGNALLED" in proc.stdout, proc.stderr[-3000:]
-    stopping = {line.split("(process ")[1] for line in proc.stderr.splitlines()
-                if "step 5: stopping on SIGTERM (process " in line}
-    assert stopping == {"0 of 2); saving a checkpoint first", "1 of 2); saving a checkpoint first"}, \
-        proc.stderr[-3000:]  # both ranks, the same step
+    logs = tmp_path / "logs"  # each rank's output in its own files: on one shared stderr their lines interleave
+    proc = subprocess.run(torchrun(2, "--log-dir", str(logs), "--redirects", "3", DRIVER, "signal:TERM,TERM:0:3", "--",
+                                   *args, "--output", str(out)), env=CPU_ENV, capture_output=True, text=True,
+                          timeout=300)
+    ranks = {int(f.parent.name): f.read_text() for f in logs.rglob("stderr.log")}
+    printed = {int(f.parent.name): f.read_text() for f in logs.rglob("stdout.log")}
+    assert proc.returncode != 0 and "SIGNALLED" in printed.get(0, ""), proc.stderr[-3000:]
+    for rank in (0, 1):  # both ranks, the same step
+        assert f"step 5: stopping on SIGTERM (process {rank} of 2); saving a checkpoint first" in ranks[rank], \
+            ranks[rank][-3000:]
     # rank 0's one line (rank 1's too unless torchrun, seeing rank 0 exit first, ends it before it prints)
-    stops = [line for line in proc.stderr.splitlines() if "error: stopped by SIGTERM" in line]
-    assert stops and all("at step 5; checkpoint" in line for line in stops), proc.stderr[-3000:]
+    stops = [line for text in ranks.values() for line in text.splitlines() if "error: stopped by SIGTERM" in line]
+    assert stops and all("at step 5; checkpoint" in line for line in stops), ranks
     assert checkpoints(out) == ["ckpt-00000004.pt", "ckpt-00000005.pt"]
     assert not (out / ".lock").exists()
     resumed = subprocess.run(torchrun(2, "-m", "simmim", *args, "--output", str(out), "--resume", "auto"),
