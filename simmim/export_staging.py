@@ -27,15 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from simmim.checkpoint import pid_alive
-from simmim.errors import RunStopped
+from simmim.errors import DISK_ERRORS, SPACE_ERRORS, RunStopped, disk_errno
 
 log = logging.getLogger(__name__)
 
-# errors of the disk being written (not of the code): reported as RunStopped, one line, naming the path
-DISK_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
-               errno.EFBIG: "file too large for the file system", errno.EROFS: "read-only file system",
-               errno.EACCES: "permission denied", errno.EPERM: "operation not permitted"}
-SPACE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # the others need another --out, not space
 _STAGE = re.compile(r"\.(?P<name>.+)\.export-(?P<pid>\d+)")
 
 
@@ -50,25 +45,6 @@ class _Signalled(BaseException):
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
-
-
-def disk_errno(err: BaseException) -> int | None:
-    """The errno of a disk error behind ``err``: an OSError in its chain (torch.save wraps it in a RuntimeError), or
-    the ``(os error N)`` safetensors' Rust writer quotes in a SafetensorError, which carries no errno."""
-    from safetensors import SafetensorError
-
-    seen: set[int] = set()
-    cur: BaseException | None = err
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if isinstance(cur, OSError) and cur.errno in DISK_ERRORS:
-            return cur.errno
-        if isinstance(cur, SafetensorError):
-            found = re.search(r"\(os error (\d+)\)", str(cur))
-            if found and int(found.group(1)) in DISK_ERRORS:
-                return int(found.group(1))
-        cur = cur.__cause__ or cur.__context__
-    return None
 
 
 def remove_stale_stages(folder: Path) -> None:

@@ -55,7 +55,6 @@ good at once). When a streak stops the run, the pending checkpoint is set aside 
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import logging.handlers
@@ -75,7 +74,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 
 from simmim.checkpoint import CHECKPOINT_DIRNAME, CheckpointManager, pid_alive, write_atomic
 from simmim.data.file_index import RUN_MANIFEST as MANIFEST_NAME  # data scans skip folders holding it
-from simmim.errors import InputNotFoundError, RunStopped, UserError
+from simmim.errors import InputNotFoundError, RunStopped, UserError, disk_errno
 from simmim.side_outputs import LogFileHandler
 from simmim.weights import Weights, read_run_checkpoint
 
@@ -87,8 +86,6 @@ RUN_NAMES = ("config.yaml", "train.log", CHECKPOINT_DIRNAME, "tensorboard", "ima
 # the exact names runs write, for adopting a directory written before manifests existed
 _OURS = re.compile(r"config\.yaml|train\.log|tensorboard/events\.out\.tfevents\.[^/]+|images/[^/]+_\d{8}\.png|"
                    r"checkpoints/(ckpt-\d{8}\.pt(\.diverged)?|best\.pt|last\.pt|accelerate-\d{8}(\.diverged)?/.+)")
-# the OSErrors that mean "this disk cannot take it" (rather than a bug): full, read-only, not allowed, over quota
-_DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 try:
     import fcntl
@@ -115,7 +112,7 @@ def disk_errors(path: Path, what: str, kept: str = "nothing was written") -> Ite
     try:
         yield
     except OSError as err:
-        if err.errno not in _DISK_ERRNOS:
+        if disk_errno(err) is None:
             raise
         raise RunStopped(f"could not {what} {path}: {err.strerror or err}; {kept}. Free space or fix permissions "
                          "(or choose another --output), then run again") from err
