@@ -15,6 +15,9 @@ Divergence: a step whose loss or gradient is not finite is skipped; ``max_bad_st
 checkpoint is written during such a streak or from non-finite weights (:meth:`Engine.save_if_healthy`); which
 checkpoints count as good, rotate or are set aside is :class:`simmim.run_dir.CheckpointPolicy`'s business (its
 module docstring says what happens on resume and on divergence).
+
+Stops: SIGTERM/SIGINT make the step they arrive in save like a periodic save, then stop (:mod:`simmim.signals`);
+TensorBoard and pictures go through :class:`simmim.side_outputs.SideOutputs`, whose failures never stop training.
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -157,13 +159,14 @@ class Engine:
                  record: Callable[[Path], None] = lambda path: None) -> None:
         self.acc, self.task, self.model, self.optimizer = accelerator, task, model, optimizer
         self.scheduler, self.loader, self.checkpoints, self.settings = scheduler, loader, checkpoints, settings
-        self.metadata, self.image_dir, self.record = metadata, image_dir, record  # record: list a file we write
+        self.metadata = metadata
         self.state = TrainState()
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
         self._skip_on_device = (can_skip_on_device(inner) and accelerator.mixed_precision != "fp16"
                                 and accelerator.distributed_type != DistributedType.DEEPSPEED)
         self._inner_optimizer = inner
-        self.side_outputs = SideOutputs()  # TensorBoard and pictures: a failed write warns once, never stops the run
+        # TensorBoard and pictures: a failed write warns once and never stops the run
+        self.side_outputs = SideOutputs(accelerator, image_dir, record)
 
     # -- checkpoints -----------------------------------------------------------------------------------------
 
@@ -305,9 +308,9 @@ class Engine:
         t0, micro, grad_norm = time.perf_counter(), st.step * accum, None
         step_loss = torch.zeros((), device=acc.device)
         files = torch.zeros((), device=acc.device)
-        if st.step < s.total_steps and (signum := self._stop_agreed(force=True)):  # a signal during setup
-            bar.close()
-            self._stop(signum, before_first=True)
+        if st.step < s.total_steps and (signum := signals.agreed(acc, st.step, s.stop_vote_every, force=True)):
+            bar.close()  # a signal during setup: nothing trained yet, nothing new to save
+            raise signals.StoppedBySignal(signum, st.step, self.checkpoints, before_first=True)
         with logging_redirect_tqdm(loggers=[logging.getLogger("simmim")]):
             for batch in self._micro_batches() if st.step < s.total_steps else ():
                 if micro % accum == 0:
@@ -331,7 +334,7 @@ class Engine:
                 step_loss, files = torch.zeros((), device=acc.device), torch.zeros((), device=acc.device)
                 bar.update(1)
                 final = st.step >= s.total_steps
-                stop = self._stop_agreed()  # SIGTERM/SIGINT: save as a periodic save would, then stop
+                stop = signals.agreed(acc, st.step, s.stop_vote_every)  # SIGTERM/SIGINT: save, then stop
                 if stop is not None:  # every process says so (before the save's barrier, so before any exits)
                     log.warning("step %d: stopping on %s (process %d of %d); saving a checkpoint first", st.step,
                                 signals.signal_name(stop), acc.process_index, acc.num_processes)
@@ -350,39 +353,9 @@ class Engine:
                     break
                 if stop is not None:
                     bar.close()
-                    self._stop(stop)
+                    raise signals.StoppedBySignal(stop, st.step, self.checkpoints)
         bar.close()
         return st
-
-    # -- stopping when told (SIGTERM, SIGINT) ----------------------------------------------------------------
-
-    def _stop_agreed(self, force: bool = False) -> int | None:
-        """The signal that asks this run to stop now, agreed by every process (so all stop at the same step),
-        or None. A distributed run votes every ``stop_vote_every`` steps (and when ``force``)."""
-        asked = signals.requested()
-        if self.acc.num_processes == 1:
-            return asked
-        if not force and self.state.step % self.settings.stop_vote_every:
-            return None
-        vote = torch.tensor(asked or 0, device=self.acc.device)
-        return int(self.acc.reduce(vote, "max").item()) or None  # any process's signal stops all of them
-
-    def _stop(self, signum: int, before_first: bool = False) -> None:
-        """Raise :class:`StoppedBySignal` naming what this step saved (``fit`` saved it as a periodic save)."""
-        st, name = self.state, signals.signal_name(signum)
-        if before_first:  # nothing trained yet, so nothing new to save
-            last_good = self.checkpoints.last_good
-            where = (f"before training went on from step {st.step}; checkpoint {last_good} is unchanged"
-                     if last_good else "before the first step; no checkpoint to write")
-            raise signals.StoppedBySignal(f"stopped by {name} {where}; continue with --resume auto", signum)
-        if self.checkpoints.pending is not None and self.checkpoints.pending[0] == st.step:
-            kept = f"checkpoint {self.checkpoints.pending[1]}"
-        else:  # the health check refused to save non-finite numbers
-            kept = ("no checkpoint written (the loss or weights are non-finite now); "
-                    + (f"the last good checkpoint is {self.checkpoints.last_good}" if self.checkpoints.last_good
-                       else "no earlier checkpoint"))
-        raise signals.StoppedBySignal(f"stopped by {name} at step {st.step}; {kept}; continue with --resume auto",
-                                      signum)
 
     def _sync(self, meter: _Meter, grad_norm: torch.Tensor | None, t0: float, bar: Any, log_now: bool) -> float:
         """Read the device-side numbers (one host sync, one collective): count skipped steps and unreadable files,
@@ -418,7 +391,7 @@ class Engine:
             "train/skipped_steps": st.skipped_steps,
             "data/skipped_files": st.skipped_files,
         }
-        self._log_scalars(scalars)
+        self.side_outputs.scalars(scalars, self.state.step)
         bar.set_postfix(loss=f"{window_loss:.4f}", lr=f"{scalars['train/lr']:.2e}")
         log.info("step %d/%d loss %.4f lr %.3e grad %.3f %.1f img/s skipped steps %d files %d", st.step,
                  s.total_steps, window_loss, scalars["train/lr"], norm, scalars["train/images_per_sec"],
@@ -428,45 +401,11 @@ class Engine:
 
     def _record(self, result: StepResult) -> None:
         if result.metrics:
-            self._log_scalars(result.metrics)
+            self.side_outputs.scalars(result.metrics, self.state.step)
         self.metadata.update(result.meta)
         if result.save_as:
             self.save(name=result.save_as)
 
     def _log_images(self, step: int, batch: dict, outputs: Any) -> None:
-        if not self.acc.is_main_process:
-            return
-        from simmim.visualize import save_png
-
-        images = self.task.log_images(self.acc.unwrap_model(self.model), batch, outputs)
-        for name, grid in images.items():
-            if (tracker := _tensorboard_tracker(self.acc)) is not None:
-                self._tensorboard(partial(tracker.tracker.add_image, name, grid, step))
-            if self.image_dir is not None:
-                path = self.image_dir / f"{name.replace('/', '_')}_{step:08d}.png"
-                self.record(path)
-                self.side_outputs.write("images", self.image_dir, partial(save_png, grid, path))
-
-    # -- side outputs: logged for people, never worth a run --------------------------------------------------
-
-    def _log_scalars(self, scalars: dict[str, float]) -> None:
-        self._tensorboard(lambda: self.acc.log(scalars, step=self.state.step))
-
-    def _tensorboard(self, write: Callable[[], Any]) -> None:
-        """Write to TensorBoard; a failure (full disk...) warns once and ends TensorBoard logging for this run
-        (its writer is closed and removed from the accelerator, so ``end_training`` does not fail on it either)."""
-        tracker = _tensorboard_tracker(self.acc)
-
-        def drop() -> None:
-            self.acc.trackers.remove(tracker)
-            tracker.finish()
-
-        if tracker is not None:
-            self.side_outputs.write("tensorboard", getattr(tracker, "logging_dir", "tensorboard/"), write, drop)
-        else:  # other trackers, or none (non-main processes)
-            write()
-
-
-def _tensorboard_tracker(acc: Accelerator) -> Any:
-    """accelerate's TensorBoard tracker, or None (not the main process, or switched off after a failed write)."""
-    return next((t for t in acc.trackers if t.name == "tensorboard"), None)
+        if self.acc.is_main_process:
+            self.side_outputs.images(self.task.log_images(self.acc.unwrap_model(self.model), batch, outputs), step)

@@ -7,6 +7,7 @@ cannot be written stops the run (:class:`simmim.engine.CheckpointWriteError`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import sys
 from collections.abc import Callable
@@ -17,17 +18,34 @@ log = logging.getLogger(__name__)
 
 
 class SideOutputs:
-    """Runs the writes of named side outputs (``tensorboard``, ``images``); the first ``OSError`` of one is
-    warned about and switches that output off for the rest of the run (a half-written event file is not worth
-    appending to, and one warning is enough)."""
+    """A run's TensorBoard scalars and images and its reconstruction PNGs. The first ``OSError`` of one output
+    (``tensorboard``, ``images``) is warned about and switches that output off for the rest of the run (a
+    half-written event file is not worth appending to, and one warning is enough); a failed TensorBoard writer is
+    closed and removed from the accelerator, so ``end_training`` does not fail on it either."""
 
-    def __init__(self) -> None:
+    def __init__(self, accelerator: Any, image_dir: Path | None = None,
+                 record: Callable[[Path], None] = lambda path: None) -> None:
+        self.acc, self.image_dir, self.record = accelerator, image_dir, record  # record: list a file we write
         self.failed: dict[str, str] = {}  # output -> the warning given
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        self._tensorboard(lambda: self.acc.log(values, step=step))
+
+    def images(self, grids: dict[str, Any], step: int) -> None:
+        """Each (3, H, W) grid in [0, 1] to TensorBoard and, with an ``image_dir``, as ``<name>_<step>.png``."""
+        from simmim.visualize import save_png
+
+        for name, grid in grids.items():
+            if (tracker := self._tracker()) is not None:
+                self._tensorboard(functools.partial(tracker.tracker.add_image, name, grid, step))
+            if self.image_dir is not None:
+                path = self.image_dir / f"{name.replace('/', '_')}_{step:08d}.png"
+                self.record(path)
+                self.write("images", self.image_dir, functools.partial(save_png, grid, path))
 
     def write(self, output: str, path: str | Path | None, write: Callable[[], Any],
               on_failure: Callable[[], Any] | None = None) -> None:
-        """Call ``write`` unless ``output`` failed before; on ``OSError`` warn once, then call ``on_failure``
-        (e.g. close the TensorBoard writer)."""
+        """Call ``write`` unless ``output`` failed before; on ``OSError`` warn once, then call ``on_failure``."""
         if output in self.failed:
             return
         try:
@@ -39,6 +57,22 @@ class SideOutputs:
             if on_failure is not None:
                 with contextlib.suppress(OSError):
                     on_failure()
+
+    def _tracker(self) -> Any:
+        """accelerate's TensorBoard tracker, or None (not the main process, or switched off after a failure)."""
+        return next((t for t in self.acc.trackers if t.name == "tensorboard"), None)
+
+    def _tensorboard(self, write: Callable[[], Any]) -> None:
+        tracker = self._tracker()
+
+        def drop() -> None:
+            self.acc.trackers.remove(tracker)
+            tracker.finish()
+
+        if tracker is not None:
+            self.write("tensorboard", getattr(tracker, "logging_dir", "tensorboard/"), write, drop)
+        else:  # other trackers, or none (non-main processes)
+            write()
 
 
 class LogFileHandler(logging.FileHandler):

@@ -30,6 +30,8 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+import torch
+
 from simmim.errors import RunStopped
 
 log = logging.getLogger(__name__)
@@ -38,12 +40,37 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class StoppedBySignal(RunStopped):
-    """The run stopped at a step boundary because it was sent ``signum``; exit code 128 + ``signum``."""
+    """The run stopped at step ``step`` because it was sent ``signum``; exit code 128 + ``signum``. The message
+    names what the stop saved: ``checkpoints`` (a :class:`simmim.run_dir.CheckpointPolicy`) holds this step's
+    checkpoint as pending when the engine saved it, as it saves a periodic one."""
 
-    def __init__(self, message: str, signum: int) -> None:
+    def __init__(self, signum: int, step: int, checkpoints: Any, before_first: bool = False) -> None:
+        name, last_good, pending = signal_name(signum), checkpoints.last_good, checkpoints.pending
+        if before_first:  # nothing trained yet, so nothing new to save
+            where = (f"before training went on from step {step}; checkpoint {last_good} is unchanged" if last_good
+                     else "before the first step; no checkpoint to write")
+            message = f"stopped by {name} {where}; continue with --resume auto"
+        else:
+            kept = (f"checkpoint {pending[1]}" if pending is not None and pending[0] == step
+                    # the health check refused to save non-finite numbers
+                    else "no checkpoint written (the loss or weights are non-finite now); "
+                    + (f"the last good checkpoint is {last_good}" if last_good else "no earlier checkpoint"))
+            message = f"stopped by {name} at step {step}; {kept}; continue with --resume auto"
         super().__init__(message)
         self.signum = signum
         self.exit_code = 128 + signum
+
+
+def agreed(accelerator: Any, step: int, vote_every: int, force: bool = False) -> int | None:
+    """The signal that asks this run to stop now, agreed by every process (so all stop at the same step), or None.
+    A distributed run votes (a collective and a host sync) every ``vote_every`` steps, and when ``force``."""
+    asked = requested()
+    if accelerator.num_processes == 1:
+        return asked
+    if not force and step % vote_every:
+        return None
+    vote = torch.tensor(asked or 0, device=accelerator.device)
+    return int(accelerator.reduce(vote, "max").item()) or None  # any process's signal stops all of them
 
 
 class StopRequest:
