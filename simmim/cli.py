@@ -168,6 +168,27 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    """Reconstruction panels of a SimMIM checkpoint on the user's images."""
+    from simmim.reconstruct import reconstruct_files
+
+    files = reconstruct_files(args.checkpoint, args.images, args.out, mask_ratio=args.mask_ratio, seed=args.seed,
+                              native_size=args.native_size, overwrite=args.overwrite, norm_target=args.norm_target,
+                              norm_target_window=args.norm_target_window, mask_patch_size=args.mask_patch_size,
+                              img_size=args.img_size, window_size=args.window_size)
+    print(f"wrote {len(files)} panel(s) to {args.out} (original | masked | reconstruction | pasted into the input)")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Pictures of a checkpoint's learned position bias, its temperatures and metadata."""
+    from simmim.inspection import inspect_checkpoint
+
+    for path in inspect_checkpoint(args.checkpoint, args.out, scale=args.scale, overwrite=args.overwrite):
+        print(path)
+    return 0
+
+
 def cmd_configs(args: argparse.Namespace) -> int:
     """The bundled recipes by name (or path), or the path of one."""
     from simmim.configs import CONFIG_DIR, resolve
@@ -272,6 +293,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window-size", type=at_least(1), help="window at --img-size (default: the trained one); the "
                    "log-CPB keeps its trained windows")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "reconstruct", help="panels of original / masked / reconstruction from a SimMIM pretraining checkpoint",
+        description="For each image a PNG panel: original | masked input | reconstruction | reconstruction pasted "
+        "into the visible patches. Images are resized and centre-cropped to the checkpoint's size (or kept at "
+        "their own size with --native-size). For a model trained with the normalised target (simmim.norm_target) "
+        "the prediction (t - local mean) / local std is turned back into pixels as pred * std + mean, with the "
+        "mean and Bessel-corrected std of each mask cell taken per channel from the VISIBLE input pixels in the "
+        "cell grown by norm_target_window // 2 px on every side (cropped at the border; all visible pixels of the "
+        "image when that region has fewer than 2): the true local statistics of masked pixels are unknown.")
+    p.add_argument("checkpoint", help="a simmim pretraining checkpoint or an official SimMIM release (.pth)")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and folders (recursive)")
+    p.add_argument("--out", required=True, help="folder for the panels, one <image name>.png each")
+    p.add_argument("--mask-ratio", type=float, default=0.6, help="fraction of mask cells hidden (default 0.6)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the mask (one mask for all images of a size)")
+    p.add_argument("--native-size", action="store_true", help="run the model at each image's own size, centre-"
+                   "cropped to the largest size that tiles into mask cells and windows (default: the trained size)")
+    p.add_argument("--norm-target", action=argparse.BooleanOptionalAction, default=None, help="whether the model "
+                   "predicts the normalised target (default: the run's config; on for an official SwinV2 file)")
+    p.add_argument("--norm-target-window", type=at_least(3), help="its window (default: the run's, or 47)")
+    p.add_argument("--mask-patch-size", type=at_least(1), help="mask cell in px (default: the run's, or 32)")
+    p.add_argument("--img-size", type=at_least(1), help="trained size of a file that does not record it")
+    p.add_argument("--window-size", type=at_least(1), help="trained window of a file that does not record it")
+    p.add_argument("--overwrite", action="store_true", help="replace panels of the same names in --out")
+    p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser(
+        "inspect", help="pictures of a checkpoint's learned position bias per stage and head, and its metadata",
+        description="Writes position_bias_stage<i>.png (the bias added to attention logits per relative offset, "
+        "one (2W-1)x(2W-1) map per block and head, at the trained window W and at --scale x W: what log-CPB "
+        "extrapolates to, or a V1 table resized bicubically) and inspect.txt (geometry, attention temperature per "
+        "head, training metadata).")
+    p.add_argument("checkpoint", help="any SwinV2 weights simmim reads (run checkpoint, export, official, hf)")
+    p.add_argument("--out", required=True, help="folder for the pictures and inspect.txt")
+    p.add_argument("--scale", type=at_least(2), default=2, help="the larger window, as a multiple of the trained one")
+    p.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier inspect in --out")
+    p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("benchmark", help="SimMIM step, inference and activation memory vs timm, side by side")
     p.add_argument("--what", nargs="+", choices=["model", "memory", "pipeline", "index"], default=["model"],

@@ -13,6 +13,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from torch import Tensor
 from torchvision.utils import make_grid
 
 from simmim.data.transforms import denormalize
+from simmim.errors import DISK_ERRORS, RunStopped, UserError, disk_errno
 
 logger = logging.getLogger(__name__)
 
@@ -109,4 +111,52 @@ def save_png(grid: Tensor, path: str | Path) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     logger.debug("wrote reconstruction grid %s", path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# output folders of the picture commands (simmim reconstruct, simmim inspect)
+
+
+def check_out_dir(out: str | Path, names: Sequence[str], overwrite: bool) -> Path:
+    """Check that the folder ``out`` can take the files ``names`` before any work, so a refusal changes nothing:
+    ``out`` is a folder or does not exist yet (it is created at the first write), and none of ``names`` exists
+    there unless ``overwrite``. Nothing else in ``out`` is ever touched."""
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pass a folder (it is created if missing)")
+    existing = [n for n in names if (out / n).exists() or (out / n).is_symlink()]
+    if existing and not overwrite:
+        raise UserError(f"{out / existing[0]} exists ({len(existing)} of the outputs do); pass --overwrite to "
+                        "replace them, or another --out")
+    if odd := [n for n in existing if not (out / n).is_file() or (out / n).is_symlink()]:
+        raise UserError(f"{out / odd[0]} is not a plain file, so --overwrite does not replace it; move it away or "
+                        "pick another --out")
+    return out
+
+
+def write_output(write: Any, path: Path, written: int) -> Path:
+    """Run ``write(path)`` (an atomic writer) with a disk error turned into a one-line stop naming the path and
+    how many outputs were ``written`` before it."""
+    try:
+        write(path)
+    except OSError as err:
+        if (no := disk_errno(err)) is None:
+            raise
+        raise RunStopped(f"cannot write {path}: {DISK_ERRORS[no]}; {written} file(s) were written before it; "
+                         "fix the disk and run again with --overwrite") from None
+    return path
+
+
+def save_text(text: str, path: str | Path) -> Path:
+    """Write ``text`` to ``path`` atomically (a temporary file renamed into place), creating parent dirs."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path

@@ -1,0 +1,207 @@
+"""What a SwinV2 checkpoint learned about position (``simmim inspect``): the relative position bias of every block and
+head as a (2W-1) x (2W-1) map of bias per relative offset (the SwinV2 paper's visualisation of learned biases), at
+the window it was trained at and at a larger one, the per-head attention temperature, and the checkpoint's geometry
+and training metadata as text.
+
+A log-CPB (or linear CPB) checkpoint is evaluated at the larger window exactly as a model moved there does: the
+coordinates stay normalised by the trained window, so the maps show what the MLP extrapolates to. A V1 parameter
+table has no values beyond its window; it is resized bicubically, as Swin V1 transfers (``set_input_size``).
+
+Letters: nH heads, W window side, P the window a stage's bias was trained at.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from simmim.errors import UserError
+from simmim.models.swin_transformer_v2 import LOGIT_SCALE_MAX, relative_coords_table
+from simmim.visualize import check_out_dir, save_png, save_text, write_output
+from simmim.weights import Weights, read_weights
+
+TEXT = "inspect.txt"
+VIRIDIS = torch.tensor([(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)],
+                       dtype=torch.float32) / 255  # anchors of the viridis colour map, low -> high
+CELL_PX = 96  # a trained-window map is about this many pixels wide; the larger window's map grows with it
+PAD, LABEL_H = 4, 14
+
+
+@dataclass
+class BlockBias:
+    """One attention block's position-bias parameters (our key names, without the ``attn.`` prefix)."""
+
+    stage: int
+    block: int
+    params: dict[str, torch.Tensor]
+
+    @property
+    def kind(self) -> str:
+        return "table" if "relative_position_bias_table" in self.params else "cpb"
+
+    @property
+    def heads(self) -> int:
+        return self.params["logit_scale"].shape[0] if "logit_scale" in self.params else self._bias_heads()
+
+    def _bias_heads(self) -> int:
+        table = self.params.get("relative_position_bias_table")
+        return table.shape[1] if table is not None else self.params["cpb_mlp.2.weight"].shape[0]
+
+
+def block_biases(weights: Weights) -> list[BlockBias]:
+    """Every block's position-bias parameters in ``weights``, in order; refuses a file that has none."""
+    found: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    for key, value in weights.encoder().items():
+        if m := re.fullmatch(r"layers\.(\d+)\.blocks\.(\d+)\.attn\.(.+)", key):
+            found.setdefault((int(m[1]), int(m[2])), {})[m[3]] = value
+    blocks = [BlockBias(s, b, p) for (s, b), p in sorted(found.items())
+              if "cpb_mlp.0.weight" in p or "relative_position_bias_table" in p]
+    if not blocks:
+        raise UserError(f"{weights.describe()} has no position bias (no cpb_mlp or relative_position_bias_table "
+                        "in its attention blocks); inspect reads SwinV2 weights: a simmim checkpoint or export, an "
+                        "official, timm or transformers SwinV2 file")
+    return blocks
+
+
+def bias_maps(bias: BlockBias, window: int, trained: int, log_spaced: bool = True) -> torch.Tensor:
+    """The bias the block adds to attention logits for each relative offset at ``window``: (nH, 2W-1, 2W-1).
+
+    CPB: ``16 * sigmoid(mlp(coords))`` with the coordinates normalised by the ``trained`` window (as a model moved
+    to ``window`` computes them). V1 table: the table, bicubically resized when ``window`` differs from its own."""
+    p = {k: v.float() for k, v in bias.params.items()}
+    if bias.kind == "table":
+        table = p["relative_position_bias_table"]  # ((2P-1)^2, nH)
+        side = math.isqrt(table.shape[0])
+        maps = table.T.reshape(1, -1, side, side)  # (1, nH, 2P-1, 2P-1)
+        if side != 2 * window - 1:
+            maps = F.interpolate(maps, size=(2 * window - 1,) * 2, mode="bicubic", align_corners=False)
+        return maps[0]
+    coords = relative_coords_table((window, window), (trained, trained), log_spaced)  # (1, 2W-1, 2W-1, 2)
+    hidden = F.relu(coords @ p["cpb_mlp.0.weight"].T + p["cpb_mlp.0.bias"])  # (1, 2W-1, 2W-1, 512)
+    return 16 * torch.sigmoid(hidden @ p["cpb_mlp.2.weight"].T)[0].permute(2, 0, 1)  # (nH, 2W-1, 2W-1)
+
+
+def temperatures(bias: BlockBias) -> list[float] | None:
+    """The per-head multiplier of the cosine similarities, ``exp(min(logit_scale, log 100))``; None for a block
+    with dot-product attention."""
+    scale = bias.params.get("logit_scale")
+    if scale is None:
+        return None
+    return torch.clamp(scale.float().flatten(), max=LOGIT_SCALE_MAX).exp().tolist()
+
+
+def colourise(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """(H, W) values -> (3, H, W) in [0, 1] through the viridis anchors, ``low``..``high`` spanning the map."""
+    t = ((x - low) / max(high - low, 1e-12)).clamp(0, 1) * (len(VIRIDIS) - 1)
+    i = t.floor().long().clamp(max=len(VIRIDIS) - 2)
+    frac = (t - i)[..., None]
+    return (VIRIDIS[i] * (1 - frac) + VIRIDIS[i + 1] * frac).permute(2, 0, 1)
+
+
+def stage_picture(rows: Sequence[tuple[str, torch.Tensor, torch.Tensor]], title: str, low: float, high: float
+                  ) -> torch.Tensor:
+    """A picture of one stage: per row (a block) its heads' maps at the trained window, then at the larger one.
+
+    ``rows``: (label, maps at the trained window (nH, a, a), maps at the larger window (nH, b, b)). Every offset is
+    drawn as a square of the same size, so the larger maps are larger and their centre lines up with the trained
+    maps. Returns (3, H, W) in [0, 1] with a white background."""
+    a, b = rows[0][1].shape[-1], rows[0][2].shape[-1]
+    px = max(1, CELL_PX // a)  # pixels per offset
+    heads = rows[0][1].shape[0]
+    left = (a * px + PAD) * heads + 3 * PAD  # the trained maps, then a gap
+    width = max(left + (b * px + PAD) * heads + PAD, 6 * 72)  # room for the title and the colour line
+    height = LABEL_H * 2 + len(rows) * (b * px + LABEL_H + PAD) + LABEL_H
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((PAD, 2), title, fill="black")
+    draw.text((PAD, LABEL_H + 2), f"trained window {(a + 1) // 2}", fill="black")
+    draw.text((left, LABEL_H + 2), f"window {(b + 1) // 2}", fill="black")
+    y = 2 * LABEL_H + PAD
+    for label, small, large in rows:
+        draw.text((PAD, y), label, fill="black")
+        y += LABEL_H
+        for col, (maps, side, x0) in enumerate(((small, a, PAD), (large, b, left))):
+            top = y + (b - side) * px // 2 if col == 0 else y
+            for h in range(heads):
+                tile = colourise(maps[h], low, high).repeat_interleave(px, 1).repeat_interleave(px, 2)
+                array = (tile * 255).round().byte().permute(1, 2, 0).numpy()
+                canvas.paste(Image.fromarray(array), (x0 + h * (side * px + PAD), top))
+        y += b * px + PAD
+    draw.text((PAD, y), f"colour: bias {low:.2f} (dark) .. {high:.2f} (yellow); one column per head", fill="black")
+    return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1)  # (3, H, W) uint8
+
+
+def describe(weights: Weights, blocks: Sequence[BlockBias], windows: Sequence[int]) -> str:
+    """``inspect.txt``: what the file is, its geometry, the temperature per head and its training metadata."""
+    lines = [f"checkpoint: {weights.describe()}", f"source: {weights.source}"]
+    if weights.kind:
+        lines.append(f"kind: {weights.kind}")
+    g = weights.geometry
+    variant = (g.variant if g else None) or weights.meta.get("model")
+    lines.append(f"variant: {variant or 'not recorded'}")
+    lines.append(f"geometry: {g.describe() if g else 'not recorded'}")
+    lines.append(f"position bias: {'V1 table' if blocks[0].kind == 'table' else 'continuous (CPB MLP)'}; "
+                 f"trained windows per stage {'/'.join(map(str, windows))}")
+    params = sum(v.numel() for v in weights.state_dict.values())
+    lines.append(f"parameters in the file: {params:,}")
+    if weights.checkpoint is not None and "step" in weights.checkpoint:
+        lines.append(f"step: {weights.checkpoint['step']}")
+    lines += ["", "attention temperature per head, exp(min(logit_scale, log 100)) (the paper initialises 10):"]
+    for bias in blocks:
+        temps = temperatures(bias)
+        shown = " ".join(f"{t:6.2f}" for t in temps) if temps is not None else "dot-product attention"
+        lines.append(f"  stage {bias.stage} block {bias.block}: {shown}")
+    if weights.meta:
+        lines += ["", "metadata:", json.dumps(weights.meta, indent=2, default=str, sort_keys=True)]
+    return "\n".join(lines) + "\n"
+
+
+def inspect_checkpoint(checkpoint: str | Path | Weights, out: str | Path, scale: int = 2,
+                       overwrite: bool = False) -> list[Path]:
+    """Write ``position_bias_stage<i>.png`` per stage (every block and head at the trained window and at ``scale``
+    times it) and ``inspect.txt`` into the folder ``out``; returns the paths. Existing outputs are refused unless
+    ``overwrite``; nothing else in ``out`` is touched."""
+    if scale < 2:
+        raise UserError(f"--scale {scale} must be >= 2 (the larger window is scale x the trained one)")
+    weights = checkpoint if isinstance(checkpoint, Weights) else read_weights(checkpoint)
+    blocks = block_biases(weights)
+    stages = sorted({b.stage for b in blocks})
+    windows = trained_windows(weights, blocks, stages)
+    names = [f"position_bias_stage{s}.png" for s in stages] + [TEXT]
+    out = check_out_dir(out, names, overwrite)
+    log_spaced = weights.meta.get("position_bias", "log_cpb") != "linear_cpb"
+    pictures = []
+    for stage, window in zip(stages, windows, strict=True):
+        rows = [(f"block {b.block}", bias_maps(b, window, window, log_spaced),
+                 bias_maps(b, scale * window, window, log_spaced)) for b in blocks if b.stage == stage]
+        low = min(float(m.min()) for _, s, large in rows for m in (s, large))
+        high = max(float(m.max()) for _, s, large in rows for m in (s, large))
+        kind = "V1 table, resized bicubically" if blocks[0].kind == "table" else "CPB, extrapolated"
+        pictures.append(stage_picture(rows, f"stage {stage}: relative position bias per head ({kind})", low, high))
+    written: list[Path] = []
+    for name, picture in zip(names, pictures, strict=False):
+        written.append(write_output(partial(save_png, picture), out / name, len(written)))
+    text = describe(weights, blocks, windows)
+    written.append(write_output(partial(save_text, text), out / TEXT, len(written)))
+    return written
+
+
+def trained_windows(weights: Weights, blocks: Sequence[BlockBias], stages: Sequence[int]) -> list[int]:
+    """The window each stage's bias was trained at: the file's record (or, for a V1 table, its size)."""
+    if blocks[0].kind == "table":
+        return [(math.isqrt(next(b for b in blocks if b.stage == s).params["relative_position_bias_table"]
+                            .shape[0]) + 1) // 2 for s in stages]
+    if weights.windows is None:
+        raise UserError(f"{weights.describe()} does not record the windows its position bias was trained at (a "
+                        "bare timm file); inspect the simmim checkpoint or export it came from")
+    return [weights.windows[s][0] for s in stages]
