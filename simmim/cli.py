@@ -304,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
         "cell grown by norm_target_window // 2 px on every side (cropped at the border; all visible pixels of the "
         "image when that region has fewer than 2): the true local statistics of masked pixels are unknown.")
     p.add_argument("checkpoint", help="a simmim pretraining checkpoint or an official SimMIM release (.pth)")
-    p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and folders (recursive)")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER",
+                   help="image files, folders (recursive), embedded:photos or embedded:digits")
     p.add_argument("--out", required=True, help="folder for the panels, one <image name>.png each")
     p.add_argument("--mask-ratio", type=float, default=0.6, help="fraction of mask cells hidden (default 0.6)")
     p.add_argument("--seed", type=int, default=0, help="seed of the mask (one mask for all images of a size)")

@@ -179,7 +179,9 @@ def inspect_checkpoint(checkpoint: str | Path | Weights, out: str | Path, scale:
     windows = trained_windows(weights, blocks, stages)
     names = [f"position_bias_stage{s}.png" for s in stages] + [TEXT]
     out = check_out_dir(out, names, overwrite)
-    log_spaced = weights.meta.get("position_bias", "log_cpb") != "linear_cpb"
+    # a linear-CPB model has the same keys as a log-CPB one and no file records the choice: log-CPB, the SwinV2
+    # default and the only one our runs train, is assumed (bias_maps(..., log_spaced=False) draws a linear one)
+    log_spaced = True
     pictures = []
     for stage, window in zip(stages, windows, strict=True):
         rows = [(f"block {b.block}", bias_maps(b, window, window, log_spaced),

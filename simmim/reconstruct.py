@@ -284,6 +284,8 @@ def reconstruct_files(checkpoint: str | Path, inputs: Sequence[str | Path], out:
     Each mask is drawn from ``seed`` (images of one size get the same mask). Unreadable images are skipped with a
     warning. ``model_options`` go to :func:`load_masked_model`. Returns the written paths.
     """
+    if not 0.0 < mask_ratio < 1.0:
+        raise UserError(f"--mask-ratio {mask_ratio} must be in (0, 1), e.g. 0.6")
     items = list_inputs(inputs)
     out = check_out_dir(out, [item.name for item in items], overwrite)
     masked = load_masked_model(checkpoint, **model_options)
