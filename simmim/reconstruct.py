@@ -252,7 +252,7 @@ def list_inputs(inputs: Sequence[str | Path]) -> list[Input]:
     for item in map(str, inputs):
         if item == "embedded" or item.startswith("embedded:"):
             source = EmbeddedSource(item.partition(":")[2] or "photos")
-            found += [(source.describe(i).replace(":", "_"), dict(embedded=source, index=i))
+            found += [(Path(source.describe(i).replace(":", "_")).stem, dict(embedded=source, index=i))
                       for i in range(len(source))]
             continue
         path = Path(item).expanduser()

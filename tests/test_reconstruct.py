@@ -126,3 +126,10 @@ def test_a_checkpoint_without_a_decoder_is_refused_in_one_line(ckpt, tmp_path, c
     assert main(["reconstruct", str(exported), str(folder), "--out", str(tmp_path / "out")]) == 2
     assert "no SimMIM decoder" in one_line_error(capsys)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_embedded_photos_get_one_panel_each_named_after_them(ckpt, tmp_path):
+    out = tmp_path / "out"
+    assert main(["reconstruct", str(ckpt), "embedded:photos", "--out", str(out)]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert len(names) == 21 and "skimage_astronaut.png" in names and "sklearn_china.png" in names
