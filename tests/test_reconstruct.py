@@ -133,3 +133,22 @@ def test_the_embedded_photos_get_one_panel_each_named_after_them(ckpt, tmp_path)
     assert main(["reconstruct", str(ckpt), "embedded:photos", "--out", str(out)]) == 0
     names = sorted(p.name for p in out.iterdir())
     assert len(names) == 21 and "skimage_astronaut.png" in names and "sklearn_china.png" in names
+
+
+def test_a_full_disk_stops_in_one_line_naming_the_file(ckpt, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import simmim.reconstruct
+    from simmim.visualize import save_png
+
+    def full_after_one(grid, path):
+        if path.parent.exists() and any(path.parent.iterdir()):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save_png(grid, path)
+
+    monkeypatch.setattr(simmim.reconstruct, "save_png", full_after_one)
+    folder = images_folder(tmp_path / "images")
+    assert main(["reconstruct", str(ckpt), str(folder), "--out", str(tmp_path / "out")]) == 1
+    line = one_line_error(capsys)
+    assert "wide.png: no space left on the device; 1 file(s) were written" in line
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gray.png"]
