@@ -186,7 +186,8 @@ def run(cfg: FinetuneConfig, overwrite: bool = False) -> dict:
     before anything is written; ``overwrite`` replaces another run found in ``run.output``."""
     r, d, o = cfg.run, cfg.data, cfg.optim
     with start_run(r.output, r.mixed_precision, r.resume, r.seed, o.accumulation_steps, overwrite,
-                   model_name=cfg.model.name, data=d.path) as start:
+                   model_name=cfg.model.name, data=d.path, threads=r.threads,
+                   workers=cfg.data.num_workers) as start:
         accelerator, out = start.accelerator, start.out
         train_ds, val_ds, classes = build_data(cfg, r.seed)
         check_resume_classes(start.resume, classes, d.path)

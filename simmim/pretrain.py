@@ -183,7 +183,8 @@ def run(cfg: PretrainConfig, overwrite: bool = False) -> dict:
     """
     r, o = cfg.run, cfg.optim
     with start_run(r.output, r.mixed_precision, r.resume, r.seed, o.accumulation_steps, overwrite,
-                   model_name=cfg.model.name, data=cfg.data.path) as start:
+                   model_name=cfg.model.name, data=cfg.data.path, threads=r.threads,
+                   workers=cfg.data.num_workers) as start:
         accelerator, out = start.accelerator, start.out
         init = None
         if cfg.init and start.resume is None:  # a resumed run has its warm start in its weights already
