@@ -22,6 +22,8 @@ from torch import nn
 
 from simmim.errors import UserError
 
+from .variants import variant_of
+
 log = logging.getLogger(__name__)
 
 Format = Literal["ours", "timm", "official", "hf"]
@@ -173,8 +175,13 @@ def to_official(state_dict: Mapping[str, torch.Tensor], rpe_mlp: bool = False) -
 
 
 def check_compatible(model: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str = "checkpoint") -> None:
-    """Raise :class:`CheckpointMismatchError` unless keys and shapes match ``model.state_dict()`` exactly."""
+    """Raise :class:`CheckpointMismatchError` unless keys and shapes match ``model.state_dict()`` exactly; weights
+    of another SwinV2 variant than the model's are named as such."""
     expected = model.state_dict()
+    found, have = variant_of(state_dict), variant_of(expected)
+    if found and have and found != have:  # one line naming both, not hundreds of keys
+        raise CheckpointMismatchError(f"{what} holds a {found} encoder, the model is a {have}; build the model as "
+                                      f"{found} (create_model({found!r}, ...)) or load {have} weights")
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     shapes = sorted(f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"

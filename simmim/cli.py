@@ -9,6 +9,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import RunStopped, UserError
+from .threads import set_passive_wait
 
 
 def _count_params(name: str, img_size: int, window_size: int) -> tuple[int, list]:
@@ -379,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    set_passive_wait()  # before torch is imported: libgomp reads OMP_WAIT_POLICY once, when it loads
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # key=value overrides may come after the options too

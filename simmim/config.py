@@ -194,11 +194,14 @@ class RunConfig(Section):
     max_bad_steps: Int = 5  # consecutive non-finite steps before the run stops
     progress: bool = True  # tqdm bar on the main process
     compile: bool = False  # torch.compile the encoder (fullgraph, fixed size): faster steps after a compile
+    # CPU intra-op threads; 0 = auto: the CPUs this process may use (affinity, cgroup quota) minus one per data
+    # worker, never above OMP_NUM_THREADS; more threads than free cores makes a shared CPU much slower, not faster
+    threads: Int = 0
 
     limits: ClassVar[dict[str, Range]] = {
         "seed": Range(0, 2**32 - 1),  # numpy's seed range (accelerate's set_seed seeds numpy too)
         "log_every": AT_LEAST_1, "image_every": Range(0, hint=" (0 = only at the end)"), "save_every": AT_LEAST_1,
-        "keep_last": AT_LEAST_1, "max_bad_steps": AT_LEAST_1,
+        "keep_last": AT_LEAST_1, "max_bad_steps": AT_LEAST_1, "threads": Range(0, hint=" (0 = auto)"),
     }
 
 

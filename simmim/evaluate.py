@@ -24,7 +24,7 @@ from simmim.errors import UserError
 from simmim.models import SwinTransformerV2, create_model
 from simmim.models.convert import load_pretrained
 from simmim.monitor import FeatureMonitor
-from simmim.weights import model_from_weights, read_weights
+from simmim.weights import check_variant, model_from_weights, read_weights
 
 
 @torch.no_grad()
@@ -81,6 +81,7 @@ def load_for_eval(checkpoint: str | Path, model_name: str | None = None, img_siz
     if not (model_name and img_size and window_size):
         raise UserError(f"{weights.describe()} does not record its architecture; to evaluate it pass --model NAME "
                          "--img-size N --window-size W (e.g. --model swinv2_tiny --img-size 256 --window-size 8)")
+    check_variant(weights, model_name, key="--model")
     sd = weights.state_dict if "head.fc.weight" in weights.state_dict else weights.encoder()
     num_classes = sd["head.fc.weight"].shape[0] if "head.fc.weight" in sd else 0
     model = create_model(model_name, img_size=img_size, window_size=window_size, num_classes=num_classes,

@@ -27,7 +27,15 @@ from simmim.models.convert import load_pretrained
 from simmim.optim import build_optimization, param_groups, plan_training
 from simmim.run_dir import open_run, start_run
 from simmim.signals import stops_on_signals
-from simmim.weights import Weights, check_channels, geometry_metadata, read_weights, sha256, start_windows
+from simmim.weights import (
+    Weights,
+    check_channels,
+    check_variant,
+    geometry_metadata,
+    read_weights,
+    sha256,
+    start_windows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +51,7 @@ def build_classifier(cfg: FinetuneConfig, num_classes: int) -> tuple[SwinTransfo
     weights = read_weights(cfg.pretrained) if cfg.pretrained else None
     if weights is not None:
         check_channels(weights, m.in_chans)
+        check_variant(weights, m.name)
     windows = start_windows(weights, m.pretrained_window_sizes)
     model = create_model(m.name, img_size=m.img_size, window_size=m.window_size, num_classes=num_classes,
                          pretrained_window_sizes=windows, drop_path_rate=m.drop_path_rate, in_chans=m.in_chans)
@@ -186,7 +195,8 @@ def run(cfg: FinetuneConfig, overwrite: bool = False) -> dict:
     before anything is written; ``overwrite`` replaces another run found in ``run.output``."""
     r, d, o = cfg.run, cfg.data, cfg.optim
     with start_run(r.output, r.mixed_precision, r.resume, r.seed, o.accumulation_steps, overwrite,
-                   model_name=cfg.model.name, data=d.path) as start:
+                   model_name=cfg.model.name, data=d.path, threads=r.threads,
+                   workers=cfg.data.num_workers) as start:
         accelerator, out = start.accelerator, start.out
         train_ds, val_ds, classes = build_data(cfg, r.seed)
         check_resume_classes(start.resume, classes, d.path)

@@ -95,7 +95,12 @@ class SimMIM(nn.Module):
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor) -> SimMIMOutput:
         z = self.encoder.forward_features(images, mask)  # (B, H/32, W/32, C_enc)
-        pred = self.decoder(z.permute(0, 3, 1, 2))  # (B, C, H, W)
+        conv, shuffle = self.decoder
+        # the 1x1 conv as the linear map it is, on the channels-last tokens: its weight gradient then keeps the
+        # weight's layout. The conv on the permuted view returned channels-last weight gradients (CPUs with >1
+        # thread), which DDP copied into its buckets (laid out like the weight) every step, with a warning.
+        y = F.linear(z, conv.weight.flatten(1), conv.bias)  # (B, H/32, W/32, stride**2 * C)
+        pred = shuffle(y.permute(0, 3, 1, 2))  # (B, C, H, W)
         pixel_mask = mask.repeat_interleave(self.patch_size, 1).repeat_interleave(self.patch_size, 2)  # (B, H, W)
         target = normalize_target(images, self.norm_target_window) if self.norm_target else images
         loss = masked_l1_loss(pred.float(), target.float(), pixel_mask.unsqueeze(1))

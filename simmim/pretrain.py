@@ -33,7 +33,15 @@ from simmim.optim import build_optimization, param_groups, plan_training
 from simmim.run_dir import check_stream_layout, open_run, start_run
 from simmim.signals import stops_on_signals
 from simmim.visualize import reconstruction_grid
-from simmim.weights import Weights, check_channels, geometry_metadata, read_weights, sha256, start_windows
+from simmim.weights import (
+    Weights,
+    check_channels,
+    check_variant,
+    geometry_metadata,
+    read_weights,
+    sha256,
+    start_windows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -183,12 +191,14 @@ def run(cfg: PretrainConfig, overwrite: bool = False) -> dict:
     """
     r, o = cfg.run, cfg.optim
     with start_run(r.output, r.mixed_precision, r.resume, r.seed, o.accumulation_steps, overwrite,
-                   model_name=cfg.model.name, data=cfg.data.path) as start:
+                   model_name=cfg.model.name, data=cfg.data.path, threads=r.threads,
+                   workers=cfg.data.num_workers) as start:
         accelerator, out = start.accelerator, start.out
         init = None
         if cfg.init and start.resume is None:  # a resumed run has its warm start in its weights already
             init = read_weights(cfg.init)
             check_channels(init, cfg.model.in_chans)
+            check_variant(init, cfg.model.name)
         elif cfg.init:
             log.info("resuming: init=%s was applied when the run started (%s)", cfg.init,
                      (start.resume.meta.get("init") or {}).get("path"))

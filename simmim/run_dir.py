@@ -76,6 +76,7 @@ from simmim.checkpoint import CHECKPOINT_DIRNAME, CheckpointManager, pid_alive, 
 from simmim.data.file_index import RUN_MANIFEST as MANIFEST_NAME  # data scans skip folders holding it
 from simmim.errors import InputNotFoundError, RunStopped, UserError, disk_errno
 from simmim.side_outputs import LogFileHandler
+from simmim.threads import run_threads
 from simmim.weights import Weights, read_run_checkpoint
 
 log = logging.getLogger(__name__)
@@ -725,18 +726,20 @@ def _agree(acc: Accelerator, check: Callable[[], Any]) -> None:
 
 @contextlib.contextmanager
 def start_run(output: str | Path, mixed_precision: str, resume: str | None, seed: int, accumulation_steps: int = 1,
-              overwrite: bool = False, model_name: str | None = None, data: str | None = None
-              ) -> Iterator[RunStart]:
+              overwrite: bool = False, model_name: str | None = None, data: str | None = None,
+              threads: int = 0, workers: int = 0) -> Iterator[RunStart]:
     """The opening every run shares, before any heavy work and before anything is written: the output checks,
-    the accelerator, console logging, the lock, the checkpoint to resume (read and checked here, so a bad
-    ``--resume`` fails before the model and data are built) and the reuse rule. The caller writes into the
-    directory with :func:`open_run` once its own checks passed. Seeds the initial weights (equal everywhere)."""
+    the accelerator, console logging, the CPU threads (``threads``, 0 = auto with ``workers`` data workers, see
+    :mod:`simmim.threads`; restored when the run ends), the lock, the checkpoint to resume (read and checked
+    here, so a bad ``--resume`` fails before the model and data are built) and the reuse rule. The caller writes
+    into the directory with :func:`open_run` once its own checks passed. Seeds the initial weights (equal
+    everywhere)."""
     out = check_output(output, data)
     accelerator = make_accelerator(out, mixed_precision, accumulation_steps)
     setup_logging(None, main_process=accelerator.is_main_process)  # console only until the directory opens
     run_dir = RunDir(out, main_process=accelerator.is_main_process)
     try:
-        with run_dir:
+        with run_dir, run_threads(threads, workers):
             _agree(accelerator, run_dir.acquire)  # the main process locks for every rank of the run
             found = resolve_resume(resume, out, load=lambda p: read_run_checkpoint(p, "--resume", resume=True))
             weights = found[1] if found else None

@@ -36,6 +36,7 @@ import torch
 from simmim.errors import InputNotFoundError, UserError
 from simmim.models import VARIANTS, SwinTransformerV2, create_model
 from simmim.models.convert import (
+    CheckpointMismatchError,
     check_compatible,
     convert_state_dict,
     detect_format,
@@ -387,6 +388,16 @@ def check_channels(weights: Weights, in_chans: int) -> None:
         have = stem.shape[1]
         raise UserError(f"{weights.path} was trained on {have}-channel images but model.in_chans is {in_chans}; "
                          f"set model.in_chans={have} (and data.mean/data.std with {have} values)")
+
+
+def check_variant(weights: Weights, model_name: str, key: str = "model.name") -> None:
+    """Refuse weights of another SwinV2 variant than ``model_name`` before a model is built on them, naming the
+    weights' variant and the setting (``key``) to change: a key-by-key mismatch list would run to hundreds of
+    keys. Weights of no known variant (a custom depth) are left to the load's own key check."""
+    found = variant_of(weights.encoder())
+    if found is not None and found != model_name:
+        raise CheckpointMismatchError(f"{weights.describe()} holds a {found} encoder, but {key} is {model_name}; "
+                                      f"set {key}={found}")
 
 
 def start_windows(weights: Weights | None, override: Any) -> Any:

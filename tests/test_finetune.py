@@ -85,11 +85,11 @@ def test_timm_file_without_metadata_needs_explicit_windows(tmp_path):
 
 def test_mismatched_pretrained_checkpoint_is_refused(tmp_path, capsys):
     ckpt = pretrain_checkpoint(tmp_path, name="swinv2_nano")
-    with pytest.raises(CheckpointMismatchError, match="shape mismatch"):
+    with pytest.raises(CheckpointMismatchError, match="holds a swinv2_nano encoder, but model.name is swinv2_pico"):
         build_classifier(finetune_cfg(f"pretrained={ckpt}"), 10)
     assert main(["finetune", "demo/finetune", "--pretrained", str(ckpt), "--output", str(tmp_path / "run"),
                  *QUICK]) == 2
-    assert "does not match the model" in capsys.readouterr().err
+    assert "set model.name=swinv2_nano" in capsys.readouterr().err
 
 
 def _write_class_tree(root: Path, classes: list[str], per_class: int, seed: int) -> None:
