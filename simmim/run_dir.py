@@ -510,6 +510,8 @@ def setup_logging(log_file: str | Path | None, main_process: bool = True, level:
     logger.setLevel(level)
     console = logging.StreamHandler()
     console.setLevel(level if main_process else logging.WARNING)
+    # details for train.log only (extra={"file_only": True}): a refused run's console shows its one error line
+    console.addFilter(lambda record: not getattr(record, "file_only", False))
     console.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     handlers: list[logging.Handler] = [console]
     if log_file is not None and main_process:

@@ -79,7 +79,8 @@ def run_threads(threads: int, workers: int) -> Iterator[int]:
         why = (f"auto: {usable} usable CPUs" + (f" / {processes} processes" if processes > 1 else "")
                + f" - {workers} data workers" + (f", capped by PyTorch's {before}" if n < share else ""))
     torch.set_num_threads(n)
-    log.info("CPU threads: %d (%s); OpenMP wait policy %s", n, why, os.environ.get("OMP_WAIT_POLICY", "default"))
+    log.info("CPU threads: %d (%s); OpenMP wait policy %s", n, why, os.environ.get("OMP_WAIT_POLICY", "default"),
+             extra={"file_only": True})  # train.log: logged before the run's checks, which may still refuse it
     try:
         yield n
     finally:
