@@ -309,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image files, folders (recursive), embedded:photos or embedded:digits")
     p.add_argument("--out", required=True, help="folder for the panels, one <image name>.png each")
     p.add_argument("--mask-ratio", type=float, default=0.6, help="fraction of mask cells hidden (default 0.6)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the mask (one mask for all images of a size)")
+    p.add_argument("--seed", type=at_least(0), default=0, help="seed of the mask (one mask for all images of a size)")
     p.add_argument("--native-size", action="store_true", help="run the model at each image's own size, centre-"
                    "cropped to the largest size that tiles into mask cells and windows (default: the trained size)")
     p.add_argument("--norm-target", action=argparse.BooleanOptionalAction, default=None, help="whether the model "

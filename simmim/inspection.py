@@ -166,6 +166,9 @@ def describe(weights: Weights, blocks: Sequence[BlockBias], windows: Sequence[in
     return "\n".join(lines) + "\n"
 
 
+MAX_WINDOW = 192  # the larger window drawn: 8x SwinV2's largest fine-tuning window (24); a few hundred MB at most
+
+
 def inspect_checkpoint(checkpoint: str | Path | Weights, out: str | Path, scale: int = 2,
                        overwrite: bool = False) -> list[Path]:
     """Write ``position_bias_stage<i>.png`` per stage (every block and head at the trained window and at ``scale``
@@ -177,6 +180,10 @@ def inspect_checkpoint(checkpoint: str | Path | Weights, out: str | Path, scale:
     blocks = block_biases(weights)
     stages = sorted({b.stage for b in blocks})
     windows = trained_windows(weights, blocks, stages)
+    if scale * max(windows) > MAX_WINDOW:  # the CPB MLP runs on (2W-1)^2 offsets: W 4000 asked for 131 GB
+        raise UserError(f"--scale {scale} makes a window of {scale * max(windows)} from the trained "
+                        f"{max(windows)}; the largest drawn is {MAX_WINDOW}: use --scale "
+                        f"{max(2, MAX_WINDOW // max(windows))} or less")
     names = [f"position_bias_stage{s}.png" for s in stages] + [TEXT]
     out = check_out_dir(out, names, overwrite)
     # a linear-CPB model has the same keys as a log-CPB one and no file records the choice: log-CPB, the SwinV2

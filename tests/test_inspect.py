@@ -78,3 +78,10 @@ def test_inspect_writes_pictures_and_text_and_refuses_what_it_cannot_show(ckpt, 
 
     assert main(["inspect", str(ckpt), "--out", str(out / "mine.png")]) == 2
     assert "is a file" in one_line_error(capsys)
+
+
+def test_a_scale_too_large_to_draw_is_one_line_and_writes_nothing(ckpt, tmp_path, capsys):
+    # --scale 1000 at the trained window 4 asked the CPB MLP for (2 x 4000 - 1)^2 offsets: 131 GB, then a traceback
+    assert main(["inspect", str(ckpt), "--out", str(tmp_path / "out"), "--scale", "1000"]) == 2
+    assert "use --scale 48 or less" in one_line_error(capsys)
+    assert not (tmp_path / "out").exists()

@@ -152,3 +152,10 @@ def test_a_full_disk_stops_in_one_line_naming_the_file(ckpt, tmp_path, capsys, m
     line = one_line_error(capsys)
     assert "wide.png: no space left on the device; 1 file(s) were written" in line
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gray.png"]
+
+
+def test_a_negative_seed_is_a_usage_error(ckpt, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:  # numpy refused it with a traceback before
+        main(["reconstruct", str(ckpt), "embedded:photos", "--out", str(tmp_path / "out"), "--seed", "-1"])
+    assert exit_info.value.code == 2 and "--seed: must be >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
