@@ -24,6 +24,8 @@ import logging
 import os
 from collections.abc import Iterator, MutableMapping
 
+from simmim.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
@@ -71,6 +73,9 @@ def run_threads(threads: int, workers: int) -> Iterator[int]:
 
     before = torch.get_num_threads()
     if threads:
+        if threads > (usable := usable_cpus()):  # 100000 made libgomp abort for want of memory
+            raise UserError(f"run.threads={threads} is more than the {usable} CPUs this process may use; set at "
+                            f"most run.threads={usable}, or 0 for auto")
         n, why = threads, "run.threads"
     else:
         usable, processes = usable_cpus(), local_processes()

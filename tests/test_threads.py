@@ -100,3 +100,13 @@ def test_the_command_line_asks_for_passive_waiting_before_torch_loads():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**env, "OMP_WAIT_POLICY": "ACTIVE"})  # the user's own choice stays
     assert "at torch import: ACTIVE" in out.stdout
+
+
+def test_more_threads_than_usable_cpus_is_one_line_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(threads, "usable_cpus", lambda: 2)
+    out = tmp_path / "run"  # run.threads=100000 made libgomp abort ("Out of memory allocating") before
+    assert main(["pretrain", "demo/pretrain", *TINY, "run.threads=100000", "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: run.threads=100000 is more than the 2 CPUs this process may use; set at most "
+                   "run.threads=2, or 0 for auto"]
+    assert not out.exists()
