@@ -212,7 +212,7 @@ def run(cfg: FinetuneConfig, overwrite: bool = False) -> dict:
         plan = plan_training(cfg.schedule, o, d.batch_size, accelerator.num_processes,
                              len(train_loader) // accelerator.num_processes)
         eval_every = r.eval_every or max(round(plan.steps_per_epoch), 1)
-        groups = param_groups(model, o.weight_decay, o.layer_decay, depths=model.depths)
+        groups = param_groups(model, o.weight_decay, o.layer_decay)
         optimizer, scheduler = build_optimization(groups, cfg.schedule, o, plan)
         metadata = finetune_metadata(cfg, model, classes, weights)
         windows = [w[0] for w in model.pretrained_window_sizes]
