@@ -25,8 +25,9 @@ from torch import nn
 from simmim.errors import UserError
 
 from .convert import convert_state_dict
-from .swin import SWIN_VARIANTS, create_swin, is_swin_v1, swin_convert
-from .variants import VARIANTS, create_model
+from .swin import SWIN_VARIANTS, create_swin, is_swin_v1, swin_convert, swin_variant_of
+from .swin_transformer_v2 import stage_geometry, to_pair
+from .variants import VARIANTS, create_model, variant_geometry, variant_of
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class Family:
     patch_size: int = 4  # pixels per token of the patch embedding (the mask granularity)
     encoder_stride: int = 32  # pixels per token of forward_features
     windowed: bool = True  # whether the family has attention windows (model.window_size); ViT: False
+    variant_of: Callable[[Mapping[str, torch.Tensor]], str | None] | None = None  # variant from shapes
 
 
 def _is_swinv2(state_dict: Mapping[str, torch.Tensor]) -> bool:
@@ -53,8 +55,8 @@ def _swinv2_convert(state_dict: Mapping[str, torch.Tensor], encoder: nn.Module) 
 
 def _families() -> dict[str, Family]:
     families = {
-        "swinv2": Family("swinv2", VARIANTS, create_model, _is_swinv2, _swinv2_convert, 4, 32, True),
-        "swin": Family("swin", SWIN_VARIANTS, create_swin, is_swin_v1, swin_convert, 4, 32, True),
+        "swinv2": Family("swinv2", VARIANTS, create_model, _is_swinv2, _swinv2_convert, 4, 32, True, variant_of),
+        "swin": Family("swin", SWIN_VARIANTS, create_swin, is_swin_v1, swin_convert, 4, 32, True, swin_variant_of),
     }
     # ---- ViT-B/16 (the `vit` helper's models/vit.py): registered here when that module exists ----------------
     try:
@@ -94,3 +96,48 @@ def detect_family(state_dict: Mapping[str, torch.Tensor]) -> Family | None:
     """The family whose weights ``state_dict`` holds (any layout: official, SimMIM, timm, ours), None if none."""
     found = [f for f in FAMILIES.values() if f.detect(state_dict)]
     return found[0] if len(found) == 1 else None
+
+
+def check_encoder_geometry(name: str, img_size: int | None = None, window_size: int | None = None
+                           ) -> tuple[Family, int, int]:
+    """Check variant ``name`` and, with ``img_size``, that the image tiles into its tokens (and windows at every
+    stage, for a windowed family) without building it. Returns (family, patch size, stages); UserErrors name the
+    fix."""
+    family = family_of(name)
+    if family.name == "swinv2":
+        patch, stages, _ = variant_geometry(name, img_size, window_size)
+        return family, patch, stages
+    spec = family.variants[name]
+    patch = spec.get("patch_size", family.patch_size)
+    stages = len(spec["depths"]) if family.windowed else 1
+    if img_size is not None:
+        if family.windowed:  # Swin V1 clamps windows as V2 does (window = map where the map is not larger)
+            stage_geometry(to_pair(img_size), patch, stages, to_pair(window_size or 1))
+        elif img_size % family.encoder_stride:
+            stride = family.encoder_stride
+            raise UserError(f"img_size {img_size} is not a multiple of {name}'s patch size {stride}; "
+                            f"use e.g. {max(stride, img_size // stride * stride)}")
+    return family, patch, stages
+
+
+def make_encoder(name: str, *, img_size: int, window_size: int | None, num_classes: int, in_chans: int = 3,
+                  drop_path_rate: float = 0.0, pretrained_window_sizes: Any = None, recompute: str = "none",
+                  sequential_attention: int | None = None, linear_backend: str = "auto") -> nn.Module:
+    """The encoder (or classifier, ``num_classes > 0``) a config asks for, with the memory/speed switches its
+    family has: SwinV2 all of them; Swin V1 and ViT activation checkpointing (``recompute='full'``, timm's
+    ``set_grad_checkpointing``); the config refuses the others for them."""
+    family = family_of(name)
+    if family.name == "swinv2":
+        model = create_model(name, img_size=img_size, window_size=window_size, num_classes=num_classes,
+                             pretrained_window_sizes=pretrained_window_sizes, drop_path_rate=drop_path_rate,
+                             in_chans=in_chans)
+        model.set_recompute(recompute)
+        model.set_sequential_attention(sequential_attention)
+        model.set_linear_backend(linear_backend)
+        return model
+    geometry = dict(img_size=img_size, window_size=window_size) if family.windowed else dict(img_size=img_size)
+    model = family.create(name, num_classes=num_classes, in_chans=in_chans, drop_path_rate=drop_path_rate,
+                          **geometry)
+    if recompute == "full":
+        model.set_grad_checkpointing(True)
+    return model

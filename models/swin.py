@@ -148,3 +148,21 @@ def _official(state_dict: Mapping[str, torch.Tensor]) -> bool:
     return any(k.removeprefix("encoder.").startswith("layers.0.downsample.") or k.endswith(
         ("relative_position_index", "attn_mask")) or k.removeprefix("encoder.") in ("head.weight", "head.bias")
         for k in state_dict)
+
+
+def swin_variant_of(state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """The Swin V1 variant whose shape (embed dim, blocks and heads per stage) a bare encoder state dict (timm
+    layout) has; None when none matches."""
+    stem = state_dict.get("patch_embed.proj.weight")
+    if stem is None:
+        return None
+    depths: dict[int, int] = {}
+    heads: dict[int, int] = {}
+    for key, value in state_dict.items():
+        if m := re.match(r"layers\.(\d+)\.blocks\.(\d+)\.attn\.relative_position_bias_table$", key):
+            stage = int(m[1])
+            depths[stage] = max(depths.get(stage, 0), int(m[2]) + 1)
+            heads[stage] = value.shape[1]
+    found = (stem.shape[0], tuple(depths[i] for i in sorted(depths)), tuple(heads[i] for i in sorted(heads)))
+    return next((name for name, spec in SWIN_VARIANTS.items()
+                 if (spec["embed_dim"], tuple(spec["depths"]), tuple(spec["num_heads"])) == found), None)

@@ -345,7 +345,7 @@ def test_python_tags_are_refused_naming_the_file_and_never_run(tmp_path):
         load(path=path)
     with pytest.raises(ConfigError, match=r"override 'model\.img_size=.*refused"):
         load(f"model.img_size={tag}")
-    with pytest.raises(ConfigError, match=r"model\.name='!!python.* is not a SwinV2 variant"):
+    with pytest.raises(ConfigError, match=r"model\.name='!!python.* is not an encoder variant"):
         load(f"model.name={tag}")  # a string field takes the text as typed: never YAML, never run
     assert not marker.exists()
 
