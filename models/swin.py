@@ -106,6 +106,16 @@ class SwinV1(SwinTransformer):
         super().set_input_size(img_size=img, window_size=win)
         self.img_size, self.window_size = img, win
 
+    def timm_spec(self) -> tuple[str, dict[str, Any]]:
+        """``(name, kwargs)`` for ``timm.create_model`` that builds this architecture in plain timm (for exports
+        and benchmarks): timm's own Swin of the same shape, with the sizes of this one."""
+        spec = {"img_size": self.img_size[0] if self.img_size[0] == self.img_size[1] else self.img_size,
+                "window_size": self.window_size[0], "num_classes": self.num_classes, "in_chans": self.in_chans}
+        if self.variant in TIMM_NAMES:
+            return TIMM_NAMES[self.variant], spec
+        shape = SWIN_VARIANTS.get(self.variant, {})
+        return "swin_tiny_patch4_window7_224", {**{k: v for k, v in shape.items()}, **spec}
+
     def geometry(self) -> dict[str, Any]:
         """JSON-able facts of the encoder contract (family, size, window, strides, channels)."""
         return {"family": "swin", "variant": self.variant, "img_size": list(self.img_size),
