@@ -89,3 +89,19 @@ def test_models_lists_the_swin_v1_variants(capsys):
     assert main(["models", "swin_base", "--img-size", "224", "--window-size", "7"]) == 0
     out = capsys.readouterr().out
     assert "swin_base" in out and " swin " in out and "87.8M" in out and "7/7/7/7" in out
+
+
+def test_official_finetuned_swin_file_evaluates_at_another_window(tmp_path):
+    """`simmim eval official.pth --model swin_pico --img-size 96 --window-size 6`'s model: the fine-tuned official
+    file (head.weight, 64 px / W4) equals timm's checkpoint_filter_fn of it at 96 px / W6."""
+    from simmim.evaluate import load_for_eval
+
+    official = official_swin_state(64, 4, prefix="", num_classes=7)
+    path = tmp_path / "simmim_finetune__swin_pico.pth"
+    torch.save({"model": official}, path)
+    model, meta = load_for_eval(path, "swin_pico", 96, 6)
+    assert meta["kind"] == "simmim-finetune" and model.num_classes == 7
+    ref, _ = timm_oracle(official, 96, 6, num_classes=7)
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x))
