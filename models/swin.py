@@ -28,16 +28,12 @@ from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 
 from .convert import convert_state_dict
-from .swin_transformer_v2 import swin_layer_id, to_pair
+from .swin_transformer_v2 import check_mask, swin_layer_id, to_pair
+from .variants import VARIANTS, stage_shape
 
-# the official SimMIM Swin V1 sizes (configs/swin_*) and small ones for tests and CPUs
+# the official SimMIM Swin V1 sizes (configs/swin_*) equal SwinV2's T/S/B/L (C, depths, heads); pico is for tests
 SWIN_VARIANTS: dict[str, dict[str, Any]] = {
-    "swin_pico": dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8)),
-    "swin_tiny": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
-    "swin_small": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
-    "swin_base": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
-    "swin_large": dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48)),
-}
+    f"swin_{size}": dict(VARIANTS[f"swinv2_{size}"]) for size in ("pico", "tiny", "small", "base", "large")}
 # the timm architecture with the same shape (exports load into it; benchmarks compare against it)
 TIMM_NAMES = {"swin_tiny": "swin_tiny_patch4_window7_224", "swin_small": "swin_small_patch4_window7_224",
               "swin_base": "swin_base_patch4_window7_224", "swin_large": "swin_large_patch4_window7_224"}
@@ -69,11 +65,7 @@ class SwinV1(SwinTransformer):
         ``mask_token`` after the patch embedding and its norm, as in the official ``SwinTransformerForSimMIM``."""
         x = self.patch_embed(x)  # (B, h, w, C)
         if mask is not None:
-            if self.mask_token is None:
-                raise ValueError("a mask was given but the encoder has no mask_token; call init_mask_token() "
-                                 "(SimMIM does this) before masked forwards")
-            if mask.shape != x.shape[:3]:
-                raise ValueError(f"mask shape {tuple(mask.shape)} must be (B, h, w) = {tuple(x.shape[:3])}")
+            check_mask(self.mask_token, mask, x)
             w = mask.unsqueeze(-1).to(x.dtype)  # (B, h, w, 1)
             x = x * (1.0 - w) + self.mask_token.to(x.dtype) * w
         return self.norm(self.layers(x))
@@ -163,16 +155,6 @@ def _official(state_dict: Mapping[str, torch.Tensor]) -> bool:
 def swin_variant_of(state_dict: Mapping[str, torch.Tensor]) -> str | None:
     """The Swin V1 variant whose shape (embed dim, blocks and heads per stage) a bare encoder state dict (timm
     layout) has; None when none matches."""
-    stem = state_dict.get("patch_embed.proj.weight")
-    if stem is None:
-        return None
-    depths: dict[int, int] = {}
-    heads: dict[int, int] = {}
-    for key, value in state_dict.items():
-        if m := re.match(r"layers\.(\d+)\.blocks\.(\d+)\.attn\.relative_position_bias_table$", key):
-            stage = int(m[1])
-            depths[stage] = max(depths.get(stage, 0), int(m[2]) + 1)
-            heads[stage] = value.shape[1]
-    found = (stem.shape[0], tuple(depths[i] for i in sorted(depths)), tuple(heads[i] for i in sorted(heads)))
+    found = stage_shape(state_dict, ".attn.relative_position_bias_table", 1)  # ((2W-1)^2, heads)
     return next((name for name, spec in SWIN_VARIANTS.items()
                  if (spec["embed_dim"], tuple(spec["depths"]), tuple(spec["num_heads"])) == found), None)

@@ -618,6 +618,16 @@ def stage_geometry(
     return out
 
 
+def check_mask(mask_token: torch.Tensor | None, mask: torch.Tensor, tokens: torch.Tensor) -> None:
+    """A masked forward needs SimMIM's ``mask_token`` and a (B, h, w) mask on the token grid of ``tokens``
+    (B, h, w, C); a bug otherwise (ValueError)."""
+    if mask_token is None:
+        raise ValueError("a mask was given but the encoder has no mask_token; call init_mask_token() "
+                         "(SimMIM does this) before masked forwards")
+    if mask.shape != tokens.shape[:3]:
+        raise ValueError(f"mask shape {tuple(mask.shape)} must be (B, h, w) = {tuple(tokens.shape[:3])}")
+
+
 _LAYER_BLOCK = re.compile(r"layers\.(\d+)\.blocks\.(\d+)\.")
 _LAYER_DOWNSAMPLE = re.compile(r"layers\.(\d+)\.downsample\.")
 
@@ -917,11 +927,7 @@ class SwinTransformerV2(nn.Module):
         after the patch-embedding norm (SimMIM)."""
         x = self.patch_embed(x)  # (B, h, w, C)
         if mask is not None:
-            if self.mask_token is None:
-                raise ValueError("a mask was given but the encoder has no mask_token; call init_mask_token() "
-                                 "(SimMIM does this) before masked forwards")
-            if mask.shape != x.shape[:3]:
-                raise ValueError(f"mask shape {tuple(mask.shape)} must be (B, h, w) = {tuple(x.shape[:3])}")
+            check_mask(self.mask_token, mask, x)
             x = torch.where(mask.unsqueeze(-1).bool(), self.mask_token.to(x.dtype), x)  # (B, h, w, C)
         return x
 
