@@ -58,13 +58,20 @@ def _families() -> dict[str, Family]:
         "swinv2": Family("swinv2", VARIANTS, create_model, _is_swinv2, _swinv2_convert, 4, 32, True, variant_of),
         "swin": Family("swin", SWIN_VARIANTS, create_swin, is_swin_v1, swin_convert, 4, 32, True, swin_variant_of),
     }
-    # ---- ViT-B/16 (the `vit` helper's models/vit.py): registered here when that module exists ----------------
+    # ---- ViT-B/16 (the `vit` branch's models/vit.py): registered here when that module exists ----------------
+    # the coordinator's wiring spot at merge: its names as on the vit branch; a FAMILY there takes precedence
     try:
         from . import vit
     except ImportError:
         vit = None
-    if vit is not None and hasattr(vit, "FAMILY"):
-        families["vit"] = vit.FAMILY  # a Family("vit", VIT_VARIANTS, create_vit, is_vit, vit_convert, 16, 16, False)
+    if vit is not None:
+        names = ("VIT_VARIANTS", "create_vit", "is_vit_state_dict", "convert_official_vit")
+        family = getattr(vit, "FAMILY", None)
+        if family is None and all(hasattr(vit, n) for n in names):
+            family = Family("vit", *(getattr(vit, n) for n in names), patch_size=16, encoder_stride=16,
+                            windowed=False)
+        if family is not None:
+            families["vit"] = family
     return families
 
 
