@@ -1,5 +1,5 @@
-"""Swin V1 through the whole pipeline on embedded images: pretrain -> reconstruct -> fine-tune at another size
-and window -> eval -> export (timm, loaded back by plain timm with the card's call; hf refused), plus an official
+"""Swin V1 through the whole pipeline on embedded images: pretrain -> reconstruct / inspect -> fine-tune at another
+size and window -> eval -> export (timm, loaded back by plain timm with the card's call; hf refused), plus an official
 SimMIM Swin file fine-tuned through ``build_classifier``; and the SwinV2-only switches refused for Swin V1."""
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ def test_swin_v1_pretrain_finetune_eval_export_end_to_end(tmp_path, capsys, monk
     sample_photos()[0].save(tmp_path / "photo.png")
     assert main(["reconstruct", str(ckpt), str(tmp_path / "photo.png"), "--out", str(tmp_path / "rec")]) == 0
     assert (tmp_path / "rec" / "photo.png").is_file()
+    assert main(["inspect", str(ckpt), "--out", str(tmp_path / "insp")]) == 0  # the V1 relative position tables
+    assert "position bias: V1 table" in (tmp_path / "insp" / "inspect.txt").read_text()
 
     # fine-tune at 64 px: stage windows 4/4/2/1 at 32 px become 4/4/4/2, the tables resized on load
     ft = tmp_path / "ft"
