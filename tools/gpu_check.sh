@@ -12,8 +12,8 @@
 # script exits 1 if any failed.
 #
 # Usage: tools/gpu_check.sh [DIR]        (DIR default: $OUT if set, else runs/gpu_check)
-#        GPU_CHECK_DRY=1 tools/gpu_check.sh DIR   parse every command (flags, config keys) without running any:
-#                                                 what tests/test_gpu_check.py does on the CPU
+#        GPU_CHECK_DRY=1 tools/gpu_check.sh DIR   run nothing, only list the commands in DIR/commands.txt:
+#                                                 tests/test_gpu_check.py parses each of them (flags, config keys)
 # Environment: PYTHON (default python), GPU_CHECK_MODEL (default swinv2_base), GPU_CHECK_BATCH (default 64).
 set -euo pipefail
 
@@ -24,28 +24,24 @@ BATCH="${GPU_CHECK_BATCH:-64}"
 DRY="${GPU_CHECK_DRY:-0}"
 mkdir -p "$DIR"
 : >"$DIR/summary.txt"
+: >"$DIR/commands.txt"
 failed=0
 
-# simmim ARGS...: run the command line interface, or in dry mode only parse ARGS (and load the config of a run)
-simmim() {
+# run PROGRAM ARGS...: run PROGRAM (simmim, accelerate-launch, pytest) with this Python; in dry mode only record
+# the command line in DIR/commands.txt (arguments separated by \x1f), for tests/test_gpu_check.py to parse
+run() {
+    local program=$1
+    shift
     if [[ "$DRY" == 1 ]]; then
-        "$PY" - "$@" <<'PY'
-import sys
-
-from simmim.cli import parse_command_line
-
-_, args = parse_command_line(sys.argv[1:])
-if args.command in ("pretrain", "finetune"):
-    from simmim.config import FinetuneConfig, PretrainConfig, load_config
-    from simmim.configs import resolve
-
-    cls = PretrainConfig if args.command == "pretrain" else FinetuneConfig
-    load_config(cls, resolve(args.config), list(args.overrides))
-print("parsed:", " ".join(sys.argv[1:]))
-PY
-    else
-        "$PY" -m simmim "$@"
+        (IFS=$'\x1f'; printf '%s\n' "$program"$'\x1f'"$*") >>"$DIR/commands.txt"
+        return
     fi
+    case "$program" in
+        simmim) "$PY" -m simmim "$@" ;;
+        accelerate-launch) "$PY" -m accelerate.commands.launch "$@" ;;
+        pytest) "$PY" -m pytest "$@" ;;
+        *) echo "unknown program $program" >&2; return 2 ;;
+    esac
 }
 
 # step NAME SECONDS COMMAND...: run COMMAND under timeout with its output in DIR/NAME.log; record rc and seconds
@@ -69,52 +65,39 @@ env_info() {
 }
 
 cuda_tests() {
-    local collect=()
-    [[ "$DRY" == 1 ]] && collect=(--collect-only)
-    "$PY" -m pytest -q -rs "${collect[@]}" tests/test_cuda.py
+    run pytest -q -rs tests/test_cuda.py
 }
 
 pipeline() {
     local pre="$DIR/pretrain" ft="$DIR/finetune" ckpt
-    simmim pretrain demo/pretrain --output "$pre" --overwrite schedule.max_steps=40 run.save_every=20 \
+    run simmim pretrain demo/pretrain --output "$pre" --overwrite schedule.max_steps=40 run.save_every=20 \
         run.mixed_precision=bf16 run.async_save=true run.progress=false run.image_every=0
-    ckpt="$pre/checkpoints/ckpt-00000040.pt"
-    simmim finetune demo/finetune --pretrained "$ckpt" --output "$ft" --overwrite schedule.epochs=1 \
-        run.mixed_precision=bf16 run.progress=false
-    if [[ "$DRY" == 1 ]]; then
-        simmim export "$ft/checkpoints/ckpt-00000045.pt" --out "$DIR/export/classifier.safetensors" --overwrite
-    else
-        ckpt=$(ls "$ft"/checkpoints/ckpt-*.pt | tail -n 1)
-        simmim export "$ckpt" --out "$DIR/export/classifier.safetensors" --overwrite
-    fi
+    run simmim finetune demo/finetune --pretrained "$pre/checkpoints/ckpt-00000040.pt" --output "$ft" --overwrite \
+        schedule.epochs=1 run.mixed_precision=bf16 run.progress=false
+    ckpt="$ft/checkpoints/ckpt-LAST.pt"  # the dry run's stand-in: the real name depends on the epoch's steps
+    [[ "$DRY" == 1 ]] || ckpt=$(ls "$ft"/checkpoints/ckpt-*.pt | tail -n 1)
+    run simmim export "$ckpt" --out "$DIR/export/classifier.safetensors" --overwrite
 }
 
 fsdp() {
     local config
-    config=$("$PY" -m simmim configs --path accelerate/fsdp)
-    if [[ "$DRY" == 1 ]]; then
-        "$PY" -m accelerate.commands.launch --help >/dev/null
-        test -f "$config"
-        simmim pretrain demo/pretrain --output "$DIR/fsdp" --overwrite schedule.max_steps=10 run.progress=false \
-            run.image_every=0 run.mixed_precision=bf16
-        return
-    fi
-    "$PY" -m accelerate.commands.launch --config_file "$config" --num_processes 1 -m simmim pretrain demo/pretrain \
+    config=$("$PY" -c "from simmim.configs import resolve; print(resolve('accelerate/fsdp'))")
+    run accelerate-launch --config_file "$config" --num_processes 1 -m simmim pretrain demo/pretrain \
         --output "$DIR/fsdp" --overwrite schedule.max_steps=10 run.progress=false run.image_every=0 \
         run.mixed_precision=bf16
 }
 
 export DIR PY DRY
-export -f simmim env_info cuda_tests pipeline fsdp
+export -f run env_info cuda_tests pipeline fsdp
 step env 30 env_info
 step tests 80 cuda_tests
-step model 140 simmim benchmark --what model --device cuda --model "$MODEL" --batch-size "$BATCH" \
+step model 140 run simmim benchmark --what model --device cuda --model "$MODEL" --batch-size "$BATCH" \
     --dtype bfloat16 --compile --rounds 5 --iters 3 --json "$DIR/model.json"
-step memory 45 simmim benchmark --what memory --device cuda --model "$MODEL" --dtype bfloat16 \
+step memory 45 run simmim benchmark --what memory --device cuda --model "$MODEL" --dtype bfloat16 \
     --memory-batch-sizes 8 16 --rounds 3 --json "$DIR/memory.json"
 step pipeline 75 pipeline
 step fsdp 45 fsdp
-step save 60 simmim benchmark --what save --device cuda --model swinv2_large --rounds 3 --save-dir "$DIR" \
+step save 60 run simmim benchmark --what save --device cuda --model swinv2_large --rounds 3 --save-dir "$DIR" \
     --json "$DIR/save.json"
 
 echo "summary in $DIR/summary.txt"

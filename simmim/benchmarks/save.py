@@ -87,9 +87,9 @@ def save_section(name: str, img_size: int, window_size: int, rounds: int = 3, de
             params = sum(p.numel() for p in create_model(name, img_size=img_size, window_size=window_size,
                                                          num_classes=0).parameters())
         # fp32 weights + 2 moments, and the asynchronous save's host copy of them (on a GPU: the copy only)
-        need = params * 4 * 3 * (2 if dev.type == "cpu" else 1)
+        need = params * 4 * 3 * (2 if dev.type == "cpu" else 1) * 1.15  # + the process, allocator slack
         available = _available_host_bytes()
-        if available is not None and need * 1.15 > available:
+        if available is not None and need > available:
             raise UserError(f"--what save with {name} needs about {need / 2**30:.1f} GiB of host memory (the "
                             f"weights and AdamW moments and the asynchronous save's copy of them), "
                             f"{available / 2**30:.1f} GiB are available; choose a smaller --model")
