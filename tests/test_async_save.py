@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+from test_checkpoint import assert_same
 from test_faults import PRETRAIN, one_line_error
 from test_pretrain import assert_same_weights, final_weights
 
@@ -37,24 +38,6 @@ def without_run_keys(state: dict) -> dict:
     return {**state, "meta": {**state["meta"], "config": config}}
 
 
-def assert_identical(a, b, where="state"):
-    """Same structure and types; tensors equal bit for bit (dtype, shape, strides, values)."""
-    assert type(a) is type(b), where
-    if isinstance(a, torch.Tensor):
-        assert (a.dtype, a.shape, a.stride()) == (b.dtype, b.shape, b.stride()), where
-        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), where
-    elif isinstance(a, dict):
-        assert list(a) == list(b), where
-        for k in a:
-            assert_identical(a[k], b[k], f"{where}[{k!r}]")
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_identical(x, y, f"{where}[{i}]")
-    else:
-        assert a == b or (a != a and b != b), where  # NaN equals NaN here
-
-
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     """The synchronous 12-step run the asynchronous ones are compared with."""
@@ -70,7 +53,7 @@ def test_an_async_run_ends_with_the_checkpoints_of_a_sync_run_and_rotates_alike(
     for name in names(out):
         a, b = read_checkpoint(out / "checkpoints" / name), read_checkpoint(straight / "checkpoints" / name)
         assert a["meta"]["config"]["run"]["async_save"] is True
-        assert_identical(without_run_keys(a), without_run_keys(b))
+        assert_same(without_run_keys(a), without_run_keys(b))  # tensors: torch.equal
     assert not (out / ".lock").exists()
 
 
