@@ -584,6 +584,11 @@ class CheckpointPolicy:
 
     ``pending``: the newest step checkpoint, written but not yet proven good. ``last_good``: the newest one that
     proved good (a later step trained on finite numbers), or the resumed file. Rotation waits for the proof.
+
+    ``async_save`` (``run.async_save``): :meth:`write` returns once the state is copied to host memory and a
+    thread writes the copy atomically; at most one write is in flight (the next write waits for it), rotation
+    also waits until the proven file is on disk, and a failed write is raised as the same
+    :class:`CheckpointWriteError` by :meth:`poll` (each step) or :meth:`wait` (the end of the run, a stop).
     """
 
     def __init__(self, manager: CheckpointManager, run_dir: RunDir, async_save: bool = False) -> None:
