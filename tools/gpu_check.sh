@@ -11,7 +11,8 @@
 # DIR/summary.txt lists every step with its exit code and seconds. A failed step does not stop the others; the
 # script exits 1 if any failed.
 #
-# Usage: tools/gpu_check.sh [DIR]        (DIR default: $OUT if set, else runs/gpu_check)
+# Usage: tools/gpu_check.sh [DIR]        (DIR default: $OUT if set, else runs/gpu_check), after `pip install -e .`
+#        (from any folder: the script runs in the repository root, which holds tests/)
 #        GPU_CHECK_DRY=1 tools/gpu_check.sh DIR   run nothing, only list the commands in DIR/commands.txt:
 #                                                 tests/test_gpu_check.py parses each of them (flags, config keys)
 # Environment: PYTHON (default python), GPU_CHECK_MODEL (default swinv2_base), GPU_CHECK_BATCH (default 64).
@@ -23,6 +24,8 @@ MODEL="${GPU_CHECK_MODEL:-swinv2_base}"
 BATCH="${GPU_CHECK_BATCH:-64}"
 DRY="${GPU_CHECK_DRY:-0}"
 mkdir -p "$DIR"
+DIR=$(cd "$DIR" && pwd)
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
 : >"$DIR/summary.txt"
 : >"$DIR/commands.txt"
 failed=0
@@ -61,7 +64,8 @@ step() {
 env_info() {
     if [[ "$DRY" == 1 ]]; then echo "dry run"; return; fi
     nvidia-smi || true
-    "$PY" -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"
+    "$PY" -c "import simmim.models, torch; print(simmim.__file__, torch.__version__, torch.version.cuda,
+torch.cuda.get_device_name())"
 }
 
 cuda_tests() {
