@@ -668,21 +668,22 @@ class CheckpointPolicy:
                 self.last_good = previous
             if self.pending is not None and self.pending[1] == target:
                 self.pending = None
-            if not isinstance(error, OSError):
+            failure = _write_error(target, error, previous) if isinstance(error, OSError) else error
+            if not raise_errors:
+                log.error("%s", failure, exc_info=error if failure is error else None)  # a bug: with traceback
+                return
+            if failure is error:
                 raise error  # a bug: its own traceback
-            failure = _write_error(target, error, previous)
-            if raise_errors:
-                raise failure from error
-            log.error("%s", failure)
-            return
+            raise failure from error
         log.info("saved checkpoint %s", target)
         if self._rotate_due:
             self._rotate_due = False
             self._rotate()
 
     def written(self, step: int, final: bool) -> None:
-        """Step ``step``'s checkpoint is on disk (every process calls this): it is pending until proven, except
-        at the end of a run, where nothing later can prove it, so it stands as the newest."""
+        """Step ``step``'s checkpoint is on disk, or in flight with ``async_save`` (every process calls this,
+        after :meth:`write`): it is pending until proven, except at the end of a run, where nothing later can
+        prove it, so it stands as the newest."""
         self.pending = (step, self.manager.path_for(step))
         if final:
             self.proven()

@@ -166,3 +166,18 @@ def test_a_write_failure_is_reported_once_even_when_the_run_stops_for_another_re
         policy.wait()
     monkeypatch.setattr(checkpoint_module.torch, "save", original)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["ckpt-00000001.pt"]
+
+
+def test_a_bug_in_the_background_write_keeps_its_traceback(tmp_path, monkeypatch, caplog):
+    policy = CheckpointPolicy(CheckpointManager(tmp_path / "checkpoints"), RunDir(tmp_path), async_save=True)
+
+    def bug(obj, f, *args, **kwargs):
+        raise ValueError("a bug in the writer")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", bug)
+    policy.write({"step": 1}, 1)
+    with pytest.raises(ValueError, match="a bug in the writer"):  # not turned into a disk message
+        policy.wait()
+    policy.write({"step": 2}, 2)
+    policy.wait(raise_errors=False)  # another error is on its way out: this one is logged with its traceback
+    assert "a bug in the writer" in caplog.text and "Traceback" in caplog.text
