@@ -190,6 +190,9 @@ class RunConfig(Section):
     image_every: Int = 1000  # steps between reconstruction grids (0 = only at the end)
     save_every: Int = 1000  # steps between checkpoints (one is always written at the end)
     keep_last: Int = 3  # step checkpoints kept
+    # write checkpoints on a background thread from a host copy of the state: training waits only for the copy
+    # (costs one host-memory copy of weights + optimizer state); same atomic files and rotation as a direct save
+    async_save: bool = False
     resume: str | None = None  # "auto" = newest valid checkpoint in output/checkpoints, or a path
     max_bad_steps: Int = 5  # consecutive non-finite steps before the run stops
     progress: bool = True  # tqdm bar on the main process

@@ -16,6 +16,10 @@ checkpoint is written during such a streak or from non-finite weights (:meth:`En
 checkpoints count as good, rotate or are set aside is :class:`simmim.run_dir.CheckpointPolicy`'s business (its
 module docstring says what happens on resume and on divergence).
 
+Saving: with ``run.async_save`` a save only copies the state to host memory; a thread writes it (atomic, at most
+one in flight, rotation after it lands; see :class:`simmim.run_dir.CheckpointPolicy`), and :meth:`Engine.fit` waits
+for it before returning or raising.
+
 Stops: SIGTERM/SIGINT make the step they arrive in save like a periodic save, then stop (:mod:`simmim.signals`);
 TensorBoard and pictures go through :class:`simmim.side_outputs.SideOutputs`, whose failures never stop training.
 """
@@ -184,8 +188,10 @@ class Engine:
         path = None
         if self.acc.is_main_process:
             scaler = getattr(self.acc, "scaler", None)
+            # an async save copies device tensors to (pinned) host memory itself: no second, blocking copy here
+            host = (lambda v: v.detach()) if self.checkpoints.async_save else (lambda v: v.detach().cpu())
             state = {
-                "model": {k: v.detach().cpu() for k, v in weights.items()},
+                "model": {k: host(v) for k, v in weights.items()},
                 "optimizer": None if self._sharded() else self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),  # informational: resume rebuilds the schedule from config
                 "scaler": scaler.state_dict() if scaler is not None else None,
@@ -299,7 +305,23 @@ class Engine:
         return ok, norm
 
     def fit(self) -> TrainState:
-        """Train to ``total_steps``; checkpoints every ``save_every`` steps and at the end."""
+        """Train to ``total_steps``; checkpoints every ``save_every`` steps and at the end. With asynchronous
+        saving, the write in flight is on disk before this returns or raises (a stop's checkpoint before the
+        stop's message names it), so the run's lock is released only after it."""
+        try:
+            state = self._fit()
+        except KeyboardInterrupt:  # a second Ctrl-C: abort at once; a write in flight leaves a temp file at worst
+            raise
+        except signals.StoppedBySignal:
+            self.checkpoints.wait()  # a failed write replaces the stop's message with its own
+            raise
+        except BaseException:
+            self.checkpoints.wait(raise_errors=False)  # the run's own error is the one to report
+            raise
+        self.checkpoints.wait()
+        return state
+
+    def _fit(self) -> TrainState:
         s, st, acc = self.settings, self.state, self.acc
         accum = acc.gradient_accumulation_steps
         meter = _Meter(acc.device)
@@ -333,6 +355,7 @@ class Engine:
                 meter.step(step_loss, ok, files, len(batch["image"]) * accum * acc.num_processes)
                 step_loss, files = torch.zeros((), device=acc.device), torch.zeros((), device=acc.device)
                 bar.update(1)
+                self.checkpoints.poll()  # a background write that failed stops the run here, one step late
                 final = st.step >= s.total_steps
                 stop = signals.agreed(acc, st.step, s.stop_vote_every)  # SIGTERM/SIGINT: save, then stop
                 if stop is not None:  # every process says so (before the save's barrier, so before any exits)

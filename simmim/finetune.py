@@ -227,7 +227,8 @@ def run(cfg: FinetuneConfig, overwrite: bool = False) -> dict:
         if r.compile:  # after the EMA copy is made: a deep copy of a compiled model would call the original
             compile_model(accelerator.unwrap_model(model))
         engine = Engine(
-            accelerator, task, model, optimizer, scheduler, train_loader, start.checkpoints(r.keep_last),
+            accelerator, task, model, optimizer, scheduler, train_loader,
+            start.checkpoints(r.keep_last, r.async_save),
             LoopSettings(total_steps=plan.total_steps, clip_grad=o.clip_grad, log_every=r.log_every,
                          image_every=0, save_every=r.save_every, max_bad_steps=r.max_bad_steps, seed=r.seed,
                          progress=r.progress),

@@ -241,7 +241,8 @@ def run(cfg: PretrainConfig, overwrite: bool = False) -> dict:
         task = PretrainTask(cfg.data.mean, cfg.data.std, monitor=monitor, monitor_every=cfg.monitor.every,
                             main_process=accelerator.is_main_process)
         engine = Engine(
-            accelerator, task, model, optimizer, scheduler, loader, start.checkpoints(r.keep_last),
+            accelerator, task, model, optimizer, scheduler, loader,
+            start.checkpoints(r.keep_last, r.async_save),
             LoopSettings(total_steps=plan.total_steps, clip_grad=o.clip_grad, log_every=r.log_every,
                          image_every=r.image_every, save_every=r.save_every, max_bad_steps=r.max_bad_steps,
                          seed=r.seed, progress=r.progress),
