@@ -42,10 +42,12 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from simmim import signals
+from simmim.checkpoint import save_checkpoint
 from simmim.compat import can_skip_on_device, skip_step_on_device
 from simmim.data import sample_seed
 from simmim.errors import UserError
 from simmim.models.convert import check_compatible
+from simmim.optim import local_optimizer
 from simmim.run_dir import CheckpointPolicy
 from simmim.run_dir import CheckpointWriteError as CheckpointWriteError  # re-exported: raised by the policy
 from simmim.run_dir import NonFiniteLossError as NonFiniteLossError
@@ -165,7 +167,9 @@ class Engine:
         self.scheduler, self.loader, self.checkpoints, self.settings = scheduler, loader, checkpoints, settings
         self.metadata = metadata
         self.state = TrainState()
-        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+        wrapped = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+        inner = local_optimizer(optimizer)  # under ZeRO the local AdamW, which runs the step (and the skip)
+        self._zero = wrapped if inner is not wrapped else None  # ZeroRedundancyOptimizer (optim.shard_state)
         self._skip_on_device = (can_skip_on_device(inner) and accelerator.mixed_precision != "fp16"
                                 and accelerator.distributed_type != DistributedType.DEEPSPEED)
         self._inner_optimizer = inner
@@ -185,6 +189,10 @@ class Engine:
         if self._sharded() and name is None:  # optimizer shards live in accelerate's own folder beside our file
             self.acc.save_state(str(self.checkpoints.state_dir(step)))
             self.checkpoints.state_dir_written(step)
+        elif self._zero is not None and name is None:  # each process writes its own share, in the same folder
+            save_checkpoint(self._inner_optimizer.state_dict(), self._shard_path(step, self.acc.process_index))
+            self.acc.wait_for_everyone()
+            self.checkpoints.state_dir_written(step)
         path = None
         if self.acc.is_main_process:
             scaler = getattr(self.acc, "scaler", None)
@@ -192,7 +200,8 @@ class Engine:
             host = (lambda v: v.detach()) if self.checkpoints.async_save else (lambda v: v.detach().cpu())
             state = {
                 "model": {k: host(v) for k, v in weights.items()},
-                "optimizer": None if self._sharded() else self.optimizer.state_dict(),
+                "optimizer": None if self._sharded() or self._zero is not None else self.optimizer.state_dict(),
+                "optimizer_shards": self.acc.num_processes if self._zero is not None and name is None else None,
                 "scheduler": self.scheduler.state_dict(),  # informational: resume rebuilds the schedule from config
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "step": step,
@@ -203,6 +212,30 @@ class Engine:
             path = self.checkpoints.write(state, step, name)
         self.acc.wait_for_everyone()
         return path
+
+    def _shard_path(self, step: int, rank: int, directory: Path | None = None) -> Path:
+        """Where process ``rank`` keeps its share of the optimizer state (``optim.shard_state``) for ``step``."""
+        directory = directory or self.checkpoints.state_dir(step)
+        return directory / f"optimizer-{rank:05d}-of-{self.acc.num_processes:05d}.pt"
+
+    def _load_optimizer_shard(self, weights: Weights, state_dir: Path | None) -> None:
+        """Restore this process's share of a sharded optimizer state; the same process count is needed, since the
+        shares follow from how the parameters were split over the processes."""
+        shards, path = weights.checkpoint["optimizer_shards"], weights.path
+        if self._zero is None or shards != self.acc.num_processes:
+            raise UserError(f"the optimizer state of {path} is sharded over {shards} processes (optim.shard_state="
+                            f"true); resume it with {shards} processes and optim.shard_state=true (this run: "
+                            f"{self.acc.num_processes}, optim.shard_state={str(self._zero is not None).lower()})")
+        shard = self._shard_path(weights.checkpoint["step"], self.acc.process_index,
+                                 state_dir or self.checkpoints.state_dir(weights.checkpoint["step"]))
+        if not shard.is_file():
+            raise UserError(f"{shard}, this process's share of the optimizer state of {path}, is missing; resume "
+                            "from an earlier checkpoint with --resume PATH")
+        try:
+            self._inner_optimizer.load_state_dict(torch.load(shard, map_location="cpu", weights_only=True))
+        except ValueError as err:
+            raise UserError(f"the optimizer state in {shard} does not fit the current parameter groups ({err}); "
+                            "was optim.layer_decay changed? Resume with the original setting") from None
 
     def save_if_healthy(self, final: bool) -> None:
         """Save a step checkpoint now unless the run is in a non-finite streak or its weights are not finite
@@ -238,6 +271,8 @@ class Engine:
             except ValueError as err:
                 raise UserError(f"the optimizer state in {weights.path} does not fit the current parameter groups "
                                  f"({err}); was optim.layer_decay changed? Resume with the original setting") from None
+        elif ckpt.get("optimizer_shards"):
+            self._load_optimizer_shard(weights, state_dir)
         elif state_dir is not None:
             self.acc.load_state(str(state_dir))
         for group, hyper in zip(self.optimizer.param_groups, current, strict=True):
