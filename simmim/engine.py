@@ -186,12 +186,14 @@ class Engine:
         A step checkpoint is not rotated here: the policy rotates once it has proven good."""
         step = self.state.step
         weights = self.acc.get_state_dict(self.model)  # a collective under FSDP/DeepSpeed
-        if self._sharded() and name is None:  # optimizer shards live in accelerate's own folder beside our file
-            self.acc.save_state(str(self.checkpoints.state_dir(step)))
-            self.checkpoints.state_dir_written(step)
-        elif self._zero is not None and name is None:  # each process writes its own share, in the same folder
-            save_checkpoint(self._inner_optimizer.state_dict(), self._shard_path(step, self.acc.process_index))
+        if (self._sharded() or self._zero is not None) and name is None:
+            self.checkpoints.state_dir_opening(step)  # listed before any process creates it
             self.acc.wait_for_everyone()
+            if self._zero is not None:  # each process writes its own share of the optimizer state
+                save_checkpoint(self._inner_optimizer.state_dict(), self._shard_path(step, self.acc.process_index))
+                self.acc.wait_for_everyone()
+            else:  # optimizer shards live in accelerate's own folder beside our file
+                self.acc.save_state(str(self.checkpoints.state_dir(step)))
             self.checkpoints.state_dir_written(step)
         path = None
         if self.acc.is_main_process:
@@ -223,9 +225,10 @@ class Engine:
         shares follow from how the parameters were split over the processes."""
         shards, path = weights.checkpoint["optimizer_shards"], weights.path
         if self._zero is None or shards != self.acc.num_processes:
+            now = f"{self.acc.num_processes} process{'es' if self.acc.num_processes > 1 else ''}" + (
+                "" if self._zero is not None else ", optimizer not sharded")
             raise UserError(f"the optimizer state of {path} is sharded over {shards} processes (optim.shard_state="
-                            f"true); resume it with {shards} processes and optim.shard_state=true (this run: "
-                            f"{self.acc.num_processes}, optim.shard_state={str(self._zero is not None).lower()})")
+                            f"true); resume it with {shards} processes and optim.shard_state=true (this run: {now})")
         shard = self._shard_path(weights.checkpoint["step"], self.acc.process_index,
                                  state_dir or self.checkpoints.state_dir(weights.checkpoint["step"]))
         if not shard.is_file():
