@@ -29,7 +29,7 @@ from simmim.masked_modeling import SimMIM, normalize_target
 from simmim.models import SwinTransformerV2, compile_model, create_model
 from simmim.models.convert import encoder_state, load_pretrained
 from simmim.monitor import FeatureMonitor
-from simmim.optim import build_optimization, param_groups, plan_training, shard_state
+from simmim.optim import build_optimization, optimizer_state_bytes, param_groups, plan_training, shard_state
 from simmim.run_dir import check_stream_layout, open_run, start_run
 from simmim.signals import stops_on_signals
 from simmim.visualize import reconstruction_grid
@@ -271,4 +271,5 @@ def run(cfg: PretrainConfig, overwrite: bool = False) -> dict:
         "finite": state.last_loss is not None and math.isfinite(state.last_loss),
         "main_process": accelerator.is_main_process,
         "monitor": task.last_monitor,
+        "optimizer_state_bytes": optimizer_state_bytes(optimizer),  # this process's share (optim.shard_state)
     }
