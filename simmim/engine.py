@@ -20,6 +20,9 @@ Saving: with ``run.async_save`` a save only copies the state to host memory; a t
 one in flight, rotation after it lands; see :class:`simmim.run_dir.CheckpointPolicy`), and :meth:`Engine.fit` waits
 for it before returning or raising.
 
+Sharded optimizer state (FSDP, DeepSpeed, and ``optim.shard_state``: torch's ZeRO stage 1 under DDP, where every
+process writes its own part) goes into ``checkpoints/accelerate-<step>/`` beside the step's file.
+
 Stops: SIGTERM/SIGINT make the step they arrive in save like a periodic save, then stop (:mod:`simmim.signals`);
 TensorBoard and pictures go through :class:`simmim.side_outputs.SideOutputs`, whose failures never stop training.
 """

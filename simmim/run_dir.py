@@ -615,7 +615,8 @@ class CheckpointPolicy:
         return self.last_good or self.manager.path_for(step)
 
     def state_dir(self, step: int) -> Path:
-        """accelerate's state folder (FSDP/DeepSpeed optimizer shards) written beside step ``step``'s file."""
+        """The state folder written beside step ``step``'s file: accelerate's (FSDP/DeepSpeed optimizer shards) or
+        the per-process optimizer parts of ``optim.shard_state``."""
         return self.manager.state_dir_for(step)
 
     def state_dir_opening(self, step: int) -> None:
