@@ -150,6 +150,10 @@ class OptimConfig(Section):
     clip_grad: Float | None = 5.0  # max global grad norm; None = no clipping
     accumulation_steps: Int = 1
     layer_decay: Float = 1.0  # layer-wise lr decay (fine-tuning); 1.0 = off
+    # ZeRO stage 1 under plain data parallel: each process keeps the AdamW moments of its share of the parameters
+    # only (torch's ZeroRedundancyOptimizer), about 1/processes of them; off because it needs the same process
+    # count to resume its sharded checkpoint. FSDP and DeepSpeed shard on their own (their accelerate configs)
+    shard_state: bool = False
 
     limits: ClassVar[dict[str, Range]] = {
         "base_lr": POSITIVE, "warmup_lr": AT_LEAST_0, "min_lr": AT_LEAST_0, "weight_decay": AT_LEAST_0,

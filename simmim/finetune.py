@@ -24,7 +24,7 @@ from simmim.errors import UserError
 from simmim.evaluate import evaluate
 from simmim.models import SwinTransformerV2, compile_model, create_model
 from simmim.models.convert import load_pretrained
-from simmim.optim import build_optimization, param_groups, plan_training
+from simmim.optim import build_optimization, param_groups, plan_training, shard_state
 from simmim.run_dir import open_run, start_run
 from simmim.signals import stops_on_signals
 from simmim.weights import (
@@ -213,11 +213,15 @@ def run(cfg: FinetuneConfig, overwrite: bool = False) -> dict:
                              len(train_loader) // accelerator.num_processes)
         eval_every = r.eval_every or max(round(plan.steps_per_epoch), 1)
         groups = param_groups(model, o.weight_decay, o.layer_decay, depths=model.depths)
-        optimizer, scheduler = build_optimization(groups, cfg.schedule, o, plan)
+        shard = shard_state(o, accelerator.num_processes, accelerator.distributed_type)  # ZeRO stage 1
+        if shard:  # ZeRO takes its device from the parameters: place them first
+            model.to(accelerator.device)
+        optimizer, scheduler = build_optimization(groups, cfg.schedule, o, plan, shard)
         metadata = finetune_metadata(cfg, model, classes, weights)
         windows = [w[0] for w in model.pretrained_window_sizes]
-        model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader,
-                                                                         val_loader)
+        # accelerate's placement of an optimizer reads its whole state, which a sharded one does not have
+        model, optimizer, train_loader, val_loader = accelerator.prepare(
+            model, optimizer, train_loader, val_loader, device_placement=[True, not shard, True, True])
 
         log.info("fine-tuning %s at %dpx W%d on %d classes (%d train / %d val images): %d steps, global batch %d, "
                  "lr %.3e, layer decay %.2f", cfg.model.name, cfg.model.img_size, cfg.model.window_size,

@@ -29,7 +29,7 @@ from simmim.masked_modeling import SimMIM, normalize_target
 from simmim.models import SwinTransformerV2, compile_model, create_model
 from simmim.models.convert import encoder_state, load_pretrained
 from simmim.monitor import FeatureMonitor
-from simmim.optim import build_optimization, param_groups, plan_training
+from simmim.optim import build_optimization, optimizer_state_bytes, param_groups, plan_training, shard_state
 from simmim.run_dir import check_stream_layout, open_run, start_run
 from simmim.signals import stops_on_signals
 from simmim.visualize import reconstruction_grid
@@ -225,11 +225,16 @@ def run(cfg: PretrainConfig, overwrite: bool = False) -> dict:
                          "pretrained_window_sizes": [list(w) for w in encoder.pretrained_window_sizes]}
         if r.compile:  # one graph per mode at the fixed size; state_dict keys do not change
             compile_model(model)
-        optimizer, scheduler = build_optimization(param_groups(model, o.weight_decay), cfg.schedule, o, plan)
+        shard = shard_state(o, accelerator.num_processes, accelerator.distributed_type)  # ZeRO stage 1
+        if shard:  # ZeRO takes its device from the parameters: place them first
+            model.to(accelerator.device)
+        optimizer, scheduler = build_optimization(param_groups(model, o.weight_decay), cfg.schedule, o, plan, shard)
+        # accelerate's placement of an optimizer reads its whole state, which a sharded one does not have
         if stream:
-            model, optimizer = accelerator.prepare(model, optimizer)
+            model, optimizer = accelerator.prepare(model, optimizer, device_placement=[True, not shard])
         else:
-            model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+            model, optimizer, loader = accelerator.prepare(model, optimizer, loader,
+                                                           device_placement=[True, not shard, True])
 
         log.info("pretraining %s at %dpx W%d: %d steps, global batch %d, lr %.3e, %d processes, %s precision",
                  cfg.model.name, cfg.model.img_size, cfg.model.window_size, plan.total_steps, plan.global_batch,
@@ -266,4 +271,5 @@ def run(cfg: PretrainConfig, overwrite: bool = False) -> dict:
         "finite": state.last_loss is not None and math.isfinite(state.last_loss),
         "main_process": accelerator.is_main_process,
         "monitor": task.last_monitor,
+        "optimizer_state_bytes": optimizer_state_bytes(optimizer),  # this process's share (optim.shard_state)
     }

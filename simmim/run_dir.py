@@ -615,8 +615,14 @@ class CheckpointPolicy:
         return self.last_good or self.manager.path_for(step)
 
     def state_dir(self, step: int) -> Path:
-        """accelerate's state folder (FSDP/DeepSpeed optimizer shards) written beside step ``step``'s file."""
+        """The state folder written beside step ``step``'s file: accelerate's (FSDP/DeepSpeed optimizer shards) or
+        the per-process optimizer parts of ``optim.shard_state``."""
         return self.manager.state_dir_for(step)
+
+    def state_dir_opening(self, step: int) -> None:
+        """List step ``step``'s state folder (and ``checkpoints/`` when it is new) before any process writes it, so
+        a folder another process or a library creates is known as the run's (main process)."""
+        self.run_dir.record(self.state_dir(step), folder=True)
 
     def state_dir_written(self, step: int) -> None:
         self.run_dir.record_tree(self.state_dir(step))
