@@ -15,6 +15,10 @@ is :mod:`simmim.run_dir`'s policy; under accelerate, the main process writes)::
     <output_dir>/checkpoints/ckpt-00001000.pt        step checkpoints, the newest ``keep_last`` kept
     <output_dir>/checkpoints/accelerate-00001000/    FSDP/DeepSpeed optimizer shards, rotated with their file
     <output_dir>/checkpoints/best.pt                 named checkpoints, never rotated
+
+Asynchronous saving (``run.async_save``): :class:`HostSnapshot` copies the state's tensors to host memory (the only
+part the training thread waits for) and :class:`BackgroundWriter` writes that copy on a thread through the same
+atomic write; at most one write is in flight. :class:`simmim.run_dir.CheckpointPolicy` drives both.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -213,3 +218,91 @@ class CheckpointManager:
             if p.is_file() and not (pid.isdigit() and pid_alive(int(pid))):
                 logger.info("removing temp file %s left by an interrupted checkpoint write", p)
                 p.unlink(missing_ok=True)
+
+
+class HostSnapshot:
+    """A copy of a checkpoint's state in host memory that a background write can take its time over while
+    training goes on changing the original (weights, optimizer moments, metadata dicts).
+
+    Containers are rebuilt (same types), tensors copied into host buffers kept from one save to the next (same
+    key path, shape, dtype and strides: no allocation or page faults after the first save; pinned memory for
+    device tensors, copied without blocking, then one wait for the copies). A tensor met twice (tied weights) is
+    copied once and shared, as a direct ``torch.save`` would store it once. Costs one host copy of the state.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def take(self, state: dict) -> dict:
+        """The copy of ``state`` (plain data, checked first: ``TypeError`` naming the key otherwise)."""
+        _check_plain(state, "state")
+        memo: dict[int, torch.Tensor] = {}
+        devices: set[torch.device] = set()
+
+        def copy(obj: Any, key: tuple) -> Any:
+            if isinstance(obj, torch.Tensor):
+                if id(obj) not in memo:
+                    memo[id(obj)] = self._copy(obj.detach(), key, devices)
+                return memo[id(obj)]
+            if type(obj) in _MAPPING_TYPES:
+                return type(obj)((k, copy(v, (*key, k))) for k, v in obj.items())
+            if type(obj) in (list, tuple):
+                return type(obj)(copy(v, (*key, i)) for i, v in enumerate(obj))
+            return obj  # immutable: str, int, float, bool, None, torch.Size/dtype/device
+
+        out = copy(state, ())
+        for device in devices:  # the non-blocking device-to-host copies must land before the writer reads them
+            torch.get_device_module(device).synchronize(device)
+        return out
+
+    def _copy(self, t: torch.Tensor, key: tuple, devices: set[torch.device]) -> torch.Tensor:
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype or buf.stride() != t.stride():
+            pin = t.device.type != "cpu" and torch.cuda.is_available()
+            buf = torch.empty_like(t, device="cpu", pin_memory=pin)
+            self._buffers[key] = buf
+        non_blocking = t.device.type != "cpu"
+        buf.copy_(t, non_blocking=non_blocking)
+        if non_blocking:
+            devices.add(t.device)
+        return buf
+
+
+class BackgroundWriter:
+    """Runs one write at a time on a daemon thread (a process killed mid-write leaves a temp file at worst, as a
+    direct write would). :meth:`wait` returns what the write raised, so the caller reports it where it wants."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, write: Callable[[], Any]) -> None:
+        """Start ``write()`` in the background; the previous write must have been waited for."""
+        if self._thread is not None:
+            raise RuntimeError("a checkpoint write is still in flight; wait() for it first")
+        self._error = None
+
+        def run() -> None:
+            try:
+                write()
+            except BaseException as err:  # handed to wait(): a full disk or a bug alike, decided by the caller
+                self._error = err
+
+        self._thread = threading.Thread(target=run, name="simmim-checkpoint-writer", daemon=True)
+        self._thread.start()
+
+    def in_flight(self) -> bool:
+        """Whether a write was submitted and not yet waited for (it may have finished already)."""
+        return self._thread is not None
+
+    def done(self) -> bool:
+        """Whether the submitted write has finished (so :meth:`wait` returns at once)."""
+        return self._thread is not None and not self._thread.is_alive()
+
+    def wait(self) -> BaseException | None:
+        """Block until the write in flight has finished; what it raised, or None (also when none was in flight)."""
+        if self._thread is None:
+            return None
+        self._thread.join()
+        self._thread, error, self._error = None, self._error, None
+        return error

@@ -140,7 +140,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         what=tuple(args.what), model=args.model, img_size=args.img_size, window_size=args.window_size,
         batch_size=args.batch_size, memory_batch_sizes=tuple(args.memory_batch_sizes), modes=modes,
         dtypes=tuple(args.dtype), rounds=args.rounds, iters=args.iters, compile=args.compile, threads=args.threads,
-        device=args.device, folder=args.folder, index_files=args.index_files, compare_list=args.compare_list)
+        device=args.device, folder=args.folder, index_files=args.index_files, compare_list=args.compare_list,
+        save_dir=args.save_dir)
     text, doc = report(settings, run(settings))
     print(text)
     if args.json == "-":
@@ -342,10 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("benchmark", help="SimMIM step, inference and activation memory vs timm, side by side")
-    p.add_argument("--what", nargs="+", choices=["model", "memory", "pipeline", "index"], default=["model"],
+    p.add_argument("--what", nargs="+", choices=["model", "memory", "pipeline", "index", "save"], default=["model"],
                    help="model: the SimMIM training step and inference vs SimMIM on timm's SwinV2; memory: "
                         "activation memory per image per recompute mode; pipeline: the input pipeline vs the "
-                        "official SimMIM one; index: the folder index on a synthetic tree of files")
+                        "official SimMIM one; index: the folder index on a synthetic tree of files; save: seconds a "
+                        "checkpoint save (weights + AdamW state) blocks training, direct vs run.async_save")
     p.add_argument("--model", default="swinv2_tiny")
     p.add_argument("--img-size", type=at_least(1), default=192)
     p.add_argument("--window-size", type=at_least(1), default=12)
@@ -364,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folder", help="pipeline: time this folder of images instead of generated JPEGs")
     p.add_argument("--index-files", type=at_least(1), default=1_000_000, help="index: files in the synthetic tree")
     p.add_argument("--compare-list", action="store_true", help="index: also time a list of Path objects")
+    p.add_argument("--save-dir", help="save: write the checkpoints in a temporary folder here (default: the "
+                   "system's temp folder); it needs room for one checkpoint file and its temp copy")
     p.add_argument("--json", metavar="PATH", help="also write every figure as JSON ('-' = stdout)")
     p.set_defaults(func=cmd_benchmark)
 
@@ -387,14 +391,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    set_passive_wait()  # before torch is imported: libgomp reads OMP_WAIT_POLICY once, when it loads
+def parse_command_line(argv: Sequence[str] | None = None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """The parser and the parsed ``argv`` (argparse exits 2 on a bad flag); key=value overrides may follow the
+    options too."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra:  # key=value overrides may come after the options too
+    if extra:
         if not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    return parser, args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    set_passive_wait()  # before torch is imported: libgomp reads OMP_WAIT_POLICY once, when it loads
+    parser, args = parse_command_line(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

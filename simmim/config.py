@@ -150,6 +150,10 @@ class OptimConfig(Section):
     clip_grad: Float | None = 5.0  # max global grad norm; None = no clipping
     accumulation_steps: Int = 1
     layer_decay: Float = 1.0  # layer-wise lr decay (fine-tuning); 1.0 = off
+    # ZeRO stage 1 under plain data parallel: each process keeps the AdamW moments of its share of the parameters
+    # only (torch's ZeroRedundancyOptimizer), about 1/processes of them; off because it needs the same process
+    # count to resume its sharded checkpoint. FSDP and DeepSpeed shard on their own (their accelerate configs)
+    shard_state: bool = False
 
     limits: ClassVar[dict[str, Range]] = {
         "base_lr": POSITIVE, "warmup_lr": AT_LEAST_0, "min_lr": AT_LEAST_0, "weight_decay": AT_LEAST_0,
@@ -190,6 +194,9 @@ class RunConfig(Section):
     image_every: Int = 1000  # steps between reconstruction grids (0 = only at the end)
     save_every: Int = 1000  # steps between checkpoints (one is always written at the end)
     keep_last: Int = 3  # step checkpoints kept
+    # write checkpoints on a background thread from a host copy of the state: training waits only for the copy
+    # (costs one host-memory copy of weights + optimizer state); same atomic files and rotation as a direct save
+    async_save: bool = False
     resume: str | None = None  # "auto" = newest valid checkpoint in output/checkpoints, or a path
     max_bad_steps: Int = 5  # consecutive non-finite steps before the run stops
     progress: bool = True  # tqdm bar on the main process

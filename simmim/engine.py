@@ -16,6 +16,13 @@ checkpoint is written during such a streak or from non-finite weights (:meth:`En
 checkpoints count as good, rotate or are set aside is :class:`simmim.run_dir.CheckpointPolicy`'s business (its
 module docstring says what happens on resume and on divergence).
 
+Saving: with ``run.async_save`` a save only copies the state to host memory; a thread writes it (atomic, at most
+one in flight, rotation after it lands; see :class:`simmim.run_dir.CheckpointPolicy`), and :meth:`Engine.fit` waits
+for it before returning or raising.
+
+Sharded optimizer state (FSDP, DeepSpeed, and ``optim.shard_state``: torch's ZeRO stage 1 under DDP, where every
+process writes its own part) goes into ``checkpoints/accelerate-<step>/`` beside the step's file.
+
 Stops: SIGTERM/SIGINT make the step they arrive in save like a periodic save, then stop (:mod:`simmim.signals`);
 TensorBoard and pictures go through :class:`simmim.side_outputs.SideOutputs`, whose failures never stop training.
 """
@@ -38,10 +45,12 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from simmim import signals
+from simmim.checkpoint import save_checkpoint
 from simmim.compat import can_skip_on_device, skip_step_on_device
 from simmim.data import sample_seed
 from simmim.errors import UserError
 from simmim.models.convert import check_compatible
+from simmim.optim import local_optimizer
 from simmim.run_dir import CheckpointPolicy
 from simmim.run_dir import CheckpointWriteError as CheckpointWriteError  # re-exported: raised by the policy
 from simmim.run_dir import NonFiniteLossError as NonFiniteLossError
@@ -161,7 +170,9 @@ class Engine:
         self.scheduler, self.loader, self.checkpoints, self.settings = scheduler, loader, checkpoints, settings
         self.metadata = metadata
         self.state = TrainState()
-        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+        wrapped = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+        inner = local_optimizer(optimizer)  # under ZeRO the local AdamW, which runs the step (and the skip)
+        self._zero = wrapped if inner is not wrapped else None  # ZeroRedundancyOptimizer (optim.shard_state)
         self._skip_on_device = (can_skip_on_device(inner) and accelerator.mixed_precision != "fp16"
                                 and accelerator.distributed_type != DistributedType.DEEPSPEED)
         self._inner_optimizer = inner
@@ -178,15 +189,24 @@ class Engine:
         A step checkpoint is not rotated here: the policy rotates once it has proven good."""
         step = self.state.step
         weights = self.acc.get_state_dict(self.model)  # a collective under FSDP/DeepSpeed
-        if self._sharded() and name is None:  # optimizer shards live in accelerate's own folder beside our file
-            self.acc.save_state(str(self.checkpoints.state_dir(step)))
+        if (self._sharded() or self._zero is not None) and name is None:
+            self.checkpoints.state_dir_opening(step)  # listed before any process creates it
+            self.acc.wait_for_everyone()
+            if self._zero is not None:  # each process writes its own share of the optimizer state
+                save_checkpoint(self._inner_optimizer.state_dict(), self._shard_path(step, self.acc.process_index))
+                self.acc.wait_for_everyone()
+            else:  # optimizer shards live in accelerate's own folder beside our file
+                self.acc.save_state(str(self.checkpoints.state_dir(step)))
             self.checkpoints.state_dir_written(step)
         path = None
         if self.acc.is_main_process:
             scaler = getattr(self.acc, "scaler", None)
+            # an async save copies device tensors to (pinned) host memory itself: no second, blocking copy here
+            host = (lambda v: v.detach()) if self.checkpoints.async_save else (lambda v: v.detach().cpu())
             state = {
-                "model": {k: v.detach().cpu() for k, v in weights.items()},
-                "optimizer": None if self._sharded() else self.optimizer.state_dict(),
+                "model": {k: host(v) for k, v in weights.items()},
+                "optimizer": None if self._sharded() or self._zero is not None else self.optimizer.state_dict(),
+                "optimizer_shards": self.acc.num_processes if self._zero is not None and name is None else None,
                 "scheduler": self.scheduler.state_dict(),  # informational: resume rebuilds the schedule from config
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "step": step,
@@ -197,6 +217,31 @@ class Engine:
             path = self.checkpoints.write(state, step, name)
         self.acc.wait_for_everyone()
         return path
+
+    def _shard_path(self, step: int, rank: int, directory: Path | None = None) -> Path:
+        """Where process ``rank`` keeps its share of the optimizer state (``optim.shard_state``) for ``step``."""
+        directory = directory or self.checkpoints.state_dir(step)
+        return directory / f"optimizer-{rank:05d}-of-{self.acc.num_processes:05d}.pt"
+
+    def _load_optimizer_shard(self, weights: Weights, state_dir: Path | None) -> None:
+        """Restore this process's share of a sharded optimizer state; the same process count is needed, since the
+        shares follow from how the parameters were split over the processes."""
+        shards, path = weights.checkpoint["optimizer_shards"], weights.path
+        if self._zero is None or shards != self.acc.num_processes:
+            now = f"{self.acc.num_processes} process{'es' if self.acc.num_processes > 1 else ''}" + (
+                "" if self._zero is not None else ", optimizer not sharded")
+            raise UserError(f"the optimizer state of {path} is sharded over {shards} processes (optim.shard_state="
+                            f"true); resume it with {shards} processes and optim.shard_state=true (this run: {now})")
+        shard = self._shard_path(weights.checkpoint["step"], self.acc.process_index,
+                                 state_dir or self.checkpoints.state_dir(weights.checkpoint["step"]))
+        if not shard.is_file():
+            raise UserError(f"{shard}, this process's share of the optimizer state of {path}, is missing; resume "
+                            "from an earlier checkpoint with --resume PATH")
+        try:
+            self._inner_optimizer.load_state_dict(torch.load(shard, map_location="cpu", weights_only=True))
+        except ValueError as err:
+            raise UserError(f"the optimizer state in {shard} does not fit the current parameter groups ({err}); "
+                            "was optim.layer_decay changed? Resume with the original setting") from None
 
     def save_if_healthy(self, final: bool) -> None:
         """Save a step checkpoint now unless the run is in a non-finite streak or its weights are not finite
@@ -232,6 +277,8 @@ class Engine:
             except ValueError as err:
                 raise UserError(f"the optimizer state in {weights.path} does not fit the current parameter groups "
                                  f"({err}); was optim.layer_decay changed? Resume with the original setting") from None
+        elif ckpt.get("optimizer_shards"):
+            self._load_optimizer_shard(weights, state_dir)
         elif state_dir is not None:
             self.acc.load_state(str(state_dir))
         for group, hyper in zip(self.optimizer.param_groups, current, strict=True):
@@ -299,7 +346,23 @@ class Engine:
         return ok, norm
 
     def fit(self) -> TrainState:
-        """Train to ``total_steps``; checkpoints every ``save_every`` steps and at the end."""
+        """Train to ``total_steps``; checkpoints every ``save_every`` steps and at the end. With asynchronous
+        saving, the write in flight is on disk before this returns or raises (a stop's checkpoint before the
+        stop's message names it), so the run's lock is released only after it."""
+        try:
+            state = self._fit()
+        except KeyboardInterrupt:  # a second Ctrl-C: abort at once; a write in flight leaves a temp file at worst
+            raise
+        except signals.StoppedBySignal:
+            self.checkpoints.wait()  # a failed write replaces the stop's message with its own
+            raise
+        except BaseException:
+            self.checkpoints.wait(raise_errors=False)  # the run's own error is the one to report
+            raise
+        self.checkpoints.wait()
+        return state
+
+    def _fit(self) -> TrainState:
         s, st, acc = self.settings, self.state, self.acc
         accum = acc.gradient_accumulation_steps
         meter = _Meter(acc.device)
@@ -333,6 +396,7 @@ class Engine:
                 meter.step(step_loss, ok, files, len(batch["image"]) * accum * acc.num_processes)
                 step_loss, files = torch.zeros((), device=acc.device), torch.zeros((), device=acc.device)
                 bar.update(1)
+                self.checkpoints.poll()  # a background write that failed stops the run here, one step late
                 final = st.step >= s.total_steps
                 stop = signals.agreed(acc, st.step, s.stop_vote_every)  # SIGTERM/SIGINT: save, then stop
                 if stop is not None:  # every process says so (before the save's barrier, so before any exits)

@@ -25,7 +25,7 @@ from simmim.evaluate import evaluate
 from simmim.models import compile_model
 from simmim.models.convert import load_pretrained
 from simmim.models.encoders import family_of, make_encoder
-from simmim.optim import build_optimization, param_groups, plan_training
+from simmim.optim import build_optimization, param_groups, plan_training, shard_state
 from simmim.run_dir import open_run, start_run
 from simmim.signals import stops_on_signals
 from simmim.weights import (
@@ -214,11 +214,15 @@ def run(cfg: FinetuneConfig, overwrite: bool = False) -> dict:
                              len(train_loader) // accelerator.num_processes)
         eval_every = r.eval_every or max(round(plan.steps_per_epoch), 1)
         groups = param_groups(model, o.weight_decay, o.layer_decay)
-        optimizer, scheduler = build_optimization(groups, cfg.schedule, o, plan)
+        shard = shard_state(o, accelerator.num_processes, accelerator.distributed_type)  # ZeRO stage 1
+        if shard:  # ZeRO takes its device from the parameters: place them first
+            model.to(accelerator.device)
+        optimizer, scheduler = build_optimization(groups, cfg.schedule, o, plan, shard)
         metadata = finetune_metadata(cfg, model, classes, weights)
         windows = [w[0] for w in getattr(model, "pretrained_window_sizes", [])]
-        model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader,
-                                                                         val_loader)
+        # accelerate's placement of an optimizer reads its whole state, which a sharded one does not have
+        model, optimizer, train_loader, val_loader = accelerator.prepare(
+            model, optimizer, train_loader, val_loader, device_placement=[True, not shard, True, True])
 
         log.info("fine-tuning %s at %dpx W%d on %d classes (%d train / %d val images): %d steps, global batch %d, "
                  "lr %.3e, layer decay %.2f", cfg.model.name, cfg.model.img_size, cfg.model.window_size,
@@ -228,7 +232,8 @@ def run(cfg: FinetuneConfig, overwrite: bool = False) -> dict:
         if r.compile:  # after the EMA copy is made: a deep copy of a compiled model would call the original
             compile_model(accelerator.unwrap_model(model))
         engine = Engine(
-            accelerator, task, model, optimizer, scheduler, train_loader, start.checkpoints(r.keep_last),
+            accelerator, task, model, optimizer, scheduler, train_loader,
+            start.checkpoints(r.keep_last, r.async_save),
             LoopSettings(total_steps=plan.total_steps, clip_grad=o.clip_grad, log_every=r.log_every,
                          image_every=0, save_every=r.save_every, max_bad_steps=r.max_bad_steps, seed=r.seed,
                          progress=r.progress),

@@ -74,15 +74,51 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
     return list(groups.values())
 
 
-def build_optimizer(groups: list[dict], lr: float, betas: tuple[float, float], eps: float) -> torch.optim.AdamW:
+def build_optimizer(groups: list[dict], lr: float, betas: tuple[float, float], eps: float, shard: bool = False
+                    ) -> torch.optim.Optimizer:
     """AdamW over ``groups`` (their ``names`` lists are kept for inspection, torch ignores them).
 
     The fused implementation (one kernel for all parameters) where the parameters' device supports it: it is the
     fastest, and it skips a step on the device when told ``found_inf``, which spares the engine a host sync per
-    step to decide whether a non-finite step is applied."""
+    step to decide whether a non-finite step is applied.
+
+    ``shard`` (ZeRO stage 1, in a distributed run): a ``ZeroRedundancyOptimizer`` whose local AdamW (``.optim``)
+    holds the moments of this process's share of the parameters only; after its step each process broadcasts the
+    parameters it owns. AdamW is elementwise, so the weights equal those of the unsharded AdamW bit for bit."""
     params = [p for g in groups for p in g["params"]]
     fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    if shard:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, lr=lr, betas=betas, eps=eps,
+                                       fused=fused or None)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+
+
+def shard_state(optim: OptimConfig, num_processes: int, distributed_type: str) -> bool:
+    """Whether the AdamW state is sharded (``optim.shard_state``): only under plain data parallel with more than
+    one process (one process has nothing to share it with); FSDP and DeepSpeed shard it themselves."""
+    if not optim.shard_state:
+        return False
+    if distributed_type in ("FSDP", "DEEPSPEED"):
+        raise UserError(f"optim.shard_state=true shards the AdamW state under plain data parallel, but this run uses "
+                        f"{distributed_type}, which shards it itself; drop optim.shard_state")
+    return num_processes > 1
+
+
+def local_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer that holds this process's state: under accelerate's wrapper, and under ZeRO the local
+    AdamW over this process's share of the parameters."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+    return inner.optim if isinstance(inner, ZeroRedundancyOptimizer) else inner
+
+
+def optimizer_state_bytes(optimizer: Any) -> int:
+    """Bytes of the optimizer state tensors this process holds (AdamW: two moments per parameter it updates)."""
+    return sum(v.nbytes for state in local_optimizer(optimizer).state.values() if state
+               for v in state.values() if torch.is_tensor(v))
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, total_steps: int, warmup_steps: int,
@@ -132,11 +168,11 @@ def plan_training(schedule: ScheduleConfig, optim: OptimConfig, batch_size: int,
     return Plan(int(total), per_epoch, global_batch, scaled_lr(optim.base_lr, global_batch))
 
 
-def build_optimization(groups: list[dict], schedule: ScheduleConfig, optim: OptimConfig, plan: Plan
-                       ) -> tuple[torch.optim.Optimizer, Any]:
-    """AdamW over ``groups`` and its per-iteration schedule, with epochs converted to steps and every lr scaled
-    to the global batch."""
-    optimizer = build_optimizer(groups, plan.lr, optim.betas, optim.eps)
+def build_optimization(groups: list[dict], schedule: ScheduleConfig, optim: OptimConfig, plan: Plan,
+                       shard: bool = False) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over ``groups`` (sharded over the processes with ``shard``, see :func:`build_optimizer`) and its
+    per-iteration schedule, with epochs converted to steps and every lr scaled to the global batch."""
+    optimizer = build_optimizer(groups, plan.lr, optim.betas, optim.eps, shard)
     per_epoch = plan.steps_per_epoch
     scheduler = build_scheduler(
         optimizer, schedule.kind, plan.total_steps, warmup_steps=round(schedule.warmup_epochs * per_epoch),

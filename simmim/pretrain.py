@@ -31,7 +31,7 @@ from simmim.models import FAMILIES, compile_model
 from simmim.models.convert import encoder_state, load_pretrained
 from simmim.models.encoders import make_encoder
 from simmim.monitor import FeatureMonitor
-from simmim.optim import build_optimization, param_groups, plan_training
+from simmim.optim import build_optimization, optimizer_state_bytes, param_groups, plan_training, shard_state
 from simmim.run_dir import check_stream_layout, open_run, start_run
 from simmim.signals import stops_on_signals
 from simmim.visualize import reconstruction_grid
@@ -227,11 +227,16 @@ def run(cfg: PretrainConfig, overwrite: bool = False) -> dict:
                                                                               [])]}
         if r.compile:  # one graph per mode at the fixed size; state_dict keys do not change
             compile_model(model)
-        optimizer, scheduler = build_optimization(param_groups(model, o.weight_decay), cfg.schedule, o, plan)
+        shard = shard_state(o, accelerator.num_processes, accelerator.distributed_type)  # ZeRO stage 1
+        if shard:  # ZeRO takes its device from the parameters: place them first
+            model.to(accelerator.device)
+        optimizer, scheduler = build_optimization(param_groups(model, o.weight_decay), cfg.schedule, o, plan, shard)
+        # accelerate's placement of an optimizer reads its whole state, which a sharded one does not have
         if stream:
-            model, optimizer = accelerator.prepare(model, optimizer)
+            model, optimizer = accelerator.prepare(model, optimizer, device_placement=[True, not shard])
         else:
-            model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+            model, optimizer, loader = accelerator.prepare(model, optimizer, loader,
+                                                           device_placement=[True, not shard, True])
 
         log.info("pretraining %s at %dpx W%d: %d steps, global batch %d, lr %.3e, %d processes, %s precision",
                  cfg.model.name, cfg.model.img_size, cfg.model.window_size, plan.total_steps, plan.global_batch,
@@ -243,7 +248,8 @@ def run(cfg: PretrainConfig, overwrite: bool = False) -> dict:
         task = PretrainTask(cfg.data.mean, cfg.data.std, monitor=monitor, monitor_every=cfg.monitor.every,
                             main_process=accelerator.is_main_process)
         engine = Engine(
-            accelerator, task, model, optimizer, scheduler, loader, start.checkpoints(r.keep_last),
+            accelerator, task, model, optimizer, scheduler, loader,
+            start.checkpoints(r.keep_last, r.async_save),
             LoopSettings(total_steps=plan.total_steps, clip_grad=o.clip_grad, log_every=r.log_every,
                          image_every=r.image_every, save_every=r.save_every, max_bad_steps=r.max_bad_steps,
                          seed=r.seed, progress=r.progress),
@@ -267,4 +273,5 @@ def run(cfg: PretrainConfig, overwrite: bool = False) -> dict:
         "finite": state.last_loss is not None and math.isfinite(state.last_loss),
         "main_process": accelerator.is_main_process,
         "monitor": task.last_monitor,
+        "optimizer_state_bytes": optimizer_state_bytes(optimizer),  # this process's share (optim.shard_state)
     }

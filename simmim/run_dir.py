@@ -72,7 +72,14 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 
-from simmim.checkpoint import CHECKPOINT_DIRNAME, CheckpointManager, pid_alive, write_atomic
+from simmim.checkpoint import (
+    CHECKPOINT_DIRNAME,
+    BackgroundWriter,
+    CheckpointManager,
+    HostSnapshot,
+    pid_alive,
+    write_atomic,
+)
 from simmim.data.file_index import RUN_MANIFEST as MANIFEST_NAME  # data scans skip folders holding it
 from simmim.errors import InputNotFoundError, RunStopped, UserError, disk_errno
 from simmim.side_outputs import LogFileHandler
@@ -104,6 +111,13 @@ class NonFiniteLossError(RunStopped):
 
 class CheckpointWriteError(RunStopped):
     """A checkpoint could not be written (full disk, permissions); the previous one is intact."""
+
+
+def _write_error(target: Path, err: OSError, previous: Path | None) -> CheckpointWriteError:
+    return CheckpointWriteError(
+        f"could not write checkpoint {target}: {err.strerror or err}; "
+        f"{f'the previous checkpoint {previous} is intact' if previous else 'no earlier checkpoint'}. "
+        "Free disk space (or fix permissions), then continue with --resume auto")
 
 
 @contextlib.contextmanager
@@ -570,13 +584,24 @@ class CheckpointPolicy:
 
     ``pending``: the newest step checkpoint, written but not yet proven good. ``last_good``: the newest one that
     proved good (a later step trained on finite numbers), or the resumed file. Rotation waits for the proof.
+
+    ``async_save`` (``run.async_save``): :meth:`write` returns once the state is copied to host memory and a
+    thread writes the copy atomically; at most one write is in flight (the next write waits for it), rotation
+    also waits until the proven file is on disk, and a failed write is raised as the same
+    :class:`CheckpointWriteError` by :meth:`poll` (each step) or :meth:`wait` (the end of the run, a stop).
     """
 
-    def __init__(self, manager: CheckpointManager, run_dir: RunDir) -> None:
+    def __init__(self, manager: CheckpointManager, run_dir: RunDir, async_save: bool = False) -> None:
         self.manager, self.run_dir = manager, run_dir
         self.main_process = run_dir.main_process
         self.last_good: Path | None = None
         self.pending: tuple[int, Path] | None = None
+        # run.async_save: the main process copies the state to host memory and writes it on a thread
+        self.async_save = async_save and self.main_process
+        self._writer = BackgroundWriter() if self.async_save else None
+        self._snapshot = HostSnapshot()
+        self._in_flight: tuple[Path, Path | None] | None = None  # (target, the checkpoint intact before it)
+        self._rotate_due = False  # a checkpoint proved good while its write was in flight: rotate once it lands
 
     @property
     def directory(self) -> Path:
@@ -590,31 +615,81 @@ class CheckpointPolicy:
         return self.last_good or self.manager.path_for(step)
 
     def state_dir(self, step: int) -> Path:
-        """accelerate's state folder (FSDP/DeepSpeed optimizer shards) written beside step ``step``'s file."""
+        """The state folder written beside step ``step``'s file: accelerate's (FSDP/DeepSpeed optimizer shards) or
+        the per-process optimizer parts of ``optim.shard_state``."""
         return self.manager.state_dir_for(step)
+
+    def state_dir_opening(self, step: int) -> None:
+        """List step ``step``'s state folder (and ``checkpoints/`` when it is new) before any process writes it, so
+        a folder another process or a library creates is known as the run's (main process)."""
+        self.run_dir.record(self.state_dir(step), folder=True)
 
     def state_dir_written(self, step: int) -> None:
         self.run_dir.record_tree(self.state_dir(step))
 
     def write(self, state: dict, step: int, name: str | None = None) -> Path:
         """Write a step checkpoint (``name`` None, not rotated: :meth:`proven` rotates) or a named one such as
-        ``best`` (main process). A full or read-only disk stops the run naming what is intact."""
+        ``best`` (main process). A full or read-only disk stops the run naming what is intact.
+
+        With ``async_save`` this waits for the previous write (raising its failure), copies ``state`` to host
+        memory and returns while a thread writes the copy; its failure is raised by :meth:`poll` (each step) or
+        :meth:`wait` (at the end, at a stop, before the next write)."""
         target = self.manager.directory / f"{name}.pt" if name else self.manager.path_for(step)
+        if self._writer is not None:
+            self.wait()  # at most one write in flight
+        previous = self.last_good or (self.pending[1] if self.pending else None)
         try:
             self.run_dir.record(target)
-            path = self.manager.save_named(state, name) if name else self.manager.save(state, step, rotate=False)
+            if self._writer is None:
+                path = self.manager.save_named(state, name) if name else self.manager.save(state, step, rotate=False)
         except OSError as err:  # any failure of this one known write: the previous checkpoint is intact
-            previous = self.last_good or (self.pending[1] if self.pending else None)
-            raise CheckpointWriteError(
-                f"could not write checkpoint {target}: {err.strerror or err}; "
-                f"{f'the previous checkpoint {previous} is intact' if previous else 'no earlier checkpoint'}. "
-                "Free disk space (or fix permissions), then continue with --resume auto") from err
+            raise _write_error(target, err, previous) from err
+        if self._writer is not None:
+            copy = self._snapshot.take(state)  # the only part training waits for
+            manager = self.manager
+            self._writer.submit(lambda: manager.save_named(copy, name) if name
+                                else manager.save(copy, step, rotate=False))
+            self._in_flight = (target, previous)
+            return target
         log.info("saved checkpoint %s", path)
         return path
 
+    def poll(self) -> None:
+        """Finish the bookkeeping of a background write that has landed (cheap: no wait); raise its failure as
+        :class:`CheckpointWriteError`. The engine calls it after every step."""
+        if self._writer is not None and self._writer.done():
+            self.wait()
+
+    def wait(self, raise_errors: bool = True) -> None:
+        """Block until the background write in flight (if any) is on disk, then rotate if a proof came meanwhile.
+        Its full or read-only disk raises :class:`CheckpointWriteError` (or, ``raise_errors`` False, as when the
+        run already stops for another reason, is logged); a bug in the write raises as itself."""
+        if self._writer is None or self._in_flight is None:
+            return
+        error = self._writer.wait()
+        (target, previous), self._in_flight = self._in_flight, None
+        if error is not None:
+            self._rotate_due = False
+            if self.last_good == target:  # it proved good in memory, but never reached the disk
+                self.last_good = previous
+            if self.pending is not None and self.pending[1] == target:
+                self.pending = None
+            failure = _write_error(target, error, previous) if isinstance(error, OSError) else error
+            if not raise_errors:
+                log.error("%s", failure, exc_info=error if failure is error else None)  # a bug: with traceback
+                return
+            if failure is error:
+                raise error  # a bug: its own traceback
+            raise failure from error
+        log.info("saved checkpoint %s", target)
+        if self._rotate_due:
+            self._rotate_due = False
+            self._rotate()
+
     def written(self, step: int, final: bool) -> None:
-        """Step ``step``'s checkpoint is on disk (every process calls this): it is pending until proven, except
-        at the end of a run, where nothing later can prove it, so it stands as the newest."""
+        """Step ``step``'s checkpoint is on disk, or in flight with ``async_save`` (every process calls this,
+        after :meth:`write`): it is pending until proven, except at the end of a run, where nothing later can
+        prove it, so it stands as the newest."""
         self.pending = (step, self.manager.path_for(step))
         if final:
             self.proven()
@@ -624,6 +699,12 @@ class CheckpointPolicy:
         if self.pending is not None:
             self.last_good = self.pending[1]
             self.pending = None
+        if self._in_flight is not None:  # rotate only once the newest file is on disk
+            self._rotate_due = True
+        else:
+            self._rotate()
+
+    def _rotate(self) -> None:
         if self.main_process:
             removed = self.manager.rotate(keep=[self.last_good] if self.last_good else [])
             if removed and self.run_dir.manifest is not None:
@@ -634,6 +715,7 @@ class CheckpointPolicy:
         """A streak of ``bad_steps`` non-finite steps stops the run: set the unproven checkpoint aside as
         ``*.diverged`` and return the error that names the last good one."""
         aside = None
+        self.wait()  # the pending file may still be in flight
         if self.pending is not None:
             pending_step, path = self.pending
             aside = path.with_name(path.name + ".diverged")
@@ -699,9 +781,11 @@ class RunStart:
     def out(self) -> Path:
         return self.run_dir.path
 
-    def checkpoints(self, keep_last: int) -> CheckpointPolicy:
-        """The checkpoint policy of this run (``OUTPUT/checkpoints``, newest ``keep_last`` step files kept)."""
-        return CheckpointPolicy(CheckpointManager(self.out / CHECKPOINT_DIRNAME, keep_last=keep_last), self.run_dir)
+    def checkpoints(self, keep_last: int, async_save: bool = False) -> CheckpointPolicy:
+        """The checkpoint policy of this run (``OUTPUT/checkpoints``, newest ``keep_last`` step files kept;
+        ``async_save``: written on a background thread from a host copy)."""
+        return CheckpointPolicy(CheckpointManager(self.out / CHECKPOINT_DIRNAME, keep_last=keep_last), self.run_dir,
+                                async_save)
 
     def record(self, path: Path) -> None:
         """List a file the run is about to write (e.g. a picture) in the manifest."""

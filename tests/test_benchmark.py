@@ -92,3 +92,30 @@ def test_pipeline_and_index_sections_through_the_cli(tmp_path, capsys):
     names = [r["name"] for r in sections["index"]["rows"]]
     assert names == ["packed FileIndex", "list of Paths"]
     assert all(r["files"] == 300 for r in sections["index"]["rows"])
+
+
+def test_save_section_times_both_ways_and_writes_a_loadable_checkpoint(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["benchmark", "--what", "save", "--model", "swinv2_pico", "--img-size", "32", "--window-size", "4",
+                 "--rounds", "1", "--save-dir", str(tmp_path), "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "[save]" in printed and "blocked async/sync" in printed
+    data = json.loads(out.read_text())["sections"]["save"]
+    assert set(data["per_round"]) == {"sync_blocked", "sync_write", "async_blocked", "async_write"}
+    assert all(len(v) == 1 and v[0] > 0 for v in data["per_round"].values())
+    for mode in ("sync", "async"):  # blocked is part of the write; the direct save blocks for all of it
+        assert data["medians"][f"{mode}_blocked"] <= data["medians"][f"{mode}_write"]
+    assert data["blocked_ratio_async_over_sync"] == pytest.approx(
+        data["per_round"]["async_blocked"][0] / data["per_round"]["sync_blocked"][0])
+    # the file holds the weights and both AdamW moments, plus a little (counters, param groups, zip headers)
+    assert 2.9 * data["state_bytes"] / 3 < data["file_bytes"] < 1.1 * data["state_bytes"]
+    assert not list(tmp_path.glob("simmim-save-bench-*"))  # its files are removed afterwards
+
+
+def test_save_section_refuses_a_model_that_does_not_fit_in_memory(monkeypatch, capsys):
+    from simmim.benchmarks import save
+
+    monkeypatch.setattr(save, "_available_host_bytes", lambda: 2**20)
+    assert main(["benchmark", "--what", "save", "--model", "swinv2_pico", "--img-size", "32",
+                 "--window-size", "4"]) == 2
+    assert "GiB of host memory" in capsys.readouterr().err

@@ -5,7 +5,8 @@ Sections (several per call):
 * ``model`` and ``memory`` (:mod:`simmim.benchmarks.model`): the SimMIM training step, inference and activation memory
   of our SwinV2 against SimMIM on timm's ``SwinTransformerV2`` holding the same weights;
 * ``pipeline`` (:mod:`simmim.benchmarks.pipeline`): the input pipeline against the official SimMIM one;
-* ``index``: scan time and memory of the folder index on a synthetic tree of files.
+* ``index``: scan time and memory of the folder index on a synthetic tree of files;
+* ``save`` (:mod:`simmim.benchmarks.save`): seconds a checkpoint save blocks training, direct vs ``run.async_save``.
 
 :func:`run` measures what :class:`BenchmarkSettings` asks for; :func:`report` turns the sections into the printed
 text and a JSON document that records the machine (CPU model and vector extensions, versions, threads).
@@ -20,7 +21,7 @@ import torch
 
 from simmim.benchmarks.report import Section, machine
 
-WHAT = ("model", "memory", "pipeline", "index")
+WHAT = ("model", "memory", "pipeline", "index", "save")
 
 
 @dataclass(frozen=True)
@@ -43,12 +44,14 @@ class BenchmarkSettings:
     folder: str | None = None  # pipeline: a folder of your own images instead of generated JPEGs
     index_files: int = 1_000_000
     compare_list: bool = False
+    save_dir: str | None = None  # save: the folder the checkpoints are written in (None: the system's temp folder)
 
 
 def run(settings: BenchmarkSettings) -> list[Section]:
     """Measure each section of ``settings.what`` in turn."""
     from simmim.benchmarks.model import memory_section, model_section
     from simmim.benchmarks.pipeline import index_section, pipeline_section
+    from simmim.benchmarks.save import save_section
 
     s, sections = settings, []
     for what in dict.fromkeys(s.what):
@@ -62,6 +65,9 @@ def run(settings: BenchmarkSettings) -> list[Section]:
             sections.append(pipeline_section(s.rounds, s.img_size, s.threads or 1, s.folder))
         elif what == "index":
             sections.append(index_section(s.index_files, s.compare_list))
+        elif what == "save":
+            sections.append(save_section(s.model, s.img_size, s.window_size, s.rounds, device=s.device,
+                                         directory=s.save_dir))
         else:
             raise ValueError(f"unknown benchmark section {what!r}; one of {', '.join(WHAT)}")
     return sections
