@@ -14,11 +14,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .swin_transformer_v2 import SwinTransformerV2
+
+def _is_encoder(module: nn.Module) -> bool:
+    """An encoder of the contract (docs/encoders.md), not a wrapper holding one."""
+    return hasattr(module, "encoder_stride") and hasattr(module, "layer_id") and hasattr(module, "forward_features")
 
 
 def compile_model(model: nn.Module, fullgraph: bool = True, dynamic: bool = False, **kwargs: Any) -> nn.Module:
-    """Compile the ``forward_features`` of every :class:`SwinTransformerV2` in ``model``, in place.
+    """Compile the ``forward_features`` of every encoder (SwinV2, Swin V1, ViT: the contract) in ``model``, in place.
 
     ``forward_features`` is the entry both SimMIM (``encoder.forward_features(images, mask)``) and classification
     (``forward`` = ``forward_features`` + the pooled head) go through. ``model`` keeps its type, parameters and
@@ -27,9 +30,9 @@ def compile_model(model: nn.Module, fullgraph: bool = True, dynamic: bool = Fals
     module holding one (for ``SimMIM`` the decoder and loss stay eager). Keyword arguments go to ``torch.compile``
     (``mode=``, ``backend=``, ...). Returns ``model``.
     """
-    encoders = [m for m in model.modules() if isinstance(m, SwinTransformerV2)]
+    encoders = [m for m in model.modules() if _is_encoder(m)]
     if not encoders:
-        raise ValueError(f"{type(model).__name__} holds no SwinTransformerV2 to compile")
+        raise ValueError(f"{type(model).__name__} holds no encoder to compile")
     for enc in encoders:
         enc.forward_features = torch.compile(enc.forward_features, fullgraph=fullgraph, dynamic=dynamic, **kwargs)
     return model

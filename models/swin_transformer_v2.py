@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -617,6 +618,35 @@ def stage_geometry(
     return out
 
 
+def check_mask(mask_token: torch.Tensor | None, mask: torch.Tensor, tokens: torch.Tensor) -> None:
+    """A masked forward needs SimMIM's ``mask_token`` and a (B, h, w) mask on the token grid of ``tokens``
+    (B, h, w, C); a bug otherwise (ValueError)."""
+    if mask_token is None:
+        raise ValueError("a mask was given but the encoder has no mask_token; call init_mask_token() "
+                         "(SimMIM does this) before masked forwards")
+    if mask.shape != tokens.shape[:3]:
+        raise ValueError(f"mask shape {tuple(mask.shape)} must be (B, h, w) = {tuple(tokens.shape[:3])}")
+
+
+_LAYER_BLOCK = re.compile(r"layers\.(\d+)\.blocks\.(\d+)\.")
+_LAYER_DOWNSAMPLE = re.compile(r"layers\.(\d+)\.downsample\.")
+
+
+def swin_layer_id(name: str, depths: Sequence[int]) -> int:
+    """Layer id for layer-wise lr decay of a Swin (V1 or V2) parameter in timm's layout, as the official SimMIM
+    fine-tuning code numbers them (``get_swin_layer``): patch embedding / mask token 0; global block k -> k + 1; a
+    stage's downsample (timm: at the start of stage i) shares the id of the last block of stage i - 1; the final
+    norm and head ``sum(depths) + 1``."""
+    name = name.removeprefix("encoder.")
+    if name.startswith(("patch_embed.", "mask_token")):
+        return 0
+    if m := _LAYER_BLOCK.match(name):
+        return sum(depths[: int(m[1])]) + int(m[2]) + 1
+    if m := _LAYER_DOWNSAMPLE.match(name):
+        return sum(depths[: int(m[1])])
+    return sum(depths) + 1
+
+
 def trained_windows(pretrained: Sequence[Sequence[int]], effective: Sequence[Sequence[int]]) -> list[Pair]:
     """The windows a model's log-CPB MLP was trained at, per stage: its pretrained window where set (> 0), else the
     window it runs at (192 px / W12 pretraining -> 12/12/12/6). Fine-tuning and ``set_input_size`` normalise the
@@ -841,6 +871,22 @@ class SwinTransformerV2(nn.Module):
         keys = ("cpb_mlp", "logit_scale", "relative_position_bias_table", "q_bias", "v_bias", "mask_token")
         return {n for n, _ in self.named_parameters() if any(k in n for k in keys)}
 
+    @property
+    def num_layer_ids(self) -> int:
+        """Layer ids for layer-wise lr decay: the embeddings, one per block, the final norm and head."""
+        return sum(self.depths) + 2
+
+    def layer_id(self, param_name: str) -> int:
+        """The layer-wise lr decay id of ``param_name`` (see :func:`swin_layer_id`)."""
+        return swin_layer_id(param_name, self.depths)
+
+    def geometry(self) -> dict[str, Any]:
+        """JSON-able facts of the encoder contract (family, size, window, strides, channels)."""
+        return {"family": "swinv2", "variant": self.pretrained_cfg.get("architecture", "").removeprefix("simmim_"),
+                "img_size": list(self.img_size), "window_size": list(self.window_size),
+                "patch_size": self.patch_size, "encoder_stride": self.encoder_stride,
+                "num_features": self.num_features, "in_chans": self.in_chans}
+
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """Parameter groups for timm's layer-wise tools: the stem (patch embedding, mask token), then one group per
@@ -881,11 +927,7 @@ class SwinTransformerV2(nn.Module):
         after the patch-embedding norm (SimMIM)."""
         x = self.patch_embed(x)  # (B, h, w, C)
         if mask is not None:
-            if self.mask_token is None:
-                raise ValueError("a mask was given but the encoder has no mask_token; call init_mask_token() "
-                                 "(SimMIM does this) before masked forwards")
-            if mask.shape != x.shape[:3]:
-                raise ValueError(f"mask shape {tuple(mask.shape)} must be (B, h, w) = {tuple(x.shape[:3])}")
+            check_mask(self.mask_token, mask, x)
             x = torch.where(mask.unsqueeze(-1).bool(), self.mask_token.to(x.dtype), x)  # (B, h, w, C)
         return x
 

@@ -80,9 +80,10 @@ def create_model(name: str, **overrides: Any) -> SwinTransformerV2:
     return model
 
 
-def variant_of(state_dict: Mapping[str, torch.Tensor]) -> str | None:
-    """The variant whose dimensions a bare encoder state dict (our keys) has, from its shapes (embed dim, blocks per
-    stage, heads per stage, extra norms); None when no variant matches (e.g. a custom depth)."""
+def stage_shape(state_dict: Mapping[str, torch.Tensor], head_key: str, head_axis: int
+                ) -> tuple[int, tuple[int, ...], tuple[int, ...]] | None:
+    """(embed dim, blocks per stage, heads per stage) of a bare Swin encoder state dict (timm's keys), the heads read
+    from the ``head_axis`` of each stage's ``head_key`` parameter (0 where absent); None without a stem."""
     stem = state_dict.get("patch_embed.proj.weight")
     if stem is None:
         return None
@@ -92,10 +93,18 @@ def variant_of(state_dict: Mapping[str, torch.Tensor]) -> str | None:
         if m := re.match(r"layers\.(\d+)\.blocks\.(\d+)\.", key):
             stage, block = int(m[1]), int(m[2])
             depths[stage] = max(depths.get(stage, 0), block + 1)
-            if key.endswith(".attn.logit_scale"):  # (heads, 1, 1): one temperature per head
-                heads[stage] = value.shape[0]
+            if key.endswith(head_key):
+                heads[stage] = value.shape[head_axis]
+    return stem.shape[0], tuple(depths[i] for i in sorted(depths)), tuple(heads.get(i, 0) for i in sorted(depths))
+
+
+def variant_of(state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """The variant whose dimensions a bare encoder state dict (our keys) has, from its shapes (embed dim, blocks per
+    stage, heads per stage, extra norms); None when no variant matches (e.g. a custom depth)."""
+    found = stage_shape(state_dict, ".attn.logit_scale", 0)  # (heads, 1, 1): one temperature per head
+    if found is None:
+        return None
     extra = any(".extra_norm." in k for k in state_dict)  # H/G's main-branch norms
-    found = (stem.shape[0], tuple(depths[i] for i in sorted(depths)), tuple(heads.get(i, 0) for i in sorted(depths)))
     for name, spec in VARIANTS.items():
         if (spec["embed_dim"], tuple(spec["depths"]), tuple(spec["num_heads"])) == found and \
                 bool(spec.get("extra_norm_period")) == extra:

@@ -15,28 +15,35 @@ from .threads import set_passive_wait
 def _count_params(name: str, img_size: int, window_size: int) -> tuple[int, list]:
     import torch
 
-    from simmim.models import create_model
+    from simmim.models import create_encoder, family_of
 
+    geometry = dict(img_size=img_size, window_size=window_size) if family_of(name).windowed else \
+        dict(img_size=img_size)
     with torch.device("meta"):  # no memory is allocated, so even SwinV2-G is instant
-        model = create_model(name, img_size=img_size, window_size=window_size)
-    return sum(p.numel() for p in model.parameters()), model.effective_window_sizes
+        model = create_encoder(name, **geometry)
+    return sum(p.numel() for p in model.parameters()), getattr(model, "effective_window_sizes", [])
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    """Print the variants with parameter counts and effective per-stage windows at the given size."""
-    from simmim.models import VARIANTS, list_models
+    """Print the encoder variants of every family with parameter counts and effective per-stage windows at the
+    given size (a family without windows, ViT, shows '-')."""
+    from simmim.models import FAMILIES, list_encoders
+    from simmim.models.encoders import check_encoder_geometry
 
-    names = [args.name] if args.name else list_models()
-    if args.name and args.name not in VARIANTS:
-        print(f"error: unknown model {args.name!r}; choose one of: {', '.join(VARIANTS)}", file=sys.stderr)
+    names = [args.name] if args.name else list_encoders()
+    if args.name and args.name not in list_encoders():
+        print(f"error: unknown model {args.name!r}; choose one of: {', '.join(list_encoders())}", file=sys.stderr)
         return 2
     rows = []
     for name in names:
+        family, _, _ = check_encoder_geometry(name, args.img_size, args.window_size)  # a size that does not tile
         n, windows = _count_params(name, args.img_size, args.window_size)
-        v = VARIANTS[name]
-        rows.append(f"{name:<14} {n / 1e6:>8.1f}M  {v['embed_dim']:>4}  {str(v['depths']):<14} "
-                    f"{str(v['num_heads']):<18} " + "/".join(str(w[0]) for w in windows))
-    header = f"{'model':<14} {'params':>9}  {'C':>4}  {'depths':<14} {'heads':<18}"
+        v = FAMILIES[family.name].variants[name]
+        depths = v.get("depths", v.get("depth"))
+        rows.append(f"{name:<18} {family.name:<7} {n / 1e6:>8.1f}M  {v.get('embed_dim', '-'):>4}  "
+                    f"{str(depths):<14} {str(v.get('num_heads', '-')):<18} "
+                    + ("/".join(str(w[0]) for w in windows) or "-"))
+    header = f"{'model':<18} {'family':<7} {'params':>9}  {'C':>4}  {'depths':<14} {'heads':<18}"
     print(f"{header} windows @ {args.img_size}px W{args.window_size}", *rows, sep="\n")
     return 0
 
@@ -238,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="simmim", description="SimMIM pretraining, fine-tuning and export for Swin Transformer V2.")
     parser.add_argument("--version", action="version", version=f"simmim {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    p = sub.add_parser("models", help="list the SwinV2 variants with parameter counts and effective windows")
+    p = sub.add_parser("models", help="list the encoder variants (SwinV2, Swin V1, ViT) with parameter counts and "
+                                      "effective windows")
     p.add_argument("name", nargs="?", help="one variant (default: all)")
     p.add_argument("--img-size", type=at_least(1), default=192)
     p.add_argument("--window-size", type=at_least(1), default=12)

@@ -34,7 +34,7 @@ from simmim.config_loader import (
 )
 from simmim.errors import UserError
 from simmim.masked_modeling import check_norm_target_window
-from simmim.models import variant_geometry
+from simmim.models.encoders import check_encoder_geometry
 
 __all__ = [
     "ConfigError", "DataConfig", "FinetuneConfig", "FinetuneDataConfig", "PretrainConfig", "Range",
@@ -84,7 +84,7 @@ UNIT = Range(0, 1, low_open=True)  # (0, 1]: crop scales and fractions that cann
 
 @dataclass(frozen=True)
 class ModelConfig(Section):
-    name: str = "swinv2_base"  # a simmim.models variant
+    name: str = "swinv2_base"  # an encoder variant (simmim models): swinv2_*, swin_*, vit_*
     img_size: Int = 192  # the SimMIM pretraining resolution of the paper
     window_size: Int = 12  # 192 px / W12 gives effective windows 12/12/12/6
     pretrained_window_sizes: tuple[Int, ...] | None = None  # None: no earlier window (pretraining from scratch)
@@ -390,15 +390,25 @@ def _check_limits(cfg: Any) -> None:
 
 
 def _check_model(m: ModelConfig) -> tuple[int, int]:
-    """The variant exists and the image tiles into windows at every stage. Returns (patch size, stages)."""
+    """The variant exists (in any encoder family) and the image tiles into its tokens and windows at every stage;
+    the SwinV2-only switches are refused for other families. Returns (patch size, stages)."""
     try:
-        patch, stages, _ = variant_geometry(m.name)
-    except UserError as err:  # the message starts with the name's repr: "'swinv2_tinny' is not a SwinV2 variant..."
+        family, patch, stages = check_encoder_geometry(m.name)
+    except UserError as err:  # the message starts with the name's repr: "'swinv2_tinny' is not an encoder ..."
         raise ConfigError(f"model.name={err}") from None
     try:
-        variant_geometry(m.name, m.img_size, m.window_size)
+        check_encoder_geometry(m.name, m.img_size, m.window_size)
     except UserError as err:
         raise ConfigError(f"model.img_size={m.img_size} with model.window_size={m.window_size}: {err}") from None
+    if family.name != "swinv2":
+        for key, value, default in (("pretrained_window_sizes", m.pretrained_window_sizes, None),
+                                    ("sequential_attention", m.sequential_attention, None)):
+            if value != default:
+                raise ConfigError(f"model.{key} applies to SwinV2 only, not {m.name} ({family.name}); remove it")
+        if m.recompute == "attention":
+            raise ConfigError(f"model.recompute=attention applies to SwinV2 only; for {m.name} use "
+                              "model.recompute=full (activation checkpointing) or none")
+        return patch, stages
     if m.pretrained_window_sizes is not None and len(m.pretrained_window_sizes) != stages:
         raise ConfigError(f"model.pretrained_window_sizes={list(m.pretrained_window_sizes)} needs one window per "
                           f"stage of {m.name} ({stages}), e.g. [12,12,12,6] after 192 px / W12")

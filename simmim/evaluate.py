@@ -21,8 +21,9 @@ from torch.utils.data import DataLoader
 from simmim.data.labeled import LabeledDataset, open_labeled
 from simmim.data.transforms import eval_transform
 from simmim.errors import UserError
-from simmim.models import SwinTransformerV2, create_model
+from simmim.models import SwinTransformerV2, create_model, family_of
 from simmim.models.convert import load_pretrained
+from simmim.models.encoders import make_encoder
 from simmim.monitor import FeatureMonitor
 from simmim.weights import check_variant, model_from_weights, read_weights
 
@@ -84,8 +85,13 @@ def load_for_eval(checkpoint: str | Path, model_name: str | None = None, img_siz
     check_variant(weights, model_name, key="--model")
     sd = weights.state_dict if "head.fc.weight" in weights.state_dict else weights.encoder()
     num_classes = sd["head.fc.weight"].shape[0] if "head.fc.weight" in sd else 0
-    model = create_model(model_name, img_size=img_size, window_size=window_size, num_classes=num_classes,
-                         pretrained_window_sizes=weights.windows, drop_path_rate=0.0)
+    family = family_of(model_name)
+    if family.name == "swinv2":
+        model = create_model(model_name, img_size=img_size, window_size=window_size, num_classes=num_classes,
+                             pretrained_window_sizes=weights.windows, drop_path_rate=0.0)
+    else:  # Swin V1 / ViT: the family's conversion resizes position tables to this geometry
+        model = make_encoder(model_name, img_size=img_size, window_size=window_size, num_classes=num_classes)
+        sd = family.convert(sd, model)
     load_pretrained(model, sd, source="timm")
     kind = "simmim-finetune" if num_classes else "simmim-pretrain"
     return model.eval(), {"kind": kind, "mean": list(IMAGENET_DEFAULT_MEAN), "std": list(IMAGENET_DEFAULT_STD),

@@ -34,10 +34,11 @@ from typing import Any
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
 from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
+from torch import nn
 
 from simmim.errors import RunStopped, UserError
 from simmim.export_staging import staged
-from simmim.models import VARIANTS, SwinTransformerV2
+from simmim.models import VARIANTS, SwinTransformerV2, family_of
 from simmim.models.hf import hf_config, ours_to_hf
 from simmim.weights import HF_CARD, model_from_weights, read_run_checkpoint, sha256
 
@@ -92,6 +93,10 @@ def check_foreign(variant: str, fmt: str) -> None:
     """timm/HF have no extra main-branch norm: refuse SwinV2-H/G rather than write weights that compute otherwise."""
     if fmt not in LIBRARIES:
         return
+    family = family_of(variant).name
+    if family != "swinv2" and fmt == "hf":
+        raise UserError(f"{variant} ({family}) has no transformers export here (the hf format writes Swinv2 "
+                        "models); export it as timm, safetensors or onnx instead")
     if VARIANTS.get(variant, {}).get("extra_norm_period"):
         raise UserError(
             f"{variant} cannot be exported to {LIBRARIES[fmt]}: it adds a LayerNorm on the main branch every 6 blocks "
@@ -251,8 +256,9 @@ def write_onnx(model: SwinTransformerV2, meta: dict, out: Path, final: Path, ops
     H and W are fixed: torch.export specialises them (the shifted-window mask and the built-size fast path are
     computed from Python ints), so the graph runs at ``model.img_size`` only, and says so in its doc string.
     """
-    for blk in model.blocks():
-        blk.attn.cache_bias = False  # the inference cache keys on data pointers, which tracing cannot follow
+    for module in model.modules():
+        if hasattr(module, "cache_bias"):
+            module.cache_bias = False  # the inference cache keys on data pointers, which tracing cannot follow
     h, w = model.img_size
     example = torch.randn(2, model.in_chans, h, w, generator=torch.Generator().manual_seed(0))
     output = "logits" if model.num_classes > 0 else "features"
@@ -319,6 +325,59 @@ def check_onnx(model: SwinTransformerV2, path: Path, batch: int = 3, atol: float
 WRITERS: dict[str, Callable[[SwinTransformerV2, dict, Path, Path, int | None], tuple[list[Path], dict]]] = {
     "safetensors": write_safetensors, "timm": write_timm, "hf": write_hf, "onnx": write_onnx,
 }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# other encoder families (Swin V1, ViT): timm layout already, geometry from the contract
+
+
+def other_timm_call(model: nn.Module, file: Path) -> str | None:
+    """``timm.create_model(...)`` rebuilding ``model`` from ``file`` in plain timm (None if the family has no
+    ``timm_spec``): our keys are timm's, so timm's own checkpoint filter keeps them."""
+    if not hasattr(model, "timm_spec"):
+        return None
+    name, kwargs = model.timm_spec()
+    args = [repr(name), "pretrained=True", f"pretrained_cfg_overlay=dict(file={file.name!r}, "
+            f"num_classes={model.num_classes})", *(f"{k}={v!r}" for k, v in kwargs.items())]
+    return f"timm.create_model({', '.join(args)})"
+
+
+def write_other(model: nn.Module, meta: dict, out: Path, final: Path, opset: int | None
+                ) -> tuple[list[Path], dict]:
+    """A Swin V1 / ViT state dict (timm's keys) as safetensors, with the contract's geometry in its header (or
+    .pth if ``out`` says), and the timm call that loads it."""
+    sd = _state_dict(model)
+    if out.suffix in (".pth", ".pt", ".bin"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "wb") as f:
+            torch.save(sd, f)
+    else:
+        _save_safetensors(sd, out, {"simmim.variant": _variant(meta), "simmim.num_classes": str(model.num_classes),
+                                    "simmim.encoder": json.dumps(model.geometry())})
+    call = other_timm_call(model, final)
+    return [out], {"load": {"timm": call, "requires": "import timm"} if call else {}}
+
+
+OTHER_WRITERS: dict[str, Callable[[nn.Module, dict, Path, Path, int | None], tuple[list[Path], dict]]] = {
+    "safetensors": write_other, "timm": write_other, "onnx": write_onnx,
+}
+
+
+def encoder_card(model: nn.Module, meta: dict, checkpoint: Path, fmt: str, files: list[Path], extra: dict
+                 ) -> dict[str, Any]:
+    """The JSON card of a Swin V1 / ViT export: what the weights are (the contract's geometry), the geometry and
+    normalisation they expect, where they came from; :func:`simmim.weights.read_weights` reads it back."""
+    return {
+        "format": fmt,
+        "files": [f.name for f in files],
+        "classes": meta.get("classes"),
+        "source": {"checkpoint": str(checkpoint.resolve()), "sha256": sha256(checkpoint), "kind": meta["kind"]},
+        "architecture": {**model.geometry(), "num_classes": model.num_classes},
+        **{k: meta[k] for k in ("img_size", "window_size", "effective_window_sizes", "pretrained_window_sizes")},
+        "mean": meta.get("mean"), "std": meta.get("std"),
+        "crop_pct": meta.get("crop_pct"), "interpolation": meta.get("interpolation"),
+        **extra,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -495,13 +554,15 @@ def export(checkpoint: str | Path, fmt: str = "safetensors", out: str | Path | N
     if img_size is not None or window_size is not None:
         model.set_input_size(img_size=img_size, window_size=window_size)  # keeps the trained windows; validates
     replacing = overwrite and any(p.exists() for p in _outputs(target, fmt))
+    other = family_of(meta["model"]).name != "swinv2"  # Swin V1, ViT: the contract's facts, no log-CPB windows
     with staged(target, path, replacing) as stage:
-        files, extra = WRITERS[fmt](model, meta, stage.path / target.name, target, opset)
+        writer = OTHER_WRITERS[fmt] if other else WRITERS[fmt]
+        files, extra = writer(model, meta, stage.path / target.name, target, opset)
         stage.check_signal()  # a library may have caught the signal's exception and gone on
         final_files = [target.parent / f.relative_to(stage.path) for f in files]
         if fmt == "hf":
             final_files.append(target / "README.md")
-        card = model_card(model, meta, path, fmt, final_files, extra)
+        card = (encoder_card if other else model_card)(model, meta, path, fmt, final_files, extra)
         card_name = f"{target.name}/{HF_CARD}" if fmt == "hf" else f"{target.name}.json"
         if fmt == "hf":
             (stage.path / target.name / "README.md").write_text(hf_readme(card, target.name))

@@ -22,8 +22,9 @@ from simmim.data.transforms import eval_transform, finetune_transform
 from simmim.engine import Engine, LoopSettings, StepResult
 from simmim.errors import UserError
 from simmim.evaluate import evaluate
-from simmim.models import SwinTransformerV2, compile_model, create_model
+from simmim.models import compile_model
 from simmim.models.convert import load_pretrained
+from simmim.models.encoders import family_of, make_encoder
 from simmim.optim import build_optimization, param_groups, plan_training, shard_state
 from simmim.run_dir import open_run, start_run
 from simmim.signals import stops_on_signals
@@ -45,24 +46,24 @@ log = logging.getLogger(__name__)
 # the classifier
 
 
-def build_classifier(cfg: FinetuneConfig, num_classes: int) -> tuple[SwinTransformerV2, Weights | None]:
-    """The classifier at the fine-tuning geometry, with pretrained encoder weights and a new head."""
+def build_classifier(cfg: FinetuneConfig, num_classes: int) -> tuple[nn.Module, Weights | None]:
+    """The classifier (any encoder family) at the fine-tuning geometry, with pretrained encoder weights and a new
+    head. The family's conversion adapts the weights to the new geometry (Swin V1: position tables resized)."""
     m = cfg.model
     weights = read_weights(cfg.pretrained) if cfg.pretrained else None
     if weights is not None:
         check_channels(weights, m.in_chans)
         check_variant(weights, m.name)
-    windows = start_windows(weights, m.pretrained_window_sizes)
-    model = create_model(m.name, img_size=m.img_size, window_size=m.window_size, num_classes=num_classes,
-                         pretrained_window_sizes=windows, drop_path_rate=m.drop_path_rate, in_chans=m.in_chans)
+    model = make_encoder(m.name, img_size=m.img_size, window_size=m.window_size, num_classes=num_classes,
+                         pretrained_window_sizes=start_windows(weights, m.pretrained_window_sizes),
+                         drop_path_rate=m.drop_path_rate, in_chans=m.in_chans, recompute=m.recompute,
+                         sequential_attention=m.sequential_attention, linear_backend=m.linear_backend)
     if weights is not None:  # every encoder key must match: a silent partial load is refused
-        load_pretrained(model, weights.encoder(), source="timm", exclude=["head."])
+        state = family_of(m.name).convert(weights.encoder(), model)
+        load_pretrained(model, state, source="timm", exclude=["head."])
         log.info("loaded %s; pretrained windows %s -> effective windows %s at %d px", weights.describe(),
-                 [w[0] for w in model.pretrained_window_sizes], [w[0] for w in model.effective_window_sizes],
-                 m.img_size)
-    model.set_recompute(m.recompute)
-    model.set_sequential_attention(m.sequential_attention)
-    model.set_linear_backend(m.linear_backend)
+                 [w[0] for w in getattr(model, "pretrained_window_sizes", [])],
+                 [w[0] for w in getattr(model, "effective_window_sizes", [])], m.img_size)
     return model, weights
 
 
@@ -172,7 +173,7 @@ def check_resume_classes(resume: Weights | None, classes: list[str], data: str) 
                   "resume on the data the run was trained on, or fine-tune into a new --output")
 
 
-def finetune_metadata(cfg: FinetuneConfig, model: SwinTransformerV2, classes: list[str],
+def finetune_metadata(cfg: FinetuneConfig, model: nn.Module, classes: list[str],
                       weights: Weights | None) -> dict:
     return {
         "kind": "simmim-finetune",
@@ -212,13 +213,13 @@ def run(cfg: FinetuneConfig, overwrite: bool = False) -> dict:
         plan = plan_training(cfg.schedule, o, d.batch_size, accelerator.num_processes,
                              len(train_loader) // accelerator.num_processes)
         eval_every = r.eval_every or max(round(plan.steps_per_epoch), 1)
-        groups = param_groups(model, o.weight_decay, o.layer_decay, depths=model.depths)
+        groups = param_groups(model, o.weight_decay, o.layer_decay)
         shard = shard_state(o, accelerator.num_processes, accelerator.distributed_type)  # ZeRO stage 1
         if shard:  # ZeRO takes its device from the parameters: place them first
             model.to(accelerator.device)
         optimizer, scheduler = build_optimization(groups, cfg.schedule, o, plan, shard)
         metadata = finetune_metadata(cfg, model, classes, weights)
-        windows = [w[0] for w in model.pretrained_window_sizes]
+        windows = [w[0] for w in getattr(model, "pretrained_window_sizes", [])]
         # accelerate's placement of an optimizer reads its whole state, which a sharded one does not have
         model, optimizer, train_loader, val_loader = accelerator.prepare(
             model, optimizer, train_loader, val_loader, device_placement=[True, not shard, True, True])

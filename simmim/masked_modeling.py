@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from simmim.errors import UserError
-from simmim.models import SwinTransformerV2
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +67,13 @@ def normalize_target(target: torch.Tensor, window: int = 47) -> torch.Tensor:
 
 
 class SimMIM(nn.Module):
-    """Masked image modeling around a :class:`SwinTransformerV2` encoder.
+    """Masked image modeling around any encoder of the contract (SwinV2, Swin V1, ViT; docs/encoders.md).
 
     ``forward(images (B, C, H, W) normalised, mask (B, h, w) bool, True = masked) -> SimMIMOutput(loss, pred)``.
     State dict: ``encoder.*`` (with ``encoder.mask_token``) and ``decoder.0.*``, the official layout.
     """
 
-    def __init__(self, encoder: SwinTransformerV2, norm_target: bool = False, norm_target_window: int = 47) -> None:
+    def __init__(self, encoder: nn.Module, norm_target: bool = False, norm_target_window: int = 47) -> None:
         super().__init__()
         if encoder.num_classes:
             log.info("SimMIM uses the encoder without its classifier: num_classes %d -> 0", encoder.num_classes)
@@ -94,12 +93,12 @@ class SimMIM(nn.Module):
         )
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor) -> SimMIMOutput:
-        z = self.encoder.forward_features(images, mask)  # (B, H/32, W/32, C_enc)
+        z = self.encoder.forward_features(images, mask)  # (B, H/stride, W/stride, C_enc)
         conv, shuffle = self.decoder
         # the 1x1 conv as the linear map it is, on the channels-last tokens: its weight gradient then keeps the
         # weight's layout. The conv on the permuted view returned channels-last weight gradients (CPUs with >1
         # thread), which DDP copied into its buckets (laid out like the weight) every step, with a warning.
-        y = F.linear(z, conv.weight.flatten(1), conv.bias)  # (B, H/32, W/32, stride**2 * C)
+        y = F.linear(z, conv.weight.flatten(1), conv.bias)  # (B, H/stride, W/stride, stride**2 * C)
         pred = shuffle(y.permute(0, 3, 1, 2))  # (B, C, H, W)
         pixel_mask = mask.repeat_interleave(self.patch_size, 1).repeat_interleave(self.patch_size, 2)  # (B, H, W)
         target = normalize_target(images, self.norm_target_window) if self.norm_target else images

@@ -7,8 +7,7 @@ Groups carry an ``lr_scale``; timm's schedulers multiply each group's lr by it, 
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,9 +18,7 @@ from torch import nn
 
 from simmim.config import OptimConfig, ScheduleConfig, scaled_lr
 from simmim.errors import UserError
-
-_BLOCK = re.compile(r"layers\.(\d+)\.blocks\.(\d+)\.")
-_DOWNSAMPLE = re.compile(r"layers\.(\d+)\.downsample\.")
+from simmim.models.swin_transformer_v2 import swin_layer_id
 
 
 def takes_weight_decay(name: str, param: torch.Tensor, no_decay_names: Iterable[str] = ()) -> bool:
@@ -33,34 +30,44 @@ def takes_weight_decay(name: str, param: torch.Tensor, no_decay_names: Iterable[
 def layer_id(name: str, depths: tuple[int, ...]) -> int:
     """Layer index for layer-wise lr decay: patch embedding / mask token 0; global block k -> k + 1; a stage's
     downsample (timm layout: at the start of stage i) shares the id of the last block of stage i - 1; the final
-    norm, head and decoder N + 1."""
-    name = name.removeprefix("encoder.")
-    if name.startswith(("patch_embed.", "mask_token")):
-        return 0
-    if m := _BLOCK.match(name):
-        return sum(depths[: int(m[1])]) + int(m[2]) + 1
-    if m := _DOWNSAMPLE.match(name):
-        return sum(depths[: int(m[1])])
-    return sum(depths) + 1
+    norm, head and decoder N + 1. (A Swin encoder's own ``layer_id`` is this rule.)"""
+    return swin_layer_id(name, depths)
+
+
+def _layer_ids(model: nn.Module, depths: tuple[int, ...] | None) -> tuple[Callable[[str], int], int]:
+    """(name -> layer id, number of ids) from the encoder in ``model`` (itself or a SimMIM wrapper's
+    ``encoder``: the contract's ``layer_id``/``num_layer_ids``), or from Swin ``depths`` when given."""
+    if depths:
+        return (lambda name: layer_id(name, depths)), sum(depths) + 2
+    encoder = model if hasattr(model, "layer_id") else getattr(model, "encoder", None)
+    if encoder is None or not hasattr(encoder, "layer_id"):
+        raise ValueError(f"layer-wise lr decay needs an encoder with layer_id(); {type(model).__name__} has none")
+    prefix = "" if encoder is model else "encoder."
+
+    def of(name: str) -> int:
+        if not name.startswith(prefix):
+            return encoder.num_layer_ids - 1  # the SimMIM decoder goes with the final norm
+        return encoder.layer_id(name.removeprefix(prefix))
+
+    return of, encoder.num_layer_ids
 
 
 def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0,
                  depths: tuple[int, ...] | None = None) -> list[dict]:
-    """AdamW groups keyed by (decay or not, layer id). ``layer_decay < 1`` gives layer ``i`` the scale
-    ``layer_decay ** (N + 1 - i)``; ``depths`` (the encoder's) is needed then."""
-    if layer_decay != 1.0 and not depths:
-        raise ValueError("layer-wise lr decay needs the encoder's depths (param_groups(..., depths=...))")
+    """AdamW groups keyed by (decay or not, layer id). ``layer_decay < 1`` gives layer ``i`` of ``n`` the scale
+    ``layer_decay ** (n - 1 - i)``, the ids coming from the encoder's ``layer_id`` (or Swin ``depths``)."""
     no_decay = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
-    num_layers = sum(depths) + 1 if depths else 0
+    decayed = layer_decay != 1.0
+    of, num_ids = _layer_ids(model, depths) if decayed else ((lambda name: 0), 1)
     groups: dict[tuple[bool, int], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         decay = takes_weight_decay(name, p, no_decay)
-        lid = layer_id(name, depths) if (layer_decay != 1.0 and depths) else 0
+        lid = of(name)
         group = groups.setdefault((decay, lid), {
             "params": [], "names": [], "weight_decay": weight_decay if decay else 0.0,
-            "lr_scale": layer_decay ** (num_layers - lid) if (layer_decay != 1.0 and depths) else 1.0,
+            "lr_scale": layer_decay ** (num_ids - 1 - lid) if decayed else 1.0,
         })
         group["params"].append(p)
         group["names"].append(name)

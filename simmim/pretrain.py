@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from simmim.config import PretrainConfig, to_dict
@@ -26,8 +27,9 @@ from simmim.data import (
 from simmim.engine import Engine, LoopSettings, StepResult, TrainState
 from simmim.errors import UserError
 from simmim.masked_modeling import SimMIM, normalize_target
-from simmim.models import SwinTransformerV2, compile_model, create_model
+from simmim.models import FAMILIES, compile_model
 from simmim.models.convert import encoder_state, load_pretrained
+from simmim.models.encoders import make_encoder
 from simmim.monitor import FeatureMonitor
 from simmim.optim import build_optimization, optimizer_state_bytes, param_groups, plan_training, shard_state
 from simmim.run_dir import check_stream_layout, open_run, start_run
@@ -46,17 +48,15 @@ from simmim.weights import (
 log = logging.getLogger(__name__)
 
 
-def build_encoder(cfg: PretrainConfig, init: Weights | None = None) -> SwinTransformerV2:
-    """The encoder at the pretraining geometry. With ``init``, its log-CPB is normalised by the windows the
-    source was trained at (as in fine-tuning), unless ``model.pretrained_window_sizes`` says otherwise."""
+def build_encoder(cfg: PretrainConfig, init: Weights | None = None) -> nn.Module:
+    """The encoder (any family of the contract) at the pretraining geometry. With ``init``, a SwinV2's log-CPB is
+    normalised by the windows the source was trained at (as in fine-tuning), unless
+    ``model.pretrained_window_sizes`` says otherwise."""
     m = cfg.model
-    windows = start_windows(init, m.pretrained_window_sizes)
-    encoder = create_model(m.name, img_size=m.img_size, window_size=m.window_size, num_classes=0,
-                           pretrained_window_sizes=windows, drop_path_rate=m.drop_path_rate, in_chans=m.in_chans)
-    encoder.set_recompute(m.recompute)
-    encoder.set_sequential_attention(m.sequential_attention)
-    encoder.set_linear_backend(m.linear_backend)
-    return encoder
+    return make_encoder(m.name, img_size=m.img_size, window_size=m.window_size, num_classes=0,
+                        pretrained_window_sizes=start_windows(init, m.pretrained_window_sizes),
+                        drop_path_rate=m.drop_path_rate, in_chans=m.in_chans, recompute=m.recompute,
+                        sequential_attention=m.sequential_attention, linear_backend=m.linear_backend)
 
 
 def load_init(model: SimMIM, init: Weights) -> list[str]:
@@ -64,6 +64,7 @@ def load_init(model: SimMIM, init: Weights) -> list[str]:
     decoder when the source has them with the same shapes (a SimMIM checkpoint), else they stay freshly
     initialised. Returns what was loaded, in words."""
     encoder = encoder_state(init.state_dict, keep=("mask_token",))
+    encoder = FAMILIES[model.encoder.geometry()["family"]].convert(encoder, model.encoder)  # e.g. Swin V1 tables
     has_token = "mask_token" in encoder and encoder["mask_token"].shape == model.encoder.mask_token.shape
     if not has_token:
         encoder.pop("mask_token", None)
@@ -169,7 +170,7 @@ def stream_layout(cfg: PretrainConfig, accelerator: Any) -> dict:
             "batch_size": cfg.data.batch_size, "accumulation_steps": cfg.optim.accumulation_steps}
 
 
-def checkpoint_metadata(cfg: PretrainConfig, encoder: SwinTransformerV2, init: dict | None = None) -> dict:
+def checkpoint_metadata(cfg: PretrainConfig, encoder: nn.Module, init: dict | None = None) -> dict:
     """What fine-tuning and export need to know about the pretrained encoder (plain data); ``init`` describes
     the weights a warm start began from."""
     return {
@@ -222,7 +223,8 @@ def run(cfg: PretrainConfig, overwrite: bool = False) -> dict:
             loaded = load_init(model, init)
             init_meta = {"path": str(init.path.resolve()), "sha256": sha256(init.path), "source": init.source,
                          "kind": init.kind, "loaded": loaded,
-                         "pretrained_window_sizes": [list(w) for w in encoder.pretrained_window_sizes]}
+                         "pretrained_window_sizes": [list(w) for w in getattr(encoder, "pretrained_window_sizes",
+                                                                              [])]}
         if r.compile:  # one graph per mode at the fixed size; state_dict keys do not change
             compile_model(model)
         shard = shard_state(o, accelerator.num_processes, accelerator.distributed_type)  # ZeRO stage 1
@@ -242,7 +244,7 @@ def run(cfg: PretrainConfig, overwrite: bool = False) -> dict:
         if init is not None:
             log.info("warm start from %s: %s loaded; pretrained windows %s; fresh optimizer and schedule",
                      init.describe(), ", ".join(init_meta["loaded"]),
-                     "/".join(str(w[0]) for w in encoder.pretrained_window_sizes))
+                     "/".join(str(w[0]) for w in getattr(encoder, "pretrained_window_sizes", [])) or "-")
         task = PretrainTask(cfg.data.mean, cfg.data.std, monitor=monitor, monitor_every=cfg.monitor.every,
                             main_process=accelerator.is_main_process)
         engine = Engine(

@@ -41,7 +41,8 @@ from simmim.data.file_index import FileIndex
 from simmim.data.images import RawImage, is_image_file
 from simmim.errors import InputNotFoundError, UserError
 from simmim.masked_modeling import SimMIM, check_norm_target_window
-from simmim.models import VARIANTS, create_model, load_pretrained
+from simmim.models import VARIANTS, Family, create_model, detect_family, load_pretrained
+from simmim.models.encoders import make_encoder
 from simmim.models.swin_transformer_v2 import stage_geometry, to_pair
 from simmim.models.variants import variant_of
 from simmim.visualize import check_out_dir, reconstruction_grid, save_png, write_output
@@ -135,6 +136,9 @@ def load_masked_model(path: str | Path | Weights, norm_target: bool | None = Non
             "reconstruct needs a pretraining checkpoint: one of simmim pretrain's checkpoints/ckpt-*.pt or an "
             "official SimMIM release")
     encoder_sd = weights.encoder()
+    family = detect_family(encoder_sd)
+    if family is not None and family.name != "swinv2":  # Swin V1 / ViT: the contract's builder and conversion
+        return _load_other(weights, family, norm_target, norm_target_window, mask_patch_size, img_size, window_size)
     geometry = weights.geometry
     if geometry is None:
         if img_size is None or window_size is None:
@@ -163,6 +167,36 @@ def load_masked_model(path: str | Path | Weights, norm_target: bool | None = Non
     mean = tuple(weights.meta.get("mean") or (IMAGENET_MEAN if channels == 3 else (0.5,) * channels))
     std = tuple(weights.meta.get("std") or (IMAGENET_STD if channels == 3 else (0.5,) * channels))
     return MaskedModel(model.eval(), mean, std, cell, norm_target, window, weights.describe())
+
+
+def _load_other(weights: Weights, family: Family, norm_target: bool | None, norm_target_window: int | None,
+                mask_patch_size: int | None, img_size: int | None, window_size: int | None) -> MaskedModel:
+    """:func:`load_masked_model` for a Swin V1 / ViT SimMIM checkpoint: built at the geometry its metadata records
+    (or the one passed; an official file records none); an official file predicts raw pixels (no normalised
+    target) and masks 32 px cells, as the official SimMIM recipes."""
+    meta, encoder_sd = weights.meta, weights.encoder()
+    variant = meta.get("model") or (family.variant_of(encoder_sd) if family.variant_of else None)
+    if variant is None:
+        raise WrongCheckpointError(f"{weights.describe()} matches none of the {family.name} variants "
+                                   f"{', '.join(family.variants)}")
+    size = img_size or (meta.get("img_size") or [None])[0]
+    window = window_size or (meta.get("window_size") or [None])[0]
+    if size is None or (family.windowed and window is None):
+        raise UserError(f"{weights.describe()} does not record the geometry it was trained at; pass --img-size and "
+                        "--window-size (e.g. 192 and 6 for SimMIM's Swin-B pretraining)")
+    stem = encoder_sd["patch_embed.proj.weight"]
+    encoder = make_encoder(variant, img_size=size, window_size=window, num_classes=0, in_chans=stem.shape[1])
+    config = meta.get("config") or {}
+    recipe = config.get("simmim", {})
+    norm_target = recipe.get("norm_target", False) if norm_target is None else norm_target
+    window_t = norm_target_window or recipe.get("norm_target_window") or OFFICIAL_NORM_TARGET[1]
+    cell = mask_patch_size or config.get("data", {}).get("mask_patch_size") or OFFICIAL_MASK_PATCH
+    model = SimMIM(encoder, norm_target=norm_target, norm_target_window=window_t)
+    load_pretrained(model, family.convert(weights.state_dict, encoder), source="timm")
+    channels = stem.shape[1]
+    mean = tuple(meta.get("mean") or (IMAGENET_MEAN if channels == 3 else (0.5,) * channels))
+    std = tuple(meta.get("std") or (IMAGENET_STD if channels == 3 else (0.5,) * channels))
+    return MaskedModel(model.eval(), mean, std, cell, norm_target, window_t, weights.describe())
 
 
 @torch.no_grad()

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from torch import nn
 
 from simmim.errors import InputNotFoundError, UserError
 from simmim.models import VARIANTS, SwinTransformerV2, create_model
@@ -46,6 +47,7 @@ from simmim.models.convert import (
     unwrap,
     windows_from_coords_tables,
 )
+from simmim.models.encoders import detect_family, family_of, make_encoder
 from simmim.models.swin_transformer_v2 import stage_geometry, to_pair, trained_windows
 from simmim.models.variants import variant_of
 
@@ -134,8 +136,14 @@ def sha256(path: str | Path) -> str:
 # metadata of our runs
 
 
-def geometry_metadata(model: SwinTransformerV2, name: str) -> dict:
-    """What :func:`model_from_weights` needs to rebuild ``model`` (variant, sizes, per-stage windows, channels)."""
+def geometry_metadata(model: nn.Module, name: str) -> dict:
+    """What :func:`model_from_weights` needs to rebuild ``model`` (variant, sizes, per-stage windows, channels).
+    A Swin V1 records its windows as trained ones (its tables are trained at them); a ViT has none (``[0, 0]``)."""
+    if family_of(name).name != "swinv2":
+        windows = [list(w) for w in getattr(model, "effective_window_sizes", [])]
+        return {"model": name, "img_size": list(model.img_size),
+                "window_size": list(getattr(model, "window_size", (0, 0))), "effective_window_sizes": windows,
+                "pretrained_window_sizes": windows, "in_chans": model.in_chans, "encoder": model.geometry()}
     return {
         "model": name,
         "img_size": list(model.img_size),
@@ -391,9 +399,14 @@ def check_channels(weights: Weights, in_chans: int) -> None:
 
 
 def check_variant(weights: Weights, model_name: str, key: str = "model.name") -> None:
-    """Refuse weights of another SwinV2 variant than ``model_name`` before a model is built on them, naming the
-    weights' variant and the setting (``key``) to change: a key-by-key mismatch list would run to hundreds of
-    keys. Weights of no known variant (a custom depth) are left to the load's own key check."""
+    """Refuse weights of another encoder family or SwinV2 variant than ``model_name`` before a model is built on
+    them, naming the weights' family/variant and the setting (``key``) to change: a key-by-key mismatch list would
+    run to hundreds of keys. Weights of no known variant (a custom depth) are left to the load's own key check."""
+    family, wanted = detect_family(weights.encoder()), family_of(model_name)
+    if family is not None and family is not wanted:
+        raise CheckpointMismatchError(f"{weights.describe()} holds a {family.name} encoder, but {key} is "
+                                      f"{model_name} ({wanted.name}); set {key} to a {family.name} variant "
+                                      f"({', '.join(family.variants)})")
     found = variant_of(weights.encoder())
     if found is not None and found != model_name:
         raise CheckpointMismatchError(f"{weights.describe()} holds a {found} encoder, but {key} is {model_name}; "
@@ -402,7 +415,10 @@ def check_variant(weights: Weights, model_name: str, key: str = "model.name") ->
 
 def start_windows(weights: Weights | None, override: Any) -> Any:
     """The ``pretrained_window_sizes`` of a model that starts from ``weights`` (fine-tuning, warm start): the
-    config's ``model.pretrained_window_sizes`` when set, else the windows the weights were trained at."""
+    config's ``model.pretrained_window_sizes`` when set, else the windows the weights were trained at (SwinV2's
+    log-CPB only: other families have no such windows, None)."""
+    if weights is not None and detect_family(weights.encoder()) not in (None, family_of("swinv2_tiny")):
+        return override
     if override is not None or weights is None:
         return override
     if weights.windows is None:
@@ -420,6 +436,12 @@ def model_from_weights(weights: Weights) -> SwinTransformerV2:
                                    "(e.g. --model swinv2_tiny --img-size 256 --window-size 8)")
     num_classes = meta.get("num_classes", 0) or 0
     state = weights.state_dict if num_classes else weights.encoder()
+    if family_of(meta["model"]).name != "swinv2":
+        model = make_encoder(meta["model"], img_size=meta["img_size"][0], window_size=meta["window_size"][0],
+                              num_classes=num_classes, in_chans=meta.get("in_chans", 3))
+        check_compatible(model, state, what=str(weights.path))
+        model.load_state_dict(state)
+        return model.eval()
     model = create_model(
         meta["model"], img_size=tuple(meta["img_size"]), window_size=tuple(meta["window_size"]),
         pretrained_window_sizes=[tuple(w) for w in meta["pretrained_window_sizes"]], num_classes=num_classes,
@@ -443,6 +465,9 @@ def load_encoder(path: str | Path | Weights, img_size: int | tuple[int, int] | N
     weights = path if isinstance(path, Weights) else read_weights(path)
     state = weights.encoder()
     geometry = weights.geometry
+    family = detect_family(state)
+    if family is not None and family.name != "swinv2":
+        return _load_other_encoder(weights, family, img_size, window_size, drop_path_rate)
     variant = (geometry.variant if geometry else None) or weights.meta.get("model") or variant_of(state)
     if variant is None:
         raise WrongCheckpointError(f"{weights.describe()} matches none of the variants {', '.join(VARIANTS)}; build "
@@ -461,4 +486,25 @@ def load_encoder(path: str | Path | Weights, img_size: int | tuple[int, int] | N
     load_pretrained(model, state, source="timm")
     if img_size is not None or window_size is not None:
         model.set_input_size(img_size=img_size, window_size=window_size)  # keeps the trained windows
+    return model.eval()
+
+
+def _load_other_encoder(weights: Weights, family: Any, img_size: Any, window_size: Any, drop_path_rate: float
+                        ) -> nn.Module:
+    """:func:`load_encoder` for a Swin V1 / ViT file: built at the geometry its metadata records (or the one
+    passed), the family's conversion resizing position tables to it."""
+    meta, state = weights.meta, weights.encoder()
+    variant = meta.get("model") or (family.variant_of(state) if family.variant_of else None)
+    if variant is None:
+        raise WrongCheckpointError(f"{weights.describe()} matches none of the {family.name} variants "
+                                   f"{', '.join(family.variants)}; build it with simmim.models.create_encoder")
+    if img_size is None and "img_size" not in meta:
+        raise UserError(f"{weights.describe()} does not record the geometry it was trained at; pass it: "
+                        "load_encoder(path, img_size=..., window_size=...), e.g. 192 and 6 for SimMIM's Swin")
+    size = to_pair(img_size if img_size is not None else meta["img_size"])[0]
+    window = window_size if window_size is not None else (meta.get("window_size") or [None])[0]
+    stem = state.get("patch_embed.proj.weight")
+    model = make_encoder(variant, img_size=size, window_size=window, num_classes=0, drop_path_rate=drop_path_rate,
+                          in_chans=stem.shape[1] if stem is not None else 3)
+    load_pretrained(model, family.convert(state, model), source="timm")
     return model.eval()

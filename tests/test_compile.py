@@ -72,7 +72,7 @@ def test_training_step_compiles_with_fullgraph(mode):
 
 
 def test_compile_model_needs_a_backbone():
-    with pytest.raises(ValueError, match="holds no SwinTransformerV2"):
+    with pytest.raises(ValueError, match="holds no encoder"):
         compile_model(torch.nn.Linear(2, 2))
 
 

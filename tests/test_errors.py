@@ -37,7 +37,7 @@ def test_a_bug_is_raised_not_reported_as_bad_input(monkeypatch):
     def broken(*args, **kwargs):
         raise ValueError("an internal invariant broke")  # what a bug in the toolkit or a dependency looks like
 
-    monkeypatch.setattr(models, "create_model", broken)
+    monkeypatch.setattr(models, "create_encoder", broken)  # what `simmim models` builds with
     with pytest.raises(ValueError, match="internal invariant"):
         main(["models", "swinv2_pico"])
 
@@ -45,7 +45,7 @@ def test_a_bug_is_raised_not_reported_as_bad_input(monkeypatch):
 def test_a_bug_in_a_subprocess_shows_its_traceback_and_exits_1():
     code = ("import simmim.models as m, sys\n"
             "def broken(*a, **k): raise ValueError('an internal invariant broke')\n"
-            "m.create_model = broken\n"
+            "m.create_encoder = broken\n"
             "from simmim.cli import main\nsys.exit(main(['models', 'swinv2_pico']))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=CPU_ENV)
     assert out.returncode == 1

@@ -28,7 +28,8 @@ from torch import nn
 from simmim.benchmarks.report import Section
 from simmim.errors import UserError
 from simmim.masked_modeling import SimMIM, masked_l1_loss
-from simmim.models import VARIANTS, SwinTransformerV2, create_model
+from simmim.models import VARIANTS, SwinTransformerV2, create_model, family_of, list_encoders
+from simmim.models.encoders import make_encoder
 
 RECOMPUTE_MODES = ("none", "attention", "full", "sequential")  # "sequential" = sequential attention, no recompute
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -39,14 +40,25 @@ DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class TimmSimMIM(nn.Module):
-    """SimMIM around timm's ``SwinTransformerV2`` with the weights of ``ours``: the same mask-token replacement
-    after the patch-embedding norm, the same decoder and loss. ``forward(images, mask) -> (loss, pred)``."""
+    """SimMIM around timm's ``SwinTransformerV2`` (or, for an encoder with a ``timm_spec``, such as Swin V1, timm's
+    own model of that name) with the weights of ``ours``: the same mask-token replacement after the
+    patch-embedding norm, the same decoder and loss. ``forward(images, mask) -> (loss, pred)``."""
 
     def __init__(self, ours: SimMIM) -> None:
         super().__init__()
         from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmSwinV2
 
-        enc: SwinTransformerV2 = ours.encoder
+        enc = ours.encoder
+        self.mask_token = nn.Parameter(enc.mask_token.detach().clone())
+        self.decoder = copy.deepcopy(ours.decoder)
+        self.patch_size = ours.patch_size
+        if hasattr(enc, "timm_spec"):  # plain timm, built by name as a timm user would
+            import timm
+
+            name, kwargs = enc.timm_spec()
+            self.encoder = timm.create_model(name, **{**kwargs, "num_classes": 0, "drop_path_rate": 0.0})
+            self.encoder.load_state_dict({k: v for k, v in enc.state_dict().items() if k != "mask_token"})
+            return
         if any(blk.extra_norm is not None for blk in enc.blocks()):
             raise UserError("timm's SwinV2 has no extra main-branch norms (SwinV2-H/G); compare a smaller variant")
         self.encoder = TimmSwinV2(img_size=enc.img_size, patch_size=enc.patch_size, in_chans=enc.in_chans,
@@ -55,9 +67,6 @@ class TimmSimMIM(nn.Module):
                                   pretrained_window_sizes=[p[0] for p in enc.pretrained_window_sizes])
         weights = {k: v for k, v in enc.state_dict().items() if k != "mask_token"}
         self.encoder.load_state_dict(weights, strict=True)
-        self.mask_token = nn.Parameter(enc.mask_token.detach().clone())
-        self.decoder = copy.deepcopy(ours.decoder)
-        self.patch_size = ours.patch_size
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = self.encoder.patch_embed(images)  # (B, h, w, C)
@@ -72,6 +81,10 @@ class TimmSimMIM(nn.Module):
 def build_pair(name: str, img_size: int, window_size: int, device: torch.device, seed: int = 0
                ) -> tuple[SimMIM, TimmSimMIM]:
     """Ours and timm's SimMIM on the same (seeded) weights, drop path off (it would make the steps random)."""
+    if name in list_encoders() and family_of(name).name != "swinv2":  # Swin V1: ours is timm's + the mask token
+        torch.manual_seed(seed)
+        ours = SimMIM(make_encoder(name, img_size=img_size, window_size=window_size, num_classes=0))
+        return ours.to(device), TimmSimMIM(ours).to(device)
     if name not in VARIANTS:
         raise UserError(f"unknown model {name!r}; choose one of: {', '.join(VARIANTS)}")
     if VARIANTS[name].get("extra_norm_period"):  # refuse before building a model of billions of parameters
@@ -82,14 +95,14 @@ def build_pair(name: str, img_size: int, window_size: int, device: torch.device,
     return ours.to(device), TimmSimMIM(ours).to(device)
 
 
-def make_batch(batch_size: int, img_size: int, device: torch.device, seed: int = 0
+def make_batch(batch_size: int, img_size: int, device: torch.device, seed: int = 0, patch_size: int = 4
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised-looking images (B, 3, H, W) and SimMIM masks (B, H/4, W/4): 32 px cells at ratio 0.6."""
     from simmim.data import MaskGenerator
 
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(batch_size, 3, img_size, img_size, generator=g)
-    masks = MaskGenerator(img_size, 32, 4, 0.6)
+    masks = MaskGenerator(img_size, 32, patch_size, 0.6)
     mask = torch.stack([masks(seed + i) for i in range(batch_size)])
     return images.to(device), mask.to(device)
 
@@ -188,7 +201,7 @@ def model_section(name: str = "swinv2_tiny", img_size: int = 192, window_size: i
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ours, ref = build_pair(name, img_size, window_size, dev)
-    images, mask = make_batch(batch_size, img_size, dev)
+    images, mask = make_batch(batch_size, img_size, dev, patch_size=ours.encoder.patch_size)
     with torch.no_grad():  # same weights, same step: the losses agree before anything is timed
         a, b = ours(images, mask).loss, ref(images, mask)[0]
     if not torch.allclose(a, b, rtol=1e-4, atol=1e-5):
