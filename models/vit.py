@@ -248,11 +248,10 @@ def _geometric_offsets(src: int, dst: int) -> torch.Tensor:
     def reach(q: float) -> float:  # 1 + q + ... + q^(half-1)
         return (1 - q**half) / (1 - q)
 
-    lo, hi = 1.01, 1.5
-    while hi - lo > 1e-6:
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if reach(mid) > dst // 2 else (mid, hi)
-    q = (lo + hi) / 2
+    lo, hi, q = 1.01, 1.5, 1.01
+    while hi - lo > 1e-6:  # q is the last midpoint tried, as the official code leaves it
+        q = (lo + hi) / 2
+        lo, hi = (lo, q) if reach(q) > dst // 2 else (q, hi)
     steps = torch.tensor([q**i for i in range(half)], dtype=torch.float64)
     right = torch.cumsum(steps, 0)  # 1, 1 + q, 1 + q + q^2, ...
     return torch.cat([-right.flip(0), torch.zeros(1, dtype=torch.float64), right])

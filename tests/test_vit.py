@@ -336,6 +336,16 @@ def test_fine_tuning_at_another_size_resizes_every_block_table():
 # layer ids, linear probe, contract facts
 
 
+@pytest.fixture(scope="module")
+def base() -> dict:
+    """Both ViT-B/16 variants on the meta device (shapes only), with SimMIM's mask token."""
+    with torch.device("meta"):
+        encoders = {v: create_vit(v, num_classes=1000 if v.endswith("_ft") else 0) for v in VIT_VARIANTS}
+        for enc in encoders.values():
+            enc.init_mask_token()
+    return encoders
+
+
 def official_vit_layer(name: str, num_layers: int) -> int:
     """get_vit_layer of the official SimMIM optimizer.py (num_layers = depth + 2)."""
     if name in ("cls_token", "mask_token", "pos_embed") or name.startswith("patch_embed"):
@@ -348,10 +358,8 @@ def official_vit_layer(name: str, num_layers: int) -> int:
 
 
 @pytest.mark.parametrize("variant", list(VIT_VARIANTS))
-def test_layer_ids_are_the_official_ones_for_every_base_parameter(variant):
-    with torch.device("meta"):
-        enc = create_vit(variant, num_classes=1000 if variant.endswith("_ft") else 0)
-        enc.init_mask_token()
+def test_layer_ids_are_the_official_ones_for_every_base_parameter(base, variant):
+    enc = base[variant]
     assert enc.num_layer_ids == 14
     names = [n for n, _ in enc.named_parameters()]
     assert len(names) > 150 and "mask_token" in names
@@ -362,9 +370,8 @@ def test_layer_ids_are_the_official_ones_for_every_base_parameter(variant):
     assert ids == set(range(14))  # every id is used: 0, the 12 blocks, 13
 
 
-def test_base_variants_are_the_official_vit_b16():
-    with torch.device("meta"):
-        pre, ft = create_vit("vit_base_patch16", num_classes=0), create_vit("vit_base_patch16_ft", num_classes=1000)
+def test_base_variants_are_the_official_vit_b16(base):
+    pre, ft = base["vit_base_patch16"], base["vit_base_patch16_ft"]
     for enc in (pre, ft):
         assert (enc.embed_dim, len(enc.blocks), enc.blocks[0].attn.num_heads) == (768, 12, 12)
         assert enc.pos_embed is None and enc.blocks[0].attn.q_bias is not None
@@ -377,11 +384,12 @@ def test_base_variants_are_the_official_vit_b16():
     assert ft.rel_pos_bias is None and ft.blocks[0].attn.relative_position_bias_table is not None
     assert not isinstance(pre.norm, torch.nn.Identity) and isinstance(ft.norm, torch.nn.Identity)
     assert pre.no_weight_decay() == {"cls_token"}  # the official set (no absolute position embedding here)
+    assert pre.num_layer_ids == 14 and pre.mask_token.shape == (1, 1, 768)
     assert pre.geometry() == dict(family="vit", variant="vit_base_patch16", img_size=[224, 224], window_size=None,
                                   patch_size=16, encoder_stride=16, num_features=768, in_chans=3)
 
 
-def test_linear_probe_averages_the_patch_tokens_of_the_chosen_block():
+def test_linear_probe_averages_the_patch_tokens_of_the_chosen_block(base):
     enc = create_vit("vit_base_patch16", num_classes=0, **{**TINY, "depth": 4}).eval()
     x, _ = inputs()
     seen = {}
@@ -392,9 +400,8 @@ def test_linear_probe_averages_the_patch_tokens_of_the_chosen_block():
     assert not torch.allclose(feats, vit_linear_probe_features(enc, x, block=3))
     with pytest.raises(UserError, match="1..4"):
         vit_linear_probe_features(enc, x, block=5)
-    with torch.device("meta"):
-        base = create_vit("vit_base_patch16", num_classes=0)
-        assert vit_linear_probe_features(base, torch.empty(2, 3, 224, 224)).shape == (2, 768)
+    with torch.device("meta"):  # ViT-B/16: the 8th of 12 blocks by default
+        assert vit_linear_probe_features(base["vit_base_patch16"], torch.empty(2, 3, 224, 224)).shape == (2, 768)
 
 
 def test_classifier_reset_and_pooled_features():
