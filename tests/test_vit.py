@@ -413,3 +413,14 @@ def test_classifier_reset_and_pooled_features():
     torch.testing.assert_close(enc(x), pooled)
     with pytest.raises(UserError, match="avg"):
         enc.reset_classifier(3, global_pool="token")
+
+
+def test_the_fine_tuning_variant_is_timms_beit_base(base):
+    """An exported fine-tuned encoder is a timm ``beit_base_patch16_224`` (same keys and shapes, same switches)."""
+    import timm
+
+    with torch.device("meta"):
+        beit = timm.create_model("beit_base_patch16_224", pretrained=False, num_classes=1000)
+    ours = {k: tuple(v.shape) for k, v in base["vit_base_patch16_ft"].state_dict().items() if k != "mask_token"}
+    assert ours == {k: tuple(v.shape) for k, v in beit.state_dict().items()}
+    assert beit.blocks[0].gamma_1 is not None and beit.pos_embed is None and beit.global_pool == "avg"
