@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import resample_abs_pos_embed, to_2tuple, trunc_normal_
 from timm.models.beit import Beit
 from torch import nn
@@ -60,6 +61,11 @@ class SimMIMViT(Beit):
         super().__init__(global_pool=global_pool, **kwargs)
         self.variant = variant
         self.register_parameter("mask_token", None)  # SimMIM adds it (init_mask_token)
+        h, w = self.img_size  # a timm pretrained_cfg for the model as built (timm's data config reads it)
+        self.pretrained_cfg = self.default_cfg = dict(
+            url="", num_classes=self.num_classes, input_size=(self.in_chans, h, w), pool_size=None, crop_pct=0.875,
+            interpolation="bicubic", fixed_input_size=True, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+            first_conv="patch_embed.proj", classifier="head", license="mit")
 
     # -- init as the official SimMIM ViT -----------------------------------------------------------------------
 
