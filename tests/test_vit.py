@@ -424,3 +424,20 @@ def test_the_fine_tuning_variant_is_timms_beit_base(base):
     ours = {k: tuple(v.shape) for k, v in base["vit_base_patch16_ft"].state_dict().items() if k != "mask_token"}
     assert ours == {k: tuple(v.shape) for k, v in beit.state_dict().items()}
     assert beit.blocks[0].gamma_1 is not None and beit.pos_embed is None and beit.global_pool == "avg"
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    torch.manual_seed(0)
+    model = SimMIM(create_vit("vit_base_patch16", num_classes=0, **TINY))
+    x, mask = inputs()
+    grads = []
+    for enable in (False, True):
+        model.zero_grad()
+        model.encoder.set_grad_checkpointing(enable)
+        loss = model(x, mask).loss
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=0)
+    for a, b in zip(grads[0][1], grads[1][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert model.encoder.mask_token.grad.abs().sum() > 0  # the masked tokens are learned
