@@ -46,6 +46,16 @@ def _trunc(t: torch.Tensor, std: float = 0.02) -> None:
     trunc_normal_(t, std=std, a=-std, b=std)
 
 
+def _check_size(img_size: int | tuple[int, int], patch_size: int | tuple[int, int]) -> None:
+    """Whole patches only: a ViT would silently drop the last pixels of a size that is not a multiple."""
+    img, patch = to_2tuple(img_size), to_2tuple(patch_size)
+    if img[0] % patch[0] or img[1] % patch[1]:
+        size = img[0] if img[0] == img[1] else list(img)
+        fix = [max(patch[i], round(img[i] / patch[i]) * patch[i]) for i in (0, 1)]
+        raise UserError(f"image size {size} is not a multiple of the ViT patch size {patch[0]} (model.img_size); "
+                        f"use e.g. {fix[0] if fix[0] == fix[1] else fix}")
+
+
 class SimMIMViT(Beit):
     """timm's ``Beit`` with SimMIM's mask token and the encoder contract (``forward_features`` -> channels-last grid).
 
@@ -58,6 +68,7 @@ class SimMIMViT(Beit):
         if global_pool != "avg":  # forward_features drops the CLS token, so only mean pooling is available
             raise UserError(f"global_pool={global_pool!r}: the SimMIM ViT pools the mean of its patch tokens "
                             "(global_pool='avg')")
+        _check_size(kwargs.get("img_size", 224), kwargs.get("patch_size", 16))
         super().__init__(global_pool=global_pool, **kwargs)
         self.variant = variant
         self.register_parameter("mask_token", None)  # SimMIM adds it (init_mask_token)
@@ -124,6 +135,7 @@ class SimMIMViT(Beit):
         ``window_size`` has no meaning for a ViT and is ignored."""
         if img_size is None:
             return
+        _check_size(img_size, self.patch_size)
         old = self.grid_size
         tables = {n: p.detach().clone() for n, p in self.named_parameters() if n.endswith(_TABLE)}
         super().set_input_size(img_size=to_2tuple(img_size))  # timm rebuilds grid, index buffers, table shapes

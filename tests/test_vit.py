@@ -441,3 +441,12 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     for a, b in zip(grads[0][1], grads[1][1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     assert model.encoder.mask_token.grad.abs().sum() > 0  # the masked tokens are learned
+
+
+def test_an_image_size_that_is_not_whole_patches_is_refused_with_the_fix():
+    with pytest.raises(UserError, match=r"200 is not a multiple of the ViT patch size 16.*e\.g\. 192"):
+        create_vit("vit_base_patch16", num_classes=0, **{**TINY, "img_size": 200})
+    enc = create_vit("vit_base_patch16", num_classes=0, **TINY)
+    with pytest.raises(UserError, match="model.img_size"):
+        enc.set_input_size(72)
+    assert enc.img_size == (64, 64)  # refused before anything changed
