@@ -27,11 +27,13 @@ layout), a split takes the files named after it; otherwise all files are the ``t
 from __future__ import annotations
 
 import glob
+import io
 import json
 import logging
 import os
 import re
 import tarfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,7 @@ logger = logging.getLogger(__name__)
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 TABLE_SUFFIXES = (".parquet", ".arrow")
 SPLIT_NAMES = ("train", "val", "validation", "valid", "test")
+RETRY_WAIT_S = 0.5  # before the first re-open of a remote shard; doubled for each next one
 READ_RETRIES = 3  # re-opens of a shard whose read failed, before its rest is given up
 URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 FILESYSTEM_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "http": "'fsspec[http]'",
@@ -201,6 +204,8 @@ def open_file(url: str) -> Any:
     if not is_url(url):
         return open(url, "rb")  # noqa: SIM115 - the caller closes it
     fs, path = filesystem(url)
+    if url.lower().startswith(("http://", "https://")):  # one sequential GET, no range requests needed
+        return fs.open(path, "rb", block_size=0)
     return fs.open(path, "rb")
 
 
@@ -284,10 +289,10 @@ class TarShardSource:
             yield from self._shard(self.urls[i])
 
     def _samples(self, url: str) -> Iterator[dict[str, Any]]:
-        from webdataset.tariterators import group_by_keys, tar_file_iterator
+        from webdataset.tariterators import group_by_keys
 
         with open_file(url) as f:
-            yield from group_by_keys({**m, "__url__": url} for m in tar_file_iterator(f))
+            yield from group_by_keys(_tar_entries(f, url))
 
     def _shard(self, url: str) -> Iterator[Any]:
         """One shard's samples; a failed read re-opens the shard and skips the samples already given."""
@@ -310,6 +315,8 @@ class TarShardSource:
                     yield BrokenShard(url, done, err)
                     return
                 self.retries += 1
+                if is_url(url):
+                    time.sleep(RETRY_WAIT_S * 2 ** (failures - 1))  # a server that dropped us may need a moment
                 logger.warning("retrying shard %s from sample %d (retry %d; %d retries in this reader): %s: %s",
                                url, done, failures, self.retries, type(err).__name__, err)
 
@@ -325,6 +332,38 @@ class TarShardSource:
             raise UnreadableImageError(f"sample {where} has no image member (members: "
                                        f"{', '.join(k for k in sample if not k.startswith('__'))})")
         return raw_from_bytes(sample[member], f"{where}.{member}", self.channels)
+
+
+class _Counted(io.RawIOBase):
+    """A binary stream that counts the bytes read through it."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.count = f, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.f.read(size)
+        self.count += len(data)
+        return data
+
+
+def _tar_entries(f: Any, url: str) -> Iterator[dict[str, Any]]:
+    """The regular files of the tar stream ``f`` in order, as webdataset's ``{fname, data, __url__}`` dicts, read
+    sequentially (``r|*``: gzip too). Python's tar reader ends silently where a stream was cut inside a header;
+    an uncompressed stream that stops before the end-of-archive block raises ``tarfile.ReadError`` here."""
+    counted = _Counted(f)
+    with tarfile.open(fileobj=counted, mode="r|*") as tar:
+        for info in tar:
+            if info.isreg() and not os.path.basename(info.name).startswith("__"):
+                yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": url}
+            tar.members = []  # keep no headers: a shard may hold millions of members
+        while counted.read(1 << 20):  # the padding after the end-of-archive block
+            pass
+        complete = getattr(tar.fileobj, "comptype", "tar") != "tar" or counted.count >= tar.offset + tarfile.BLOCKSIZE
+    if not complete:
+        raise tarfile.ReadError(f"{url} ends after {counted.count} bytes, inside a tar entry (cut short)")
 
 
 class TarIndexSource:
