@@ -81,8 +81,14 @@ def filesystem(url: str) -> tuple[Any, str]:
                         "hf://)") from err
 
 
+def _is_glob(spec: str) -> bool:
+    """Whether ``spec`` holds glob characters (``?`` starts an http(s) URL's query, not a pattern)."""
+    chars = "*[" if spec.lower().startswith(("http://", "https://")) else "*?["
+    return any(c in spec for c in chars)
+
+
 def _has_pattern(spec: str) -> bool:
-    return any(c in spec for c in "*?[{")
+    return "{" in spec or _is_glob(spec)
 
 
 def _suffix(name: str) -> str:
@@ -97,7 +103,7 @@ def expand(spec: str) -> list[str]:
 
     out: list[str] = []
     for part in braceexpand(spec):
-        if not any(c in part for c in "*?["):
+        if not _is_glob(part):
             out.append(part if is_url(part) else _local(part))
         elif is_url(part):
             fs, path = filesystem(part)
@@ -140,13 +146,15 @@ def resolve_files(spec: str) -> tuple[str, list[str]] | None:
     that matches nothing is refused here."""
     if spec.startswith(("hf:", "embedded")) and not spec.startswith("hf://"):
         return None
-    if not is_url(spec):
+    if is_url(spec):
+        filesystem(spec)  # a missing filesystem package: refused now, not in a data worker
+    else:
         path = Path(_local(spec))
         if path.is_dir():
             return files_in_folder(path)
         if not _has_pattern(spec) and not _suffix(spec):
             return None
-    elif not _has_pattern(spec) and not _suffix(spec):  # a remote folder
+    if is_url(spec) and not _has_pattern(spec) and not _suffix(spec):  # a remote folder
         fs, path = filesystem(spec)
         protocol = spec.split("://", 1)[0]
         try:
@@ -315,10 +323,10 @@ class TarShardSource:
                     yield BrokenShard(url, done, err)
                     return
                 self.retries += 1
-                if is_url(url):
-                    time.sleep(RETRY_WAIT_S * 2 ** (failures - 1))  # a server that dropped us may need a moment
                 logger.warning("retrying shard %s from sample %d (retry %d; %d retries in this reader): %s: %s",
                                url, done, failures, self.retries, type(err).__name__, err)
+                if is_url(url):
+                    time.sleep(RETRY_WAIT_S * 2 ** (failures - 1))  # a server that dropped us may need a moment
 
     def to_raw(self, sample: Any) -> RawImage:
         """A sample -> its image, opened, not decoded; ``UnreadableImageError`` when it has none or it is
