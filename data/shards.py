@@ -44,6 +44,7 @@ from .images import IMAGE_EXTENSIONS, RawImage, UnreadableImageError, raw_from_b
 
 logger = logging.getLogger(__name__)
 
+SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")  # written by save_to_disk
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 TABLE_SUFFIXES = (".parquet", ".arrow")
 SPLIT_NAMES = ("train", "val", "validation", "valid", "test")
@@ -116,7 +117,9 @@ def expand(spec: str) -> list[str]:
 
 def files_in_folder(path: Path) -> tuple[str, list[str]] | None:
     """``(kind, files)`` when the top level of folder ``path`` holds shard (kind ``tar``) or table files
-    (``parquet``, ``arrow``) and no image files; else None (an image folder)."""
+    (``parquet``, ``arrow``) and no image files; else None (an image folder, a ``save_to_disk`` folder)."""
+    if any((path / m).is_file() for m in SAVED_DATASET_MARKERS):
+        return None
     try:
         names = sorted(e.name for e in os.scandir(path) if e.is_file() and not e.name.startswith("."))
     except OSError:

@@ -30,11 +30,10 @@ from .images import (
     read_raw,
 )
 from .samples import photo_names, sample_digits, sample_photos
-from .shards import TarShardSource, load_table, resolve_files, split_files
+from .shards import SAVED_DATASET_MARKERS, TarShardSource, load_table, resolve_files, split_files
 
 logger = logging.getLogger(__name__)
 
-SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")  # written by save_to_disk
 VAL_SPLIT_NAMES = ("val", "validation", "valid", "test")  # what a validation split is called, in that order
 EMBEDDED_KINDS = ("photos", "digits", "all")
 

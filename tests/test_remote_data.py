@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import pytest
+import pytest  # fsspec's http filesystem needs aiohttp: the dev extra installs fsspec[http]
 from test_pretrain import TINY
 from test_shards import _parquet, write_shards
 
@@ -20,8 +20,6 @@ from simmim.cli import main
 from simmim.data.shards import TarShardSource
 from simmim.data.sources import HFImageSource, open_source
 from simmim.errors import UserError
-
-pytest.importorskip("aiohttp", reason="fsspec's http filesystem needs aiohttp (pip install 'fsspec[http]')")
 
 
 class _Handler(SimpleHTTPRequestHandler):
