@@ -135,7 +135,11 @@ def files_in_folder(path: Path) -> tuple[str, list[str]] | None:
 
 def _kind(files: list[str], spec: str) -> str:
     kinds = {_suffix(f) for f in files}
-    if len(kinds) > 1 or "" in kinds:
+    other = next((f for f in files if not _suffix(f)), None)
+    if other is not None:
+        raise UserError(f"--data {spec} names {os.path.basename(other)}, not a .tar, .parquet or .arrow file; a "
+                        "pattern or URL names shard or table files (pass a folder for image files)")
+    if len(kinds) > 1:
         names = ", ".join(sorted(os.path.basename(f) for f in files)[:3])
         raise UserError(f"--data {spec} names files of different kinds ({names} ...); name only .tar shards, only "
                         ".parquet or only .arrow files")

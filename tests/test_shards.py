@@ -90,6 +90,8 @@ def test_patterns_globs_and_folders_name_the_same_shards(tmp_path: Path) -> None
         resolve_files(str(tmp_path / "s" / "*.*"))
     (tmp_path / "s" / "a.jpg").write_bytes(_image_bytes(np.random.default_rng(0), "JPEG"))
     assert isinstance(open_source(str(tmp_path / "s")), ImageFolderSource)  # images at the top: an image folder
+    with pytest.raises(UserError, match="a.jpg, not a .tar"):
+        open_source(str(tmp_path / "s" / "*.jpg"))
 
 
 @pytest.mark.parametrize("shards", [8, 3])  # whole shards per reader; fewer shards than readers
