@@ -18,10 +18,11 @@ the result is the median images/s of each and their ratio.
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -345,38 +346,39 @@ def write_parquet(folder: Path, paths: Sequence[Path], files: int) -> list[Path]
     return out
 
 
-def _stream_or_dataset(spec: str, img_size: int, seed: int, streaming: bool = False) -> Any:
+def _samples(dataset: Any, epoch: int) -> Iterator[Any]:
+    """The samples of one epoch of ``dataset`` (map-style: every index in order; a stream: one pass)."""
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        dataset.set_epoch(epoch)
+        return iter(dataset)
+    return (dataset[(epoch, i)] for i in range(len(dataset)))
+
+
+def _stream_or_dataset(spec: str, img_size: int, seed: int, streaming: bool = False, shuffle_buffer: int = 1000
+                       ) -> Any:
     from simmim.data import MaskedImageStream, open_source
 
     source = open_source(spec, streaming=streaming)
     masks = MaskGenerator(img_size, 32, 4, 0.6)
     if getattr(source, "is_streaming", False):
-        return MaskedImageStream(source, pretrain_transform(img_size), masks, seed=seed, shuffle_buffer=1000)
+        return MaskedImageStream(source, pretrain_transform(img_size), masks, seed=seed,
+                                 shuffle_buffer=shuffle_buffer)
     return MaskedImageDataset(source, pretrain_transform(img_size), masks, seed=seed)
 
 
 def _pass(dataset: Any, epoch: int, limit: int | None = None) -> int:
-    """One pass over ``dataset`` (map-style: every index; a stream: one epoch); the number of samples."""
-    if isinstance(dataset, torch.utils.data.IterableDataset):
-        dataset.set_epoch(epoch)
-        n = 0
-        for _ in dataset:
-            n += 1
-            if n == limit:
-                break
-        return n
-    count = len(dataset) if limit is None else min(limit, len(dataset))
-    for i in range(count):
-        dataset[(epoch, i)]
-    return count
+    """Read ``limit`` samples of epoch ``epoch`` (all when None); the number read."""
+    return sum(1 for _ in itertools.islice(_samples(dataset, epoch), limit))
 
 
 def run_sources_benchmark(images: int = 2000, shards: int = 20, parquet_files: int = 4, rounds: int = 3,
                           img_size: int = 192, threads: int = 1, size: tuple[int, int] = (500, 375),
-                          seed: int = 0) -> list[SourceResult]:
+                          seed: int = 0, chunk: int = 100) -> list[SourceResult]:
     """Images/s of one data worker reading the same ``images`` JPEGs (generated, ``size``) as a folder, as
     ``shards`` tar shards, and as ``parquet_files`` parquet files (streamed, and converted to the memory-mapped
-    ``datasets`` cache), in alternating rounds; medians."""
+    ``datasets`` cache). Each round reads one epoch of every source in alternating chunks of ``chunk`` images, so
+    load from other processes hits all alike; the result is the median chunk rate. Streams read without a shuffle
+    buffer here (it costs no decoding; its fill shows in the time to the first batch)."""
     import os
 
     previous = torch.get_num_threads()
@@ -390,20 +392,26 @@ def run_sources_benchmark(images: int = 2000, shards: int = 20, parquet_files: i
             write_parquet(root / "parquet", paths, parquet_files)
             cases = [
                 ("folder", f"{images} files", _stream_or_dataset(str(root / "folder"), img_size, seed)),
-                ("tar shards", f"{shards} shards", _stream_or_dataset(str(root / "shards"), img_size, seed)),
+                ("tar shards", f"{shards} shards",
+                 _stream_or_dataset(str(root / "shards"), img_size, seed, shuffle_buffer=0)),
                 ("parquet, streamed", f"{parquet_files} files",
-                 _stream_or_dataset(str(root / "parquet"), img_size, seed, streaming=True)),
+                 _stream_or_dataset(str(root / "parquet"), img_size, seed, streaming=True, shuffle_buffer=0)),
                 ("parquet, memory-mapped", f"{parquet_files} files",
                  _stream_or_dataset(str(root / "parquet"), img_size, seed)),
             ]
             for _, _, ds in cases:
                 _pass(ds, 0, limit=64)  # warm-up: page cache, lazy imports
             ips: dict[str, list[float]] = {name: [] for name, _, _ in cases}
-            for r in range(rounds):
-                for name, _, ds in cases:
-                    t0 = time.perf_counter()
-                    n = _pass(ds, r + 1)
-                    ips[name].append(n / (time.perf_counter() - t0))
+            for r in range(rounds):  # each round one epoch of every source, in alternating chunks of `chunk` images
+                running = {name: _samples(ds, r + 1) for name, _, ds in cases}
+                while running:
+                    for name in list(running):
+                        t0 = time.perf_counter()
+                        n = sum(1 for _ in itertools.islice(running[name], chunk))
+                        if n < chunk:
+                            del running[name]
+                        if n:
+                            ips[name].append(n / (time.perf_counter() - t0))
             return [SourceResult(name, layout, images, statistics.median(ips[name]), rounds)
                     for name, layout, _ in cases]
     finally:
