@@ -14,6 +14,7 @@ from .images import (
 from .loader import make_loader
 from .mask import MaskGenerator, sample_seed
 from .samples import sample_digits, sample_photos
+from .shards import TarIndexSource, TarShardSource
 from .sources import EmbeddedSource, HFImageSource, ImageFolderSource, open_source
 from .stream import MaskedImageStream
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, PretrainTransform, denormalize, pretrain_transform
@@ -30,6 +31,8 @@ __all__ = [
     "MaskedImageDataset",
     "MaskedImageStream",
     "PretrainTransform",
+    "TarIndexSource",
+    "TarShardSource",
     "UnreadableImageError",
     "decode_pil",
     "decode_tensor",

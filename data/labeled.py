@@ -26,6 +26,7 @@ from .file_index import FileIndex, walk_sorted
 from .images import RawImage, decode_pil, is_image_file, load_image, read_raw
 from .mask import sample_seed
 from .samples import sample_digits
+from .shards import TarIndexSource, is_url, load_table, resolve_files, split_files
 from .sources import VAL_SPLIT_NAMES, HFImageSource, _looks_saved, load_hf_split
 from .transforms import TensorTransform
 
@@ -148,19 +149,20 @@ class HFLabeledSource:
     Labels are read as one arrow column (no Python object per row) and checked here, before any training: every
     label must be a class index, ``0 <= label < len(classes)`` (ImageNet-1K's test split has ``-1``, "no label",
     everywhere). With ``classes`` (the training classes) the label range is theirs, and a ``ClassLabel``'s names
-    must be them, in order. ``split_key`` names the setting that chose ``split`` in messages.
+    must be them, in order. ``split_key`` names the setting that chose ``split`` in messages. ``loaded``: the
+    ``(dataset, split name)`` already loaded (parquet/arrow files), instead of loading ``name_or_path``.
     """
 
     def __init__(self, name_or_path: str, split: str = "train", image_column: str | None = None,
                  label_column: str | None = None, channels: int = 3, classes: list[str] | None = None,
                  split_key: str | None = None, alternatives: tuple[str, ...] = (),
-                 against: str = "the training data") -> None:
+                 against: str = "the training data", loaded: tuple[Any, str] | None = None) -> None:
         import datasets
         import pyarrow as pa
 
         self.channels = channels
 
-        ds, picked = load_hf_split(name_or_path, split, split_key=split_key, alternatives=alternatives)
+        ds, picked = loaded or load_hf_split(name_or_path, split, split_key=split_key, alternatives=alternatives)
         name = f"{name_or_path}[{picked}]"
         columns = list(ds.column_names)
         label_column = label_column or next((c for c in ("label", "labels", "target") if c in columns), None)
@@ -235,6 +237,8 @@ def open_labeled(spec: str, split: str = "train", image_column: str | None = Non
     """Resolve a labelled data spec for one split.
 
     ``embedded:digits`` -> :class:`DigitsSource`; ``hf:NAME`` or a ``save_to_disk`` folder -> :class:`HFLabeledSource`;
+    local tar shards -> :class:`~data.shards.TarIndexSource`; parquet / arrow files -> :class:`HFLabeledSource`
+    (splits by file name: :mod:`data.shards`);
     a folder with a ``<split>`` sub-folder (``train``, ``val``...) -> :class:`ClassFolderSource` of it (the
     ImageNet layout); any other folder -> :class:`ClassFolderSource` of the folder itself for the train split.
     A validation split is also found under its other usual names (``val``, ``validation``, ``valid``, ``test``).
@@ -250,8 +254,22 @@ def open_labeled(spec: str, split: str = "train", image_column: str | None = Non
         return source
     hf_args = dict(image_column=image_column, label_column=label_column, channels=channels, classes=classes,
                    split_key=split_key, alternatives=alternatives, against=against)
-    if spec.startswith("hf:"):
+    if spec.startswith("hf:") and not spec.startswith("hf://"):
         return HFLabeledSource(spec[3:], split, **hf_args)
+    found = resolve_files(spec)
+    if found is not None:
+        kind, files = found
+        files = split_files(spec, kind, files, split, alternatives, split_key)
+        name = f"{spec}[{split}]"
+        if kind == "tar":
+            if any(is_url(f) for f in files):
+                raise UserError(f"fine-tuning reads local tar shards (by offset), not URLs ({files[0]}); copy the "
+                                "shards to a local folder, or use parquet files")
+            source = TarIndexSource(files, name, channels=channels, classes=classes)
+            if classes is None:
+                check_class_count(source.classes, f"the training data {spec}")
+            return source
+        return HFLabeledSource(spec, split, **hf_args, loaded=(load_table(kind, files), split))
     path = Path(spec).expanduser()
     if not path.is_dir():
         raise InputNotFoundError(f"data path {spec} does not exist; pass an ImageNet-style folder (train/<class>/..., "

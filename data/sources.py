@@ -30,10 +30,10 @@ from .images import (
     read_raw,
 )
 from .samples import photo_names, sample_digits, sample_photos
+from .shards import SAVED_DATASET_MARKERS, TarShardSource, load_table, resolve_files, split_files
 
 logger = logging.getLogger(__name__)
 
-SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")  # written by save_to_disk
 VAL_SPLIT_NAMES = ("val", "validation", "valid", "test")  # what a validation split is called, in that order
 EMBEDDED_KINDS = ("photos", "digits", "all")
 
@@ -343,7 +343,7 @@ class EmbeddedSource:
         return self.names[index]
 
 
-Source = ImageFolderSource | HFImageSource | EmbeddedSource
+Source = ImageFolderSource | HFImageSource | EmbeddedSource | TarShardSource
 
 
 def open_source(spec: str, split: str = "train", streaming: bool = False, image_column: str | None = None,
@@ -351,17 +351,27 @@ def open_source(spec: str, split: str = "train", streaming: bool = False, image_
     """Resolve a user string to a source.
 
     ``embedded`` / ``embedded:photos|digits|all`` -> :class:`EmbeddedSource`; ``hf:NAME`` -> hub dataset; a folder
-    written by ``save_to_disk`` -> :class:`HFImageSource`; any other folder -> :class:`ImageFolderSource`.
+    written by ``save_to_disk`` -> :class:`HFImageSource`; tar shards (patterns, a folder of ``.tar`` files, URLs)
+    -> :class:`~data.shards.TarShardSource` (streamed); parquet / arrow files -> :class:`HFImageSource` (see
+    :mod:`data.shards`); any other folder -> :class:`ImageFolderSource`.
     ``split``, ``streaming`` and ``image_column`` apply to ``datasets`` sources only; ``channels`` (the model's
     ``model.in_chans``) to all.
     """
     if spec == "embedded" or spec.startswith("embedded:"):
         return EmbeddedSource(spec.partition(":")[2] or "photos", channels=channels)
-    if spec.startswith("hf:"):
+    if spec.startswith("hf:") and not spec.startswith("hf://"):
         name = spec[len("hf:") :]
         if not name:
             raise UserError("hf: needs a dataset name, e.g. hf:user/dataset")
         return HFImageSource(name, split=split, image_column=image_column, streaming=streaming, channels=channels)
+    found = resolve_files(spec)
+    if found is not None:
+        kind, files = found
+        files = split_files(spec, kind, files, split, split_key="data.split")
+        if kind == "tar":
+            return TarShardSource(files, spec, channels=channels)
+        return HFImageSource.from_dataset(load_table(kind, files, streaming), image_column=image_column,
+                                          name=spec, channels=channels)
     path = Path(spec).expanduser()
     if path.is_dir():
         if _looks_saved(path):
@@ -370,5 +380,6 @@ def open_source(spec: str, split: str = "train", streaming: bool = False, image_
         return ImageFolderSource(path, channels=channels)
     what = "is not a folder" if path.exists() else "does not exist"
     raise InputNotFoundError(
-        f"data path {spec} {what}; pass a folder of images, a datasets save_to_disk folder, hf:NAME or embedded"
+        f"data path {spec} {what}; pass a folder of images, tar shards (a pattern like shards/{{0000..0099}}.tar), "
+        "parquet/arrow files, a datasets save_to_disk folder, hf:NAME or embedded"
     )

@@ -21,6 +21,12 @@ batches from its workers in turn), which tells each reader how many of its recor
 take over the readers' roles rotated by ``k``, so batch ``k + j`` comes from the same reader as in an uninterrupted
 run. A stream resumes exactly with the same ``world_size``, ``num_workers`` and ``batch_size``.
 
+``shuffle_buffer=N`` (sharded sources): each epoch visits the shards in an order drawn from ``(seed, epoch)``
+(the same in every process, so the shares above still cover every record once), and each reader passes its records
+through a buffer of ``N``: once full, every new record replaces a randomly drawn one, which is given out (the
+WebDataset/tf.data shuffle buffer), drawing from a generator seeded with ``(seed, epoch, rank, reader)``. The order
+is a pure function of the seed, so resuming still skips records by position (read again, not decoded).
+
 ``endless=True`` (training): each reader starts its share's next epoch when it runs out, so the DataLoader never
 stops and no epoch boundary has to be agreed between processes. ``endless=False``: one pass over epoch
 ``self.epoch`` (``set_epoch``), for tests and evaluation.
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import random
 from collections.abc import Iterator
 from typing import Any
 
@@ -79,11 +86,12 @@ class MaskedImageStream(_SeededSamples, IterableDataset):
         batch_size: the DataLoader's batch size; only used to turn ``set_start(batches)`` into records per reader.
         endless: start the next epoch when a reader's share runs out (training) instead of stopping.
         probe: decode the first records now, so a stream without a readable image fails before training.
+        shuffle_buffer: records held by each reader's shuffle buffer (module docstring); 0 or 1: read order.
     """
 
     def __init__(self, source: Any, transform: Transform, mask_generator: MaskGenerator, seed: int = 0, *,
                  rank: int = 0, world_size: int = 1, batch_size: int = 1, endless: bool = False,
-                 probe: bool = True) -> None:
+                 probe: bool = True, shuffle_buffer: int = 0) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} must be in [0, world_size {world_size})")
         if batch_size <= 0:
@@ -91,6 +99,9 @@ class MaskedImageStream(_SeededSamples, IterableDataset):
         _SeededSamples.__init__(self, source, transform, mask_generator, seed)
         self.rank, self.world_size, self.batch_size, self.endless = rank, world_size, batch_size, endless
         self.start_batches = 0
+        if shuffle_buffer < 0:
+            raise UserError(f"shuffle_buffer must be >= 0, got {shuffle_buffer} (data.shuffle_buffer)")
+        self.shuffle_buffer = int(shuffle_buffer)
         if probe:
             self._probe()
 
@@ -103,8 +114,9 @@ class MaskedImageStream(_SeededSamples, IterableDataset):
 
     # -- records ---------------------------------------------------------------------------------------------
 
-    def _records(self, worker: int, num_workers: int) -> Iterator[tuple[int, Any]]:
-        """One pass over this reader's share: ``(key, value)`` pairs; ``value`` opens with :meth:`_open`."""
+    def _records(self, worker: int, num_workers: int, epoch: int | None = None) -> Iterator[tuple[int, Any]]:
+        """One pass over this reader's share: ``(key, value)`` pairs; ``value`` opens with :meth:`_open`. With a
+        shuffle buffer and an ``epoch``, the shards are visited in that epoch's order (module docstring)."""
         src = self.source
         if _is_map_style(src):
             readers = self.world_size * num_workers
@@ -112,6 +124,10 @@ class MaskedImageStream(_SeededSamples, IterableDataset):
             return
         n = _num_shards(src)
         shards, step, offset = reader_share(n, self.rank, self.world_size, worker, num_workers)
+        if self.shuffle_buffer > 1 and epoch is not None and n > 1:
+            order = list(range(n))
+            random.Random(f"{self.seed}:{epoch}:shards").shuffle(order)  # the same in every process and reader
+            shards = [order[i] for i in shards]
         position = 0  # in this reader's concatenation of its shards
         for shard in shards:
             values = src.iter_raw(shard=shard, num_shards=n) if n > 1 else _values(src)
@@ -179,7 +195,7 @@ class MaskedImageStream(_SeededSamples, IterableDataset):
         epochs = itertools.count(self.epoch) if self.endless else (self.epoch,)
         for epoch in epochs:
             seen = tried = 0
-            for key, value in self._records(worker, num_workers):
+            for key, value in self._shuffled(self._records(worker, num_workers, epoch), epoch, worker):
                 seen += 1
                 if skip:
                     skip -= 1
@@ -203,6 +219,24 @@ class MaskedImageStream(_SeededSamples, IterableDataset):
                 if not isinstance(self._try(value, key, self.epoch, 0), BaseException):
                     yield from self._fills(value, pending)
                     return
+
+    def _shuffled(self, records: Iterator[tuple[int, Any]], epoch: int, worker: int) -> Iterator[tuple[int, Any]]:
+        """``records`` through this reader's seeded shuffle buffer (as they are without one)."""
+        size = self.shuffle_buffer
+        if size <= 1 or _is_map_style(self.source):
+            yield from records
+            return
+        rng = random.Random(f"{self.seed}:{epoch}:{self.rank}:{worker}")
+        buffer: list[tuple[int, Any]] = []
+        for record in records:
+            if len(buffer) < size:
+                buffer.append(record)
+                continue
+            j = rng.randrange(size)
+            yield buffer[j]
+            buffer[j] = record
+        rng.shuffle(buffer)
+        yield from buffer
 
     def _fills(self, value: Any, pending: list[tuple[int, int]]) -> Iterator[Sample]:
         """Samples for the unreadable ``pending`` slots, made from the readable record ``value``."""

@@ -141,7 +141,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, memory_batch_sizes=tuple(args.memory_batch_sizes), modes=modes,
         dtypes=tuple(args.dtype), rounds=args.rounds, iters=args.iters, compile=args.compile, threads=args.threads,
         device=args.device, folder=args.folder, index_files=args.index_files, compare_list=args.compare_list,
-        save_dir=args.save_dir)
+        save_dir=args.save_dir, source_images=args.source_images, shards=args.shards, parquet_files=args.parquet_files,
+        first_batch_files=args.first_batch_files, first_batch_shards=args.first_batch_shards)
     text, doc = report(settings, run(settings))
     print(text)
     if args.json == "-":
@@ -368,6 +369,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-list", action="store_true", help="index: also time a list of Path objects")
     p.add_argument("--save-dir", help="save: write the checkpoints in a temporary folder here (default: the "
                    "system's temp folder); it needs room for one checkpoint file and its temp copy")
+    p.add_argument("--source-images", type=at_least(0), default=512,
+                   help="pipeline: JPEGs read as a folder, as tar shards and as parquet files, one worker (0: skip)")
+    p.add_argument("--shards", type=at_least(1), default=8, help="pipeline: tar shards of --source-images")
+    p.add_argument("--parquet-files", type=at_least(1), default=4, help="pipeline: parquet files of them")
+    p.add_argument("--first-batch-files", type=at_least(0), default=0,
+                   help="pipeline: time to the first batch of a folder of this many files (hard links; 0: skip)")
+    p.add_argument("--first-batch-shards", type=at_least(0), default=0,
+                   help="pipeline: time to the first batch of this many small tar shards (0: skip)")
     p.add_argument("--json", metavar="PATH", help="also write every figure as JSON ('-' = stdout)")
     p.set_defaults(func=cmd_benchmark)
 

@@ -130,11 +130,12 @@ class ImageDataConfig(Section):
 class DataConfig(ImageDataConfig):
     split: str = "train"  # for datasets sources
     streaming: bool = False  # iterate a hub dataset without downloading it whole
+    shuffle_buffer: Int = 1000  # records per stream reader shuffled together (tar shards, streamed datasets)
     mask_patch_size: Int = 32  # masks are drawn on a 32 px grid, then upsampled to tokens
     mask_ratio: Float = 0.6
 
     limits: ClassVar[dict[str, Range]] = {
-        **ImageDataConfig.limits, "mask_patch_size": AT_LEAST_1,
+        **ImageDataConfig.limits, "mask_patch_size": AT_LEAST_1, "shuffle_buffer": AT_LEAST_0,
         "mask_ratio": Range(0, 1, low_open=True, high_open=True),
     }
 

@@ -87,8 +87,8 @@ def build_dataset(cfg: PretrainConfig, patch_size: int, rank: int = 0, world_siz
     geometry. A stream is sharded over ``world_size`` processes (this one is ``rank``) and never ends."""
     d = cfg.data
     if not d.path:
-        raise UserError("no training data: pass --data PATH (a folder of images, a datasets save_to_disk folder, "
-                         "hf:NAME or embedded) or set data.path")
+        raise UserError("no training data: pass --data PATH (a folder of images, tar shards, parquet files, a datasets "
+                         "save_to_disk folder, hf:NAME or embedded) or set data.path")
     masks = MaskGenerator(cfg.model.img_size, d.mask_patch_size, patch_size, d.mask_ratio)
     channels = cfg.model.in_chans
     transform = pretrain_transform(cfg.model.img_size, scale=d.crop_scale, mean=d.mean, std=d.std, channels=channels)
@@ -96,7 +96,7 @@ def build_dataset(cfg: PretrainConfig, patch_size: int, rank: int = 0, world_siz
                          channels=channels)
     if getattr(source, "is_streaming", False):
         return MaskedImageStream(source, transform, masks, seed=cfg.run.seed, rank=rank, world_size=world_size,
-                                 batch_size=d.batch_size, endless=True)
+                                 batch_size=d.batch_size, endless=True, shuffle_buffer=d.shuffle_buffer)
     return MaskedImageDataset(source, transform, masks, seed=cfg.run.seed)
 
 

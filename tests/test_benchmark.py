@@ -82,13 +82,20 @@ def test_pipeline_and_index_sections_through_the_cli(tmp_path, capsys):
         Image.new("RGB", (300, 220), (40 * i, 90, 160)).save(folder / f"{i}.jpg", quality=90)
     out = tmp_path / "bench.json"
     assert main(["benchmark", "--what", "pipeline", "index", "--folder", str(folder), "--rounds", "1",
-                 "--index-files", "300", "--compare-list", "--json", str(out)]) == 0
+                 "--index-files", "300", "--compare-list", "--source-images", "6", "--shards", "2", "--parquet-files",
+                 "2", "--first-batch-files", "20", "--first-batch-shards", "3", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "[pipeline]" in printed and "[index]" in printed
+    assert "[pipeline]" in printed and "[index]" in printed and "[sources]" in printed
     assert "swinv2" not in printed.split("[pipeline]")[0]  # no model was timed: the header names none
     sections = json.loads(out.read_text())["sections"]
     row = sections["pipeline"]["rows"][0]
     assert row["images"] == 3 and row["ratio"] == pytest.approx(row["ours_ips"] / row["official_ips"])
+    sources = sections["sources"]
+    assert [r["source"] for r in sources["rows"]] == ["folder", "tar shards", "parquet, streamed",
+                                                      "parquet, memory-mapped"]
+    assert all(r["images"] == 6 and r["ips"] > 0 for r in sources["rows"])
+    assert [(r["layout"], r["seconds"] > 0) for r in sources["first_batch"]] == [
+        ("20 files", True), ("3 shards", True), ("3 shards", True)]
     names = [r["name"] for r in sections["index"]["rows"]]
     assert names == ["packed FileIndex", "list of Paths"]
     assert all(r["files"] == 300 for r in sections["index"]["rows"])

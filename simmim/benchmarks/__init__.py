@@ -4,7 +4,9 @@ Sections (several per call):
 
 * ``model`` and ``memory`` (:mod:`simmim.benchmarks.model`): the SimMIM training step, inference and activation memory
   of our SwinV2 against SimMIM on timm's ``SwinTransformerV2`` holding the same weights;
-* ``pipeline`` (:mod:`simmim.benchmarks.pipeline`): the input pipeline against the official SimMIM one;
+* ``pipeline`` (:mod:`simmim.benchmarks.pipeline`): the input pipeline against the official SimMIM one, then one
+  worker's images/s on the same JPEGs as a folder, tar shards and parquet files, and optionally the time to the
+  first batch of a large folder and of many shards;
 * ``index``: scan time and memory of the folder index on a synthetic tree of files;
 * ``save`` (:mod:`simmim.benchmarks.save`): seconds a checkpoint save blocks training, direct vs ``run.async_save``.
 
@@ -45,12 +47,17 @@ class BenchmarkSettings:
     index_files: int = 1_000_000
     compare_list: bool = False
     save_dir: str | None = None  # save: the folder the checkpoints are written in (None: the system's temp folder)
+    source_images: int = 512  # pipeline: JPEGs read as a folder, tar shards and parquet (0: skip)
+    shards: int = 8  # pipeline: tar shards those JPEGs are packed into
+    parquet_files: int = 4
+    first_batch_files: int = 0  # pipeline: time to the first batch of a folder of this many files (0: skip)
+    first_batch_shards: int = 0  # pipeline: ... and of this many tar shards (0: skip)
 
 
 def run(settings: BenchmarkSettings) -> list[Section]:
     """Measure each section of ``settings.what`` in turn."""
     from simmim.benchmarks.model import memory_section, model_section
-    from simmim.benchmarks.pipeline import index_section, pipeline_section
+    from simmim.benchmarks.pipeline import index_section, pipeline_section, sources_section
     from simmim.benchmarks.save import save_section
 
     s, sections = settings, []
@@ -63,6 +70,9 @@ def run(settings: BenchmarkSettings) -> list[Section]:
                                            dtype=s.dtypes[0], rounds=s.rounds, device=s.device))
         elif what == "pipeline":
             sections.append(pipeline_section(s.rounds, s.img_size, s.threads or 1, s.folder))
+            if s.source_images or s.first_batch_files or s.first_batch_shards:
+                sections.append(sources_section(s.source_images, s.shards, s.parquet_files, s.rounds, s.img_size,
+                                                s.threads or 1, s.first_batch_files, s.first_batch_shards))
         elif what == "index":
             sections.append(index_section(s.index_files, s.compare_list))
         elif what == "save":

@@ -18,12 +18,14 @@ the result is the median images/s of each and their ratio.
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -294,6 +296,190 @@ def format_index_results(results: Sequence[IndexResult]) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------- sources: shards, parquet
+
+
+@dataclass
+class SourceResult:
+    source: str  # "folder", "tar shards", "parquet, streamed", "parquet, memory-mapped"
+    layout: str  # "2000 files", "20 shards" ...
+    images: int  # images per round
+    ips: float  # median images/s in this process (one data worker's work)
+    rounds: int
+
+
+@dataclass
+class FirstBatchResult:
+    source: str
+    layout: str
+    seconds: float  # from the --data string to the first batch of ``batch`` samples, in this process
+    batch: int
+
+
+def write_tar_shards(folder: Path, paths: Sequence[Path], shards: int) -> list[Path]:
+    """``paths`` packed into ``shards`` WebDataset tars (``KEY.jpg`` members, contiguous runs of files)."""
+    import tarfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for s in range(shards):
+        out.append(folder / f"train-{s:04d}.tar")
+        with tarfile.open(out[-1], "w") as tar:
+            for i in range(len(paths) * s // shards, len(paths) * (s + 1) // shards):
+                tar.add(paths[i], arcname=f"{i:08d}.jpg")
+    return out
+
+
+def write_parquet(folder: Path, paths: Sequence[Path], files: int) -> list[Path]:
+    """``paths`` as ``files`` parquet files of one ``datasets.Image`` column (the hub's layout)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    folder.mkdir(parents=True, exist_ok=True)
+    features = datasets.Features({"image": datasets.Image()})
+    out = []
+    for f in range(files):
+        part = paths[len(paths) * f // files: len(paths) * (f + 1) // files]
+        out.append(folder / f"train-{f:05d}-of-{files:05d}.parquet")
+        rows = [{"bytes": p.read_bytes(), "path": p.name} for p in part]
+        datasets.Dataset.from_dict({"image": rows}, features=features).to_parquet(str(out[-1]))
+    return out
+
+
+def _samples(dataset: Any, epoch: int) -> Iterator[Any]:
+    """The samples of one epoch of ``dataset`` (map-style: every index in order; a stream: one pass)."""
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        dataset.set_epoch(epoch)
+        return iter(dataset)
+    return (dataset[(epoch, i)] for i in range(len(dataset)))
+
+
+def _stream_or_dataset(spec: str, img_size: int, seed: int, streaming: bool = False, shuffle_buffer: int = 1000
+                       ) -> Any:
+    from simmim.data import MaskedImageStream, open_source
+
+    source = open_source(spec, streaming=streaming)
+    masks = MaskGenerator(img_size, 32, 4, 0.6)
+    if getattr(source, "is_streaming", False):
+        return MaskedImageStream(source, pretrain_transform(img_size), masks, seed=seed,
+                                 shuffle_buffer=shuffle_buffer)
+    return MaskedImageDataset(source, pretrain_transform(img_size), masks, seed=seed)
+
+
+def _pass(dataset: Any, epoch: int, limit: int | None = None) -> int:
+    """Read ``limit`` samples of epoch ``epoch`` (all when None); the number read."""
+    return sum(1 for _ in itertools.islice(_samples(dataset, epoch), limit))
+
+
+def run_sources_benchmark(images: int = 2000, shards: int = 20, parquet_files: int = 4, rounds: int = 3,
+                          img_size: int = 192, threads: int = 1, size: tuple[int, int] = (500, 375),
+                          seed: int = 0, chunk: int = 100) -> list[SourceResult]:
+    """Images/s of one data worker reading the same ``images`` JPEGs (generated, ``size``) as a folder, as
+    ``shards`` tar shards, and as ``parquet_files`` parquet files (streamed, and converted to the memory-mapped
+    ``datasets`` cache). Each round reads one epoch of every source in alternating chunks of ``chunk`` images, so
+    load from other processes hits all alike; the result is the median chunk rate. Streams read without a shuffle
+    buffer here (it costs no decoding; its fill shows in the time to the first batch)."""
+    import os
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with tempfile.TemporaryDirectory(prefix="simmim-sources-") as tmp:
+            root = Path(tmp)
+            os.environ.setdefault("HF_DATASETS_CACHE", str(root / "hf-cache"))  # the conversion stays in tmp
+            paths = make_test_jpegs(root / "folder", size, images)
+            write_tar_shards(root / "shards", paths, shards)
+            write_parquet(root / "parquet", paths, parquet_files)
+            cases = [
+                ("folder", f"{images} files", _stream_or_dataset(str(root / "folder"), img_size, seed)),
+                ("tar shards", f"{shards} shards",
+                 _stream_or_dataset(str(root / "shards"), img_size, seed, shuffle_buffer=0)),
+                ("parquet, streamed", f"{parquet_files} files",
+                 _stream_or_dataset(str(root / "parquet"), img_size, seed, streaming=True, shuffle_buffer=0)),
+                ("parquet, memory-mapped", f"{parquet_files} files",
+                 _stream_or_dataset(str(root / "parquet"), img_size, seed)),
+            ]
+            for _, _, ds in cases:
+                _pass(ds, 0, limit=64)  # warm-up: page cache, lazy imports
+            ips: dict[str, list[float]] = {name: [] for name, _, _ in cases}
+            for r in range(rounds):  # each round one epoch of every source, in alternating chunks of `chunk` images
+                running = {name: _samples(ds, r + 1) for name, _, ds in cases}
+                while running:
+                    for name in list(running):
+                        t0 = time.perf_counter()
+                        n = sum(1 for _ in itertools.islice(running[name], chunk))
+                        if n < chunk:
+                            del running[name]
+                        if n:
+                            ips[name].append(n / (time.perf_counter() - t0))
+            return [SourceResult(name, layout, images, statistics.median(ips[name]), rounds)
+                    for name, layout, _ in cases]
+    finally:
+        torch.set_num_threads(previous)
+
+
+def first_batch_seconds(spec: str, batch: int = 8, img_size: int = 192) -> float:
+    """Seconds from a ``--data`` string to the first ``batch`` samples in this process: resolving the source
+    (folder scan, shard listing), the probe, and the samples."""
+    t0 = time.perf_counter()
+    ds = _stream_or_dataset(spec, img_size, 0)
+    if isinstance(ds, torch.utils.data.IterableDataset):
+        _pass(ds, 0, limit=batch)
+    else:
+        sampler = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))  # the shuffled first batch
+        for i in sampler[:batch].tolist():
+            ds[i]
+    return time.perf_counter() - t0
+
+
+def run_first_batch_benchmark(folder_files: int = 1_000_000, shards: int = 1000, per_shard: int = 4,
+                              root: str | Path | None = None) -> list[FirstBatchResult]:
+    """Time to the first batch of 8 for a folder of ``folder_files`` JPEGs (hard links to 64 small JPEGs, 1000
+    per folder) and for ``shards`` tar shards of ``per_shard`` small JPEGs (a folder, and a brace pattern)."""
+    import os
+    import shutil
+
+    tmp = Path(tempfile.mkdtemp(prefix="simmim-first-batch-", dir=root))
+    try:
+        jpegs = make_test_jpegs(tmp / "one", (256, 192), 64)  # files link to these (ext4: 65000 links per file)
+        jpeg = jpegs[0]
+        results = []
+        if folder_files:
+            tree = tmp / "tree"
+            for start in range(0, folder_files, 1000):
+                sub = tree / f"n{start // 1000:08d}"
+                sub.mkdir(parents=True)
+                for i in range(start, min(start + 1000, folder_files)):
+                    os.link(jpegs[i % len(jpegs)], sub / f"{sub.name}_{i}.JPEG")
+            results.append(FirstBatchResult("folder", f"{folder_files} files", first_batch_seconds(str(tree)), 8))
+            shutil.rmtree(tree)
+        if shards:
+            write_tar_shards(tmp / "shards", [jpeg] * (shards * per_shard), shards)
+            results.append(FirstBatchResult("tar shards, folder", f"{shards} shards",
+                                            first_batch_seconds(str(tmp / "shards")), 8))
+            pattern = str(tmp / "shards" / f"train-{{0000..{shards - 1:04d}}}.tar")
+            results.append(FirstBatchResult("tar shards, brace pattern", f"{shards} shards",
+                                            first_batch_seconds(pattern), 8))
+        return results
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def format_source_results(results: Sequence[SourceResult], first: Sequence[FirstBatchResult] = ()) -> str:
+    lines = []
+    if results:
+        lines += ["| source | layout | images | images/s per worker | vs folder |", "| --- | --- | --- | --- | --- |"]
+    folder = next((r.ips for r in results if r.source == "folder"), None)
+    for r in results:
+        ratio = f"{r.ips / folder:.2f}" if folder else "n/a"
+        lines.append(f"| {r.source} | {r.layout} | {r.images} | {r.ips:.1f} | {ratio} |")
+    if first:
+        lines += [""] if lines else []
+        lines += ["| first batch of 8 | layout | seconds |", "| --- | --- | --- |"]
+        lines += [f"| {r.source} | {r.layout} | {r.seconds:.2f} |" for r in first]
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the sections of simmim benchmark
 
@@ -304,6 +490,19 @@ def pipeline_section(rounds: int = 5, img_size: int = 192, threads: int = 1, fol
     results = run_pipeline_benchmark(rounds=rounds, img_size=img_size, threads=threads, folder=folder)
     rows = [{**asdict(r), "ratio": r.ratio} for r in results]
     return Section("pipeline", format_pipeline_results(results), dict(img_size=img_size, rows=rows))
+
+
+def sources_section(images: int = 2000, shards: int = 20, parquet_files: int = 4, rounds: int = 3,
+                    img_size: int = 192, threads: int = 1, first_batch_files: int = 0, first_batch_shards: int = 0
+                    ) -> Section:
+    """One worker's images/s on the same JPEGs as a folder, tar shards and parquet; optionally the time to the
+    first batch for a ``first_batch_files`` folder and ``first_batch_shards`` shards."""
+    results = run_sources_benchmark(images, shards, parquet_files, rounds, img_size, threads) if images else []
+    first = run_first_batch_benchmark(first_batch_files, first_batch_shards) \
+        if first_batch_files or first_batch_shards else []
+    return Section("sources", format_source_results(results, first),
+                   dict(img_size=img_size, threads=threads, rows=[asdict(r) for r in results],
+                        first_batch=[asdict(r) for r in first]))
 
 
 def index_section(files: int = 1_000_000, compare_list: bool = False) -> Section:
