@@ -204,8 +204,8 @@ def _parquet(path: Path, n: int = 12) -> None:
                                ).to_parquet(str(path))
 
 
-def test_parquet_and_arrow_files_are_pretraining_and_fine_tuning_data(tmp_path: Path) -> None:
-    import datasets
+def test_parquet_and_arrow_files_are_pretraining_and_fine_tuning_data(tmp_path: Path, hf) -> None:
+    datasets = hf  # the cache in tmp_path, not the user's ~/.cache
 
     _parquet(tmp_path / "pq" / "train-00000-of-00002.parquet")
     _parquet(tmp_path / "pq" / "train-00001-of-00002.parquet")
