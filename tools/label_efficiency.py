@@ -41,7 +41,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: the sibling modules import plainly
 
 from line_plot import PALETTE, Panel, Series, plot_panels  # noqa: E402
-from position_bias_study import accuracy, normalise, train  # noqa: E402
+from position_bias_study import TRAIN, accuracy, normalise, train  # noqa: E402
+from position_bias_study import Budget as PositionBiasBudget  # noqa: E402
 from position_bias_task import digit_split, draw_layouts, render  # noqa: E402
 
 from simmim import SimMIM  # noqa: E402
@@ -52,41 +53,42 @@ from simmim.monitor import extract_features, knn_accuracy, linear_probe_accuracy
 from simmim.optim import build_optimizer, build_scheduler, param_groups  # noqa: E402
 
 INITS = ("SimMIM", "random")  # the two starting points of every fine-tune
+_PB = PositionBiasBudget()
 
 
 @dataclass(frozen=True)
 class Budget:
-    # the position-bias study's model: swinv2_pico cut to 3 stages (16/8/4 tokens at 64 px, windows 4/4/4)
-    model: str = "swinv2_pico"
-    depths: tuple[int, ...] = (2, 2, 4)
-    num_heads: tuple[int, ...] = (2, 4, 8)
-    img_size: int = 64
-    window_size: int = 4
-    pool_scenes: int = 4800  # the unlabelled pool; its labels, all or a fraction, are the labelled set
+    # the position-bias study's model and size: swinv2_pico cut to 3 stages, 64 px / W4 (windows 4/4/4)
+    model: str = _PB.model
+    depths: tuple[int, ...] = _PB.depths
+    num_heads: tuple[int, ...] = _PB.num_heads
+    img_size: int = TRAIN[0]
+    window_size: int = TRAIN[1]
+    pool_scenes: int = 3200  # the unlabelled pool; its labels, all or a fraction, are the labelled set
     test_scenes: int = 720  # 2 scenes for each of the 360 held-out digits
     fractions: tuple[float, ...] = (0.01, 0.05, 0.10, 0.25, 1.0)
     seeds: tuple[int, ...] = (0, 1, 2)  # fine-tuning seeds: label subset, head / random init and batch order
     # SimMIM pretraining, once
     pretrain_seed: int = 0
-    pretrain_steps: int = 1000
+    pretrain_steps: int = 500  # 5 passes over the pool
     pretrain_lr: float = 2e-3
-    pretrain_warmup: int = 50
+    pretrain_warmup: int = 25
     mask_patch_size: int = 8  # 8x8 cells of 8 px at 64 px (the paper: 6x6 cells of 32 px at 192 px)
     mask_ratio: float = 0.6
     snapshots: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0)  # where the encoder is saved, as fractions of the steps
     # fine-tuning: one recipe for both inits and every fraction (the position-bias study's, which trains this
     # model from scratch); the names below are the ones position_bias_study.train reads
-    steps: int = 300
+    steps: int = 150  # 1.5 passes over 100% of the labels, 50 over 1%
     batch_size: int = 32
     lr: float = 2e-3
-    warmup_steps: int = 30
+    warmup_steps: int = 15
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
     table_lr_scale: float = 1.0
     # the three-stage path: the fine-tuned models of these fractions continue at a larger size
     stage3_fractions: tuple[float, ...] = (0.10, 1.0)
     stage3_size: tuple[int, int] = (96, 6)
-    stage3_steps: int = 30
+    stage3_steps: int = 15
     stage3_lr: float = 5e-4
     eval_batch: int = 128
     knn_k: int = 20
@@ -130,6 +132,13 @@ def new_encoder(budget: Budget, seed: int, num_classes: int) -> SwinTransformerV
 # the data, rendered once in the parent; worker processes inherit it (fork)
 
 DATA: dict[str, torch.Tensor] = {}
+PROGRESS: list[Path] = []  # results are also appended here as they come (an interrupted study keeps them)
+
+
+def log_progress(record: dict) -> None:
+    if PROGRESS:
+        with PROGRESS[0].open("a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 def prepare_data(budget: Budget) -> None:
@@ -169,7 +178,7 @@ def pretrain(budget: Budget) -> dict:
                        for _ in range(-(-budget.pretrain_steps * budget.batch_size // len(images)))])
     keep = snapshot_steps(budget)
     snaps, losses = {}, []
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     model.train()
     for step in range(budget.pretrain_steps + 1):
         if step in keep:  # before the update of this step: snapshot 0 is the initialisation
@@ -191,7 +200,7 @@ def pretrain(budget: Budget) -> dict:
     seconds = round(time.perf_counter() - t0, 1)
     print(f"SimMIM pretraining: {budget.pretrain_steps} steps in {seconds:.0f} s, loss {losses[0]:.3f} -> "
           f"{losses[-1]:.3f}", flush=True)
-    return dict(snapshots=snaps, losses=losses, seconds=seconds)
+    return dict(snapshots=snaps, losses=losses, seconds=seconds, cpu_s=round(time.process_time() - c0, 1))
 
 
 @torch.no_grad()
@@ -206,12 +215,16 @@ def features(encoder: SwinTransformerV2, images: torch.Tensor, labels: torch.Ten
 def probe(budget: Budget, step: int, state: dict) -> dict:
     """k-NN and linear-probe top-1 (%) of a frozen snapshot: fitted on the whole labelled pool, scored on the test
     scenes (the library's ``simmim.monitor`` classifiers)."""
+    c0 = time.process_time()
     encoder = new_encoder(budget, budget.pretrain_seed, num_classes=0)
     encoder.load_state_dict(state)
     tx, ty = features(encoder, DATA["pool"], DATA["pool_labels"], budget.eval_batch)
     vx, vy = features(encoder, DATA["test"], DATA["test_labels"], budget.eval_batch)
-    return dict(step=step, knn_top1=100 * knn_accuracy(tx, ty, vx, vy, budget.knn_k),
-                linear_probe_top1=100 * linear_probe_accuracy(tx, ty, vx, vy))
+    out = dict(step=step, knn_top1=100 * knn_accuracy(tx, ty, vx, vy, budget.knn_k),
+               linear_probe_top1=100 * linear_probe_accuracy(tx, ty, vx, vy), cpu_s=round(time.process_time() - c0, 1))
+    log_progress(out)
+    print(f"probe at SimMIM step {step}: k-NN {out['knn_top1']:.1f}, linear {out['linear_probe_top1']:.1f}", flush=True)
+    return out
 
 
 def init_classifier(budget: Budget, init: str, seed: int, encoder_state: dict | None) -> SwinTransformerV2:
@@ -230,7 +243,7 @@ def finetune(budget: Budget, init: str, fraction: float, seed: int, encoder_stat
     it to the larger size, test directly and after a short fine-tune there. One row per test."""
     subset = label_subset(DATA["pool_labels"], fraction, seed)
     model = init_classifier(budget, init, seed, encoder_state)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     loss = train(model, DATA["pool"][subset], DATA["pool_labels"][subset], budget.steps, budget.lr, budget, seed)
     base = dict(init=init, fraction=fraction, seed=seed, labels=len(subset), train_loss=round(loss, 4),
                 train_s=round(time.perf_counter() - t0, 1))
@@ -245,6 +258,9 @@ def finetune(budget: Budget, init: str, fraction: float, seed: int, encoder_stat
               budget, seed)
         rows.append(dict(base, stage="three-stage", setting=f"{img}/W{win}",
                          top1=accuracy(moved, DATA["test3"], DATA["test_labels"], budget.eval_batch)))
+    for r in rows:  # the job's CPU time, every stage included (a shared machine stretches the wall time, not this)
+        r["cpu_s"] = round(time.process_time() - c0, 1)
+        log_progress(r)
     print(f"{init:6s} {fraction_name(fraction):>4s} seed {seed}: trained in {base['train_s']:5.1f} s, "
           + "  ".join(f"{r['stage']} {r['setting']} {r['top1']:.1f}" for r in rows), flush=True)
     return rows
@@ -332,27 +348,44 @@ def plot(rows: list[dict], probes: list[dict], budget: Budget, path: Path) -> Pa
 
 
 def run_jobs(budget: Budget, workers: int) -> tuple[dict, list[dict], list[dict]]:
-    """Pretraining, probes and fine-tunes over ``workers`` processes (1: in this process). The random-init
-    fine-tunes need no pretraining, so they run beside it."""
-    random_jobs = [(finetune, budget, "random", f, s, None) for s in budget.seeds for f in budget.fractions]
+    """Pretraining, probes and fine-tunes over ``workers`` processes (1: in this process). The first seed's
+    random-init fine-tunes need no pretraining, so they run beside it; then seed by seed, so that an interrupted
+    study (see ``progress.jsonl``) has both inits at some seeds."""
+    first = [(finetune, budget, "random", f, budget.seeds[0], None) for f in budget.fractions]
+
+    def after(pre: dict) -> list[tuple]:
+        final = pre["snapshots"][budget.pretrain_steps]
+        jobs = [(finetune, budget, "SimMIM", f, budget.seeds[0], final) for f in budget.fractions]
+        jobs += [(probe, budget, step, state) for step, state in pre["snapshots"].items()]
+        for s in budget.seeds[1:]:
+            jobs += [(finetune, budget, init, f, s, final if init == "SimMIM" else None)
+                     for init in reversed(INITS) for f in budget.fractions]
+        return jobs
+
     if workers == 1:
         pre = pretrain(budget)
-        results = [fn(*args) for fn, *args in random_jobs]
-        probes = [probe(budget, s, st) for s, st in pre["snapshots"].items()]
-        final = pre["snapshots"][budget.pretrain_steps]
-        results += [finetune(budget, "SimMIM", f, s, final) for s in budget.seeds for f in budget.fractions]
-        return pre, probes, [r for rs in results for r in rs]
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        pre_async = pool.apply_async(_in_worker, ((pretrain, budget),))
-        random_async = pool.map_async(_in_worker, random_jobs, chunksize=1)
-        pre = pre_async.get()
-        final = pre["snapshots"][budget.pretrain_steps]
-        jobs = [(finetune, budget, "SimMIM", f, s, final) for s in budget.seeds for f in budget.fractions]
-        jobs += [(probe, budget, s, st) for s, st in pre["snapshots"].items()]
-        later = pool.map(_in_worker, jobs, chunksize=1)
-        results = random_async.get() + later[:-len(pre["snapshots"])]
-        probes = later[-len(pre["snapshots"]):]
-    return pre, probes, [r for rs in results for r in rs]  # type: ignore[union-attr]
+        results = [fn(*args) for fn, *args in first]
+        results += [fn(*args) for fn, *args in after(pre)]
+    else:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            pre_async = pool.apply_async(_in_worker, ((pretrain, budget),))
+            first_async = [pool.apply_async(_in_worker, (job,)) for job in first]
+            pre = pre_async.get()
+            rest = pool.map(_in_worker, after(pre), chunksize=1)
+            results = [r.get() for r in first_async] + rest
+    probes = [r for r in results if isinstance(r, dict)]
+    return pre, probes, [row for r in results if isinstance(r, list) for row in r]
+
+
+def cpu_model() -> str:
+    """The processor's name as lscpu shows it (platform.processor() is empty on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -375,8 +408,10 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)  # the workers each take one; the parent only renders and writes
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    PROGRESS[:] = [out / "progress.jsonl"]
+    PROGRESS[0].write_text("")
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     prepare_data(budget)
     render_s = time.perf_counter() - t0
     pre, probes, rows = run_jobs(budget, args.workers)
@@ -385,8 +420,12 @@ def main(argv: list[str] | None = None) -> dict:
     wall = time.perf_counter() - t0
 
     meta = dict(budget=asdict(budget), workers=args.workers, wall_s=round(wall, 1), render_s=round(render_s, 1),
-                pretrain_s=pre["seconds"], torch=torch.__version__, python=platform.python_version(),
-                machine=platform.machine(), cpus=os.cpu_count(), argv=sys.argv[1:] if argv is None else argv)
+                pretrain_s=pre["seconds"], pretrain_cpu_s=pre["cpu_s"],
+                jobs_cpu_s=round(pre["cpu_s"] + sum(p["cpu_s"] for p in probes) + sum(
+                    {(r["init"], r["fraction"], r["seed"]): r["cpu_s"] for r in rows}.values()), 1),
+                parent_cpu_s=round(time.process_time() - c0, 1), torch=torch.__version__,
+                python=platform.python_version(), cpu=cpu_model(), cpus=os.cpu_count(),
+                argv=sys.argv[1:] if argv is None else argv)
     losses = pre["losses"]
     result = dict(meta=meta, pretrain_loss=[round(v, 5) for v in losses], probes=probes, rows=rows)
     (out / "results.json").write_text(json.dumps(result, indent=1))
@@ -395,7 +434,8 @@ def main(argv: list[str] | None = None) -> dict:
     print((out / "tables.md").read_text())
     first, last = losses[:max(len(losses) // 10, 1)], losses[-max(len(losses) // 10, 1):]
     print(f"SimMIM loss {statistics.fmean(first):.3f} -> {statistics.fmean(last):.3f} in {pre['seconds']:.0f} s; "
-          f"wall time {wall / 60:.1f} min ({args.workers} workers); wrote {out}/results.json, tables.md, "
+          f"wall time {wall / 60:.1f} min ({args.workers} workers), CPU time of the jobs {meta['jobs_cpu_s'] / 60:.1f} "
+          f"min + {meta['parent_cpu_s'] / 60:.1f} min in the parent; wrote {out}/results.json, tables.md, "
           "label_efficiency.png")
     return dict(result, snapshots=pre["snapshots"])
 
