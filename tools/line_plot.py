@@ -35,6 +35,19 @@ class Panel:
     x_labels: list[str]
     series: list[Series] = field(default_factory=list)
     y_label: str = "top-1 accuracy (%)"
+    x_values: list[float] | None = None  # numeric x of each label (None: evenly spaced categories)
+    log_x: bool = False  # place x_values on a log scale (they must be > 0)
+    x_label: str = ""  # under the tick labels
+
+
+def _x_fractions(panel: Panel) -> list[float]:
+    """Where each x label sits across the axes, in (0, 1)."""
+    n = len(panel.x_labels)
+    if panel.x_values is None or n < 2:
+        return [(i + 0.5) / n for i in range(n)]
+    v = [math.log(x) if panel.log_x else x for x in panel.x_values]
+    lo, hi = min(v), max(v)
+    return [0.06 + 0.88 * (x - lo) / (hi - lo) for x in v]  # a margin inside the frame for the end points
 
 
 def _y_range(panel: Panel) -> tuple[float, float]:
@@ -74,8 +87,7 @@ def _draw_panel(img: Image.Image, panel: Panel, x0: int, y0: int, font: ImageFon
     left, top = x0 + MARGIN["left"], y0 + MARGIN["top"]
     right, bottom = x0 + PANEL_W - MARGIN["right"], y0 + PANEL_H - MARGIN["bottom"]
     lo, hi = _y_range(panel)
-    n = len(panel.x_labels)
-    xs = [left + (right - left) * (i + 0.5) / n for i in range(n)]
+    xs = [left + (right - left) * f for f in _x_fractions(panel)]
 
     def y_of(v: float) -> float:
         return bottom - (v - lo) / (hi - lo) * (bottom - top)
@@ -89,6 +101,8 @@ def _draw_panel(img: Image.Image, panel: Panel, x0: int, y0: int, font: ImageFon
         draw.line([(x, bottom), (x, bottom + 4)], fill="black")
         for k, line in enumerate(label.split("\n")):
             draw.text((x, bottom + 8 + 14 * k), line, fill="black", font=small, anchor="mt")
+    if panel.x_label:
+        draw.text(((left + right) / 2, bottom + 38), panel.x_label, fill="black", font=small, anchor="mt")
     label_img = Image.new("RGBA", (bottom - top, 18), (255, 255, 255, 0))
     ImageDraw.Draw(label_img).text(((bottom - top) / 2, 9), panel.y_label, fill="black", font=small, anchor="mm")
     label_img = label_img.rotate(90, expand=True)
