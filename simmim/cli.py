@@ -133,7 +133,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         what=tuple(args.what), model=args.model, img_size=args.img_size, window_size=args.window_size,
         batch_size=args.batch_size, memory_batch_sizes=tuple(args.memory_batch_sizes), modes=modes,
         dtypes=tuple(args.dtype), rounds=args.rounds, iters=args.iters, compile=args.compile, threads=args.threads,
-        device=args.device, folder=args.folder, index_files=args.index_files, compare_list=args.compare_list)
+        device=args.device, folder=args.folder, index_files=args.index_files, compare_list=args.compare_list,
+        memory_cap_gib=args.memory_cap, step_timeout=args.step_timeout)
     text, doc = report(settings, run(settings))
     print(text)
     if args.json == "-":
@@ -334,9 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("benchmark", help="SimMIM step, inference and activation memory vs timm, side by side")
-    p.add_argument("--what", nargs="+", choices=["model", "memory", "pipeline", "index"], default=["model"],
+    p.add_argument("--what", nargs="+", choices=["model", "memory", "highres", "pipeline", "index"],
+                   default=["model"],
                    help="model: the SimMIM training step and inference vs SimMIM on timm's SwinV2; memory: "
-                        "activation memory per image per recompute mode; pipeline: the input pipeline vs the "
+                        "activation memory per image per recompute mode; highres: one training step on one image per "
+                        "memory mode and timm's (e.g. --model swinv2_base --img-size 1536 --window-size 24), each "
+                        "in its own process under --memory-cap; pipeline: the input pipeline vs the "
                         "official SimMIM one; index: the folder index on a synthetic tree of files")
     p.add_argument("--model", default="swinv2_tiny")
     p.add_argument("--img-size", type=at_least(1), default=192)
@@ -356,6 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folder", help="pipeline: time this folder of images instead of generated JPEGs")
     p.add_argument("--index-files", type=at_least(1), default=1_000_000, help="index: files in the synthetic tree")
     p.add_argument("--compare-list", action="store_true", help="index: also time a list of Path objects")
+    p.add_argument("--memory-cap", type=at_least(1), default=12, metavar="GIB",
+                   help="highres: memory cap of each contender's process in GiB (default 12)")
+    p.add_argument("--step-timeout", type=at_least(1), default=600, metavar="SEC",
+                   help="highres: seconds a contender's process may run (default 600)")
     p.add_argument("--json", metavar="PATH", help="also write every figure as JSON ('-' = stdout)")
     p.set_defaults(func=cmd_benchmark)
 

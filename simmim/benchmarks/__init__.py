@@ -4,6 +4,8 @@ Sections (several per call):
 
 * ``model`` and ``memory`` (:mod:`simmim.benchmarks.model`): the SimMIM training step, inference and activation memory
   of our SwinV2 against SimMIM on timm's ``SwinTransformerV2`` holding the same weights;
+* ``highres`` (:mod:`simmim.benchmarks.highres`): one training step on one high-resolution image per memory mode,
+  against timm's SwinV2 with and without its checkpointing, each in its own process under a memory cap;
 * ``pipeline`` (:mod:`simmim.benchmarks.pipeline`): the input pipeline against the official SimMIM one;
 * ``index``: scan time and memory of the folder index on a synthetic tree of files.
 
@@ -20,7 +22,7 @@ import torch
 
 from simmim.benchmarks.report import Section, machine
 
-WHAT = ("model", "memory", "pipeline", "index")
+WHAT = ("model", "memory", "highres", "pipeline", "index")
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,8 @@ class BenchmarkSettings:
     folder: str | None = None  # pipeline: a folder of your own images instead of generated JPEGs
     index_files: int = 1_000_000
     compare_list: bool = False
+    memory_cap_gib: float = 12.0  # highres: each contender's memory cap
+    step_timeout: float = 600.0  # highres: seconds a contender's process may run
 
 
 def run(settings: BenchmarkSettings) -> list[Section]:
@@ -58,6 +62,11 @@ def run(settings: BenchmarkSettings) -> list[Section]:
         elif what == "memory":
             sections.append(memory_section(s.model, s.img_size, s.window_size, s.memory_batch_sizes,
                                            dtype=s.dtypes[0], rounds=s.rounds, device=s.device))
+        elif what == "highres":
+            from simmim.benchmarks.highres import highres_section
+
+            sections.append(highres_section(s.model, s.img_size, s.window_size, cap_gib=s.memory_cap_gib,
+                                            timeout_s=s.step_timeout, device=s.device, threads=s.threads))
         elif what == "pipeline":
             sections.append(pipeline_section(s.rounds, s.img_size, s.threads or 1, s.folder))
         elif what == "index":
@@ -75,7 +84,7 @@ def report(settings: BenchmarkSettings, sections: list[Section]) -> tuple[str, d
     flags = "/".join(info["cpu_flags"]) or "no AVX2"
     header = (f"{info['cpu']} ({flags}), {device}, {info['threads']} threads of {info['cpus_usable']} usable CPUs, "
               f"torch {info['torch']}, timm {info['timm']}, {info['date']}")
-    if {"model", "memory"} & {sec.name for sec in sections}:
+    if {"model", "memory", "highres"} & {sec.name for sec in sections}:
         header = f"{s.model} {s.img_size}px W{s.window_size}; median of {s.rounds} interleaved rounds\n{header}"
     lines = [header, *(f"\n[{sec.name}]\n{sec.table}" for sec in sections)]
     doc = dict(machine=info, settings=asdict(s), command="simmim " + " ".join(sys.argv[1:]),
