@@ -92,3 +92,13 @@ def test_pipeline_and_index_sections_through_the_cli(tmp_path, capsys):
     names = [r["name"] for r in sections["index"]["rows"]]
     assert names == ["packed FileIndex", "list of Paths"]
     assert all(r["files"] == 300 for r in sections["index"]["rows"])
+
+
+def test_highres_times_one_step_and_reports_a_contender_that_does_not_fit():
+    from simmim.benchmarks.highres import highres_section, one_step
+
+    row = one_step("full+sequential", "swinv2_pico", 64, 4, cap_gib=None, device="cpu", threads=None)  # in-process
+    assert row["fit"] and row["seconds"] > 0 and row["peak_gib"] >= row["before_gib"] > 0.05, row
+    # its own process under a cap of 1 MiB beyond what it has mapped: the step cannot allocate
+    starved = highres_section("swinv2_pico", 64, 4, contenders=("timm",), cap_gib=0.001, device="cpu", threads=1)
+    assert starved.data["rows"][0]["fit"] is False and "did not fit in 0.001 GiB" in starved.table

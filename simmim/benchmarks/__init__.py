@@ -84,8 +84,11 @@ def report(settings: BenchmarkSettings, sections: list[Section]) -> tuple[str, d
     flags = "/".join(info["cpu_flags"]) or "no AVX2"
     header = (f"{info['cpu']} ({flags}), {device}, {info['threads']} threads of {info['cpus_usable']} usable CPUs, "
               f"torch {info['torch']}, timm {info['timm']}, {info['date']}")
-    if {"model", "memory", "highres"} & {sec.name for sec in sections}:
+    names = {sec.name for sec in sections}
+    if {"model", "memory"} & names:
         header = f"{s.model} {s.img_size}px W{s.window_size}; median of {s.rounds} interleaved rounds\n{header}"
+    elif "highres" in names:
+        header = f"{s.model} {s.img_size}px W{s.window_size}; one step per contender, batch 1\n{header}"
     lines = [header, *(f"\n[{sec.name}]\n{sec.table}" for sec in sections)]
     doc = dict(machine=info, settings=asdict(s), command="simmim " + " ".join(sys.argv[1:]),
                sections={sec.name: sec.data for sec in sections})
