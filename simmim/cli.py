@@ -134,7 +134,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, memory_batch_sizes=tuple(args.memory_batch_sizes), modes=modes,
         dtypes=tuple(args.dtype), rounds=args.rounds, iters=args.iters, compile=args.compile, threads=args.threads,
         device=args.device, folder=args.folder, index_files=args.index_files, compare_list=args.compare_list,
-        memory_cap_gib=args.memory_cap, step_timeout=args.step_timeout)
+        memory_cap_gib=args.memory_cap, step_timeout=args.step_timeout,
+        **({"contenders": tuple(args.contenders)} if args.contenders else {}))
     text, doc = report(settings, run(settings))
     print(text)
     if args.json == "-":
@@ -362,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-list", action="store_true", help="index: also time a list of Path objects")
     p.add_argument("--memory-cap", type=at_least(1), default=12, metavar="GIB",
                    help="highres: memory cap of each contender's process in GiB (default 12)")
+    p.add_argument("--contenders", nargs="+", metavar="NAME",
+                   help="highres: some of none attention full full+sequential timm timm+checkpointing (default: all)")
     p.add_argument("--step-timeout", type=at_least(1), default=600, metavar="SEC",
                    help="highres: seconds a contender's process may run (default 600)")
     p.add_argument("--json", metavar="PATH", help="also write every figure as JSON ('-' = stdout)")

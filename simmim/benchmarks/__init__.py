@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from simmim.benchmarks.highres import CONTENDERS as HIGHRES_CONTENDERS
 from simmim.benchmarks.report import Section, machine
 
 WHAT = ("model", "memory", "highres", "pipeline", "index")
@@ -47,10 +48,12 @@ class BenchmarkSettings:
     compare_list: bool = False
     memory_cap_gib: float = 12.0  # highres: each contender's memory cap
     step_timeout: float = 600.0  # highres: seconds a contender's process may run
+    contenders: tuple[str, ...] = HIGHRES_CONTENDERS  # highres: memory modes and timm's
 
 
 def run(settings: BenchmarkSettings) -> list[Section]:
     """Measure each section of ``settings.what`` in turn."""
+    from simmim.benchmarks.highres import highres_section
     from simmim.benchmarks.model import memory_section, model_section
     from simmim.benchmarks.pipeline import index_section, pipeline_section
 
@@ -63,10 +66,9 @@ def run(settings: BenchmarkSettings) -> list[Section]:
             sections.append(memory_section(s.model, s.img_size, s.window_size, s.memory_batch_sizes,
                                            dtype=s.dtypes[0], rounds=s.rounds, device=s.device))
         elif what == "highres":
-            from simmim.benchmarks.highres import highres_section
-
             sections.append(highres_section(s.model, s.img_size, s.window_size, cap_gib=s.memory_cap_gib,
-                                            timeout_s=s.step_timeout, device=s.device, threads=s.threads))
+                                            contenders=s.contenders, timeout_s=s.step_timeout, device=s.device,
+                                            threads=s.threads))
         elif what == "pipeline":
             sections.append(pipeline_section(s.rounds, s.img_size, s.threads or 1, s.folder))
         elif what == "index":

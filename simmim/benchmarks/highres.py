@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from simmim.benchmarks.report import Section
+from simmim.errors import UserError
 
 CONTENDERS = ("none", "attention", "full", "full+sequential", "timm", "timm+checkpointing")
 # full + sequential attention: the attention of a block runs over this many windows at a time (at 1536 px, window
@@ -112,6 +113,8 @@ def highres_section(model: str = "swinv2_base", img_size: int = 1536, window_siz
     that runs out of memory or past ``timeout_s`` is reported as such, the others still run."""
     import torch
 
+    if unknown := [c for c in contenders if c not in CONTENDERS]:
+        raise UserError(f"unknown highres contender(s) {', '.join(unknown)}; choose from {', '.join(CONTENDERS)}")
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
     for contender in contenders:
