@@ -370,6 +370,7 @@ class Engine:
         see :mod:`simmim.perf`) into ``perf``; every process does (a sharded model's forward is a collective).
         Returns the seconds it took."""
         t0 = time.perf_counter()
+        self.model.train()  # the model as trained (recompute modes, drop path; no inference caches)
 
         def forward() -> None:
             with torch.no_grad(), self.acc.autocast():
