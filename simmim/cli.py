@@ -142,7 +142,9 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         dtypes=tuple(args.dtype), rounds=args.rounds, iters=args.iters, compile=args.compile, threads=args.threads,
         device=args.device, folder=args.folder, index_files=args.index_files, compare_list=args.compare_list,
         save_dir=args.save_dir, source_images=args.source_images, shards=args.shards, parquet_files=args.parquet_files,
-        first_batch_files=args.first_batch_files, first_batch_shards=args.first_batch_shards)
+        first_batch_files=args.first_batch_files, first_batch_shards=args.first_batch_shards,
+        memory_cap_gib=args.memory_cap, step_timeout=args.step_timeout,
+        **({"contenders": tuple(args.contenders)} if args.contenders else {}))
     text, doc = report(settings, run(settings))
     print(text)
     if args.json == "-":
@@ -344,9 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("benchmark", help="SimMIM step, inference and activation memory vs timm, side by side")
-    p.add_argument("--what", nargs="+", choices=["model", "memory", "pipeline", "index", "save"], default=["model"],
+    p.add_argument("--what", nargs="+", choices=["model", "memory", "highres", "pipeline", "index", "save"],
+                   default=["model"],
                    help="model: the SimMIM training step and inference vs SimMIM on timm's SwinV2; memory: "
-                        "activation memory per image per recompute mode; pipeline: the input pipeline vs the "
+                        "activation memory per image per recompute mode; highres: one training step on one image per "
+                        "memory mode and timm's (e.g. --model swinv2_base --img-size 1536 --window-size 24), each "
+                        "in its own process under --memory-cap; pipeline: the input pipeline vs the "
                         "official SimMIM one; index: the folder index on a synthetic tree of files; save: seconds a "
                         "checkpoint save (weights + AdamW state) blocks training, direct vs run.async_save")
     p.add_argument("--model", default="swinv2_tiny")
@@ -377,6 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pipeline: time to the first batch of a folder of this many files (hard links; 0: skip)")
     p.add_argument("--first-batch-shards", type=at_least(0), default=0,
                    help="pipeline: time to the first batch of this many small tar shards (0: skip)")
+    p.add_argument("--memory-cap", type=at_least(1), default=12, metavar="GIB",
+                   help="highres: memory cap of each contender's process in GiB (default 12)")
+    p.add_argument("--contenders", nargs="+", metavar="NAME",
+                   help="highres: some of none attention full full+sequential timm timm+checkpointing (default: all)")
+    p.add_argument("--step-timeout", type=at_least(1), default=600, metavar="SEC",
+                   help="highres: seconds a contender's process may run (default 600)")
     p.add_argument("--json", metavar="PATH", help="also write every figure as JSON ('-' = stdout)")
     p.set_defaults(func=cmd_benchmark)
 

@@ -205,8 +205,12 @@ class RunConfig(Section):
     # CPU intra-op threads; 0 = auto: the CPUs this process may use (affinity, cgroup quota) minus one per data
     # worker, never above OMP_NUM_THREADS; more threads than free cores makes a shared CPU much slower, not faster
     threads: Int = 0
+    # peak FLOP/s of one device for the logged MFU (perf/mfu), e.g. 989e12 for an H100's bf16; unset: a known
+    # GPU's datasheet peak, else (CPUs) only the achieved TFLOP/s is logged
+    peak_flops: Float | None = None
 
     limits: ClassVar[dict[str, Range]] = {
+        "peak_flops": Range(0, low_open=True, hint=" (FLOP/s of one device, e.g. 989e12)"),
         "seed": Range(0, 2**32 - 1),  # numpy's seed range (accelerate's set_seed seeds numpy too)
         "log_every": AT_LEAST_1, "image_every": Range(0, hint=" (0 = only at the end)"), "save_every": AT_LEAST_1,
         "keep_last": AT_LEAST_1, "max_bad_steps": AT_LEAST_1, "threads": Range(0, hint=" (0 = auto)"),

@@ -51,6 +51,7 @@ from simmim.data import sample_seed
 from simmim.errors import UserError
 from simmim.models.convert import check_compatible
 from simmim.optim import local_optimizer
+from simmim.perf import PerfMeter, count_flops, peak_flops
 from simmim.run_dir import CheckpointPolicy
 from simmim.run_dir import CheckpointWriteError as CheckpointWriteError  # re-exported: raised by the policy
 from simmim.run_dir import NonFiniteLossError as NonFiniteLossError
@@ -102,6 +103,7 @@ class LoopSettings:
     # in a distributed run the processes vote on a stop request (SIGTERM/SIGINT) every this many steps: a
     # collective and a host sync, so not every step; a single process checks its own flag at every step
     stop_vote_every: int = 5
+    peak_flops: float | None = None  # FLOP/s of one device for MFU (None: a known GPU's, else MFU is not logged)
 
 
 @dataclass
@@ -368,6 +370,8 @@ class Engine:
         meter = _Meter(acc.device)
         bar = tqdm(total=s.total_steps, initial=st.step, disable=not (s.progress and acc.is_main_process),
                    desc="train", dynamic_ncols=True)
+        peak = peak_flops(acc.device, acc.mixed_precision, s.peak_flops)
+        perf = PerfMeter(acc.device, peak * acc.num_processes if peak else None)
         t0, micro, grad_norm = time.perf_counter(), st.step * accum, None
         step_loss = torch.zeros((), device=acc.device)
         files = torch.zeros((), device=acc.device)
@@ -375,7 +379,10 @@ class Engine:
             bar.close()  # a signal during setup: nothing trained yet, nothing new to save
             raise signals.StoppedBySignal(signum, st.step, self.checkpoints, before_first=True)
         with logging_redirect_tqdm(loggers=[logging.getLogger("simmim")]):
-            for batch in self._micro_batches() if st.step < s.total_steps else ():
+            for batch in perf.timed(self._micro_batches()) if st.step < s.total_steps else ():
+                if perf.flops_per_image is None:  # once, on the first micro-batch, outside the timed window
+                    counted = self._count_flops(batch, perf)
+                    t0 += counted
                 if micro % accum == 0:
                     self.scheduler.step_update(st.step)  # lr of this step: a pure function of the step
                     self.model.train()
@@ -397,6 +404,7 @@ class Engine:
                 step_loss, files = torch.zeros((), device=acc.device), torch.zeros((), device=acc.device)
                 bar.update(1)
                 self.checkpoints.poll()  # a background write that failed stops the run here, one step late
+                perf.step_done()
                 final = st.step >= s.total_steps
                 stop = signals.agreed(acc, st.step, s.stop_vote_every)  # SIGTERM/SIGINT: save, then stop
                 if stop is not None:  # every process says so (before the save's barrier, so before any exits)
@@ -405,7 +413,7 @@ class Engine:
                 save_due = st.step % s.save_every == 0 or final or stop is not None
                 if (st.step % s.log_every == 0 or st.step % s.max_bad_steps == 0 or final or save_due
                         or self.checkpoints.pending is not None):
-                    t0 = self._sync(meter, grad_norm, t0, bar, log_now=st.step % s.log_every == 0 or final)
+                    t0 = self._sync(meter, perf, grad_norm, t0, bar, log_now=st.step % s.log_every == 0 or final)
                 if (s.image_every and st.step % s.image_every == 0) or final:
                     self._log_images(st.step, batch, outputs)
                 result = self.task.after_step(st.step, self.model, final)
@@ -421,7 +429,27 @@ class Engine:
         bar.close()
         return st
 
-    def _sync(self, meter: _Meter, grad_norm: torch.Tensor | None, t0: float, bar: Any, log_now: bool) -> float:
+    def _count_flops(self, batch: dict, perf: PerfMeter) -> float:
+        """Count the model FLOPs of a training step per image on ``batch`` (a no-grad forward of the task's loss x 3,
+        see :mod:`simmim.perf`) into ``perf``; every process does (a sharded model's forward is a collective).
+        Returns the seconds it took."""
+        t0 = time.perf_counter()
+        self.model.train()  # the model as trained (recompute modes, drop path; no inference caches)
+
+        def forward() -> None:
+            with torch.no_grad(), self.acc.autocast():
+                self.task.loss(self.model, batch)
+
+        flops = count_flops(forward)
+        perf.flops_per_image = 3 * flops / len(batch["image"])
+        seconds = time.perf_counter() - t0
+        perf.pause(seconds)
+        log.info("model FLOPs of a training step: %.3g GFLOP per image (forward x 3; counted in %.1f s)",
+                 perf.flops_per_image / 1e9, seconds)
+        return seconds
+
+    def _sync(self, meter: _Meter, perf: PerfMeter, grad_norm: torch.Tensor | None, t0: float, bar: Any,
+              log_now: bool) -> float:
         """Read the device-side numbers (one host sync, one collective): count skipped steps and unreadable files,
         stop a diverged run, confirm the pending checkpoint and, at log steps, log a window of scalars. Every
         process calls it at the same steps. Returns the time the next logging window starts at."""
@@ -447,19 +475,20 @@ class Engine:
         elapsed = time.perf_counter() - t0
         window_loss = values["loss_sum"] / values["loss_n"] if values["loss_n"] else math.nan
         norm = float(grad_norm) if grad_norm is not None else math.nan
+        hours = perf.window(meter.images, elapsed, s.total_steps - st.step)
         scalars = {
             "train/loss": window_loss,
             "train/lr": max(g["lr"] for g in self.optimizer.param_groups),
             "train/grad_norm": norm,
-            "train/images_per_sec": meter.images / max(elapsed, 1e-9),
             "train/skipped_steps": st.skipped_steps,
             "data/skipped_files": st.skipped_files,
+            **{k: v for k, v in hours.items() if k.startswith("perf/")},
         }
         self.side_outputs.scalars(scalars, self.state.step)
-        bar.set_postfix(loss=f"{window_loss:.4f}", lr=f"{scalars['train/lr']:.2e}")
-        log.info("step %d/%d loss %.4f lr %.3e grad %.3f %.1f img/s skipped steps %d files %d", st.step,
-                 s.total_steps, window_loss, scalars["train/lr"], norm, scalars["train/images_per_sec"],
-                 st.skipped_steps, st.skipped_files)
+        text, postfix = perf.summary(hours)
+        bar.set_postfix({"loss": f"{window_loss:.4f}", "lr": f"{scalars['train/lr']:.2e}", **postfix})  # in order
+        log.info("step %d/%d loss %.4f lr %.3e grad %.3f | %s | skipped steps %d files %d", st.step,
+                 s.total_steps, window_loss, scalars["train/lr"], norm, text, st.skipped_steps, st.skipped_files)
         meter.reset_window()
         return time.perf_counter()
 

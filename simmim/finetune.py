@@ -236,7 +236,7 @@ def run(cfg: FinetuneConfig, overwrite: bool = False) -> dict:
             start.checkpoints(r.keep_last, r.async_save),
             LoopSettings(total_steps=plan.total_steps, clip_grad=o.clip_grad, log_every=r.log_every,
                          image_every=0, save_every=r.save_every, max_bad_steps=r.max_bad_steps, seed=r.seed,
-                         progress=r.progress),
+                         progress=r.progress, peak_flops=r.peak_flops),
             metadata=metadata)
         if start.resume is not None:  # a resumed state that does not fit is refused before anything is written
             engine.resume(start.resume)

@@ -252,7 +252,7 @@ def run(cfg: PretrainConfig, overwrite: bool = False) -> dict:
             start.checkpoints(r.keep_last, r.async_save),
             LoopSettings(total_steps=plan.total_steps, clip_grad=o.clip_grad, log_every=r.log_every,
                          image_every=r.image_every, save_every=r.save_every, max_bad_steps=r.max_bad_steps,
-                         seed=r.seed, progress=r.progress),
+                         seed=r.seed, progress=r.progress, peak_flops=r.peak_flops),
             metadata={**checkpoint_metadata(cfg, encoder, init_meta),
                       "stream": stream_layout(cfg, accelerator) if stream else None},
             image_dir=out / "images", record=start.record)

@@ -126,3 +126,13 @@ def test_save_section_refuses_a_model_that_does_not_fit_in_memory(monkeypatch, c
     assert main(["benchmark", "--what", "save", "--model", "swinv2_pico", "--img-size", "32",
                  "--window-size", "4"]) == 2
     assert "GiB of host memory" in capsys.readouterr().err
+
+
+def test_highres_times_one_step_and_reports_a_contender_that_does_not_fit():
+    from simmim.benchmarks.highres import highres_section, one_step
+
+    row = one_step("full+sequential", "swinv2_pico", 64, 4, cap_gib=None, device="cpu", threads=None)  # in-process
+    assert row["fit"] and row["seconds"] > 0 and row["peak_gib"] >= row["before_gib"] > 0.05, row
+    # its own process under a cap of 1 MiB beyond what it has mapped: the step cannot allocate
+    starved = highres_section("swinv2_pico", 64, 4, contenders=("timm",), cap_gib=0.001, device="cpu", threads=1)
+    assert starved.data["rows"][0]["fit"] is False and "did not fit in 0.001 GiB" in starved.table

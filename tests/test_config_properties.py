@@ -235,6 +235,8 @@ EXPECTED = {
     "run.keep_last": ">= 1", "run.max_bad_steps": ">= 1", "run.eval_every": ">= 0",
     # CPU threads: 0 = auto (the usable CPUs minus the data workers), else a count
     "run.threads": ">= 0",
+    # the peak FLOP/s of one device for MFU: a positive rate (unset = unknown)
+    "run.peak_flops": "> 0",
     # monitor: -1 is the last stage; every 0 = only at the end
     "monitor.every": ">= 0", "monitor.stage": ">= -1", "monitor.knn_k": ">= 1", "monitor.img_size": ">= 1",
     # mixup/cutmix alphas (0 = off), probabilities, label smoothing 0.1 (1 would be a uniform target); EMA 0.9999

@@ -48,7 +48,7 @@ def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
 def test_pretraining_lowers_the_loss_and_fills_the_run_dir(tmp_path):
     cfg = tiny_cfg(tmp_path, "schedule.max_steps=60", "run.save_every=20", "run.keep_last=2",
                    "run.image_every=30", "model.img_size=64", "data.mask_patch_size=16",
-                   "simmim.norm_target=false", "data.batch_size=16")
+                   "simmim.norm_target=false", "data.batch_size=16", "run.peak_flops=1e12")
     summary = run(cfg)
     out = Path(summary["output"])
     assert summary["steps"] == 60 and summary["finite"]
@@ -67,11 +67,30 @@ def test_pretraining_lowers_the_loss_and_fills_the_run_dir(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(events[0].parent)).Reload()
-    assert {"train/loss", "train/lr", "train/grad_norm", "train/images_per_sec"} <= set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "perf/images_per_s"} <= set(acc.Tags()["scalars"])
+    check_perf_scalars(acc, (out / "train.log").read_text(), mfu=True)
     assert "reconstruction" in acc.Tags()["images"]
     ckpt = read_checkpoint(out / "checkpoints" / "ckpt-00000060.pt")
     assert ckpt["meta"]["effective_window_sizes"] == [[4, 4], [4, 4], [4, 4], [2, 2]]
     assert {"encoder.mask_token", "decoder.0.weight"} <= ckpt["model"].keys()
+
+
+def check_perf_scalars(events, log_text: str, mfu: bool) -> None:
+    """The ``perf/*`` scalars (simmim.perf) are in TensorBoard with sane values, and in the log lines."""
+    perf = {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"] if tag.startswith("perf/")}
+    assert set(perf) == {"perf/images_per_s", "perf/tflops", "perf/data_wait", "perf/peak_mem_gb"} | (
+        {"perf/mfu"} if mfu else set())
+    assert all(v > 0 for v in perf["perf/images_per_s"] + perf["perf/tflops"])
+    assert all(0 <= v <= 1 for v in perf["perf/data_wait"])
+    assert all(0.05 < v < 1000 for v in perf["perf/peak_mem_gb"])  # the process's peak RSS in GB
+    if mfu:  # run.peak_flops=1e12: MFU is the achieved TFLOP/s over 1 TFLOP/s
+        for rate, share in zip(perf["perf/tflops"], perf["perf/mfu"], strict=True):
+            assert share == pytest.approx(rate, rel=1e-4)
+    lines = [line for line in log_text.splitlines() if " loss " in line]
+    assert lines and all(" img/s, " in x and " TFLOP/s" in x and "data wait" in x and "peak mem" in x
+                         and "(RSS)" in x and "ETA " in x for x in lines)
+    assert all(("MFU " in x) == mfu for x in lines)
+    assert "GFLOP per image (forward x 3" in log_text
 
 
 KILL_SCRIPT = textwrap.dedent("""

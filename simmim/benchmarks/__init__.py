@@ -7,6 +7,8 @@ Sections (several per call):
 * ``pipeline`` (:mod:`simmim.benchmarks.pipeline`): the input pipeline against the official SimMIM one, then one
   worker's images/s on the same JPEGs as a folder, tar shards and parquet files, and optionally the time to the
   first batch of a large folder and of many shards;
+* ``highres`` (:mod:`simmim.benchmarks.highres`): one training step on one high-resolution image per memory mode,
+  against timm's SwinV2 with and without its checkpointing, each in its own process under a memory cap;
 * ``index``: scan time and memory of the folder index on a synthetic tree of files;
 * ``save`` (:mod:`simmim.benchmarks.save`): seconds a checkpoint save blocks training, direct vs ``run.async_save``.
 
@@ -21,9 +23,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from simmim.benchmarks.highres import CONTENDERS as HIGHRES_CONTENDERS
 from simmim.benchmarks.report import Section, machine
 
-WHAT = ("model", "memory", "pipeline", "index", "save")
+WHAT = ("model", "memory", "highres", "pipeline", "index", "save")
 
 
 @dataclass(frozen=True)
@@ -52,10 +55,14 @@ class BenchmarkSettings:
     parquet_files: int = 4
     first_batch_files: int = 0  # pipeline: time to the first batch of a folder of this many files (0: skip)
     first_batch_shards: int = 0  # pipeline: ... and of this many tar shards (0: skip)
+    memory_cap_gib: float = 12.0  # highres: each contender's memory cap
+    step_timeout: float = 600.0  # highres: seconds a contender's process may run
+    contenders: tuple[str, ...] = HIGHRES_CONTENDERS  # highres: memory modes and timm's
 
 
 def run(settings: BenchmarkSettings) -> list[Section]:
     """Measure each section of ``settings.what`` in turn."""
+    from simmim.benchmarks.highres import highres_section
     from simmim.benchmarks.model import memory_section, model_section
     from simmim.benchmarks.pipeline import index_section, pipeline_section, sources_section
     from simmim.benchmarks.save import save_section
@@ -68,6 +75,10 @@ def run(settings: BenchmarkSettings) -> list[Section]:
         elif what == "memory":
             sections.append(memory_section(s.model, s.img_size, s.window_size, s.memory_batch_sizes,
                                            dtype=s.dtypes[0], rounds=s.rounds, device=s.device))
+        elif what == "highres":
+            sections.append(highres_section(s.model, s.img_size, s.window_size, cap_gib=s.memory_cap_gib,
+                                            contenders=s.contenders, timeout_s=s.step_timeout, device=s.device,
+                                            threads=s.threads))
         elif what == "pipeline":
             sections.append(pipeline_section(s.rounds, s.img_size, s.threads or 1, s.folder))
             if s.source_images or s.first_batch_files or s.first_batch_shards:
@@ -91,8 +102,11 @@ def report(settings: BenchmarkSettings, sections: list[Section]) -> tuple[str, d
     flags = "/".join(info["cpu_flags"]) or "no AVX2"
     header = (f"{info['cpu']} ({flags}), {device}, {info['threads']} threads of {info['cpus_usable']} usable CPUs, "
               f"torch {info['torch']}, timm {info['timm']}, {info['date']}")
-    if {"model", "memory"} & {sec.name for sec in sections}:
+    names = {sec.name for sec in sections}
+    if {"model", "memory"} & names:
         header = f"{s.model} {s.img_size}px W{s.window_size}; median of {s.rounds} interleaved rounds\n{header}"
+    elif "highres" in names:
+        header = f"{s.model} {s.img_size}px W{s.window_size}; one step per contender, batch 1\n{header}"
     lines = [header, *(f"\n[{sec.name}]\n{sec.table}" for sec in sections)]
     doc = dict(machine=info, settings=asdict(s), command="simmim " + " ".join(sys.argv[1:]),
                sections={sec.name: sec.data for sec in sections})
