@@ -120,7 +120,9 @@ def vit_pretrained(tmp_path_factory):
     """A vit_pico pretraining run of 2 steps (64 px, 32 px mask cells over 16 px patches) on embedded images."""
     pre = tmp_path_factory.mktemp("vit") / "pre"
     assert main(["pretrain", "demo/pretrain", "--output", str(pre), *QUICK, "model.name=vit_pico", *VIT,
-                 "schedule.max_steps=2", "data.path=embedded:all", "run.image_every=0"]) == 0
+                 "schedule.max_steps=2", "data.path=embedded:all", "run.image_every=0",
+                 "monitor.data=embedded:digits"]) == 0  # the monitor probes the paper's block too
+    assert "knn_top1" in (pre / "train.log").read_text()
     return pre / "checkpoints" / "ckpt-00000002.pt"
 
 
@@ -216,3 +218,57 @@ def test_models_lists_the_vit_variants(capsys, name):
     assert main(["models", name, "--img-size", "224"]) == 0
     row = capsys.readouterr().out.splitlines()[1].split()
     assert row[:3] == [name, "vit", f"{86.4 if name == 'vit_base_patch16' else 86.5}M"] and row[-1] == "-"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# probes: what --stage / monitor.stage mean per family
+
+
+def test_probe_stage_defaults_to_the_papers_vit_block_and_the_last_swin_stage():
+    from simmim.evaluate import probe_stage
+    from simmim.models import create_encoder
+
+    with torch.device("meta"):
+        base = create_encoder("vit_base_patch16")
+    assert probe_stage("vit_base_patch16", base, None) == 7  # 0-based: the 8th of 12 blocks (SimMIM §4.3)
+    pico = create_encoder("vit_pico")
+    assert probe_stage("vit_pico", pico, None) == 1 and probe_stage("vit_pico", pico, -3) == -3
+    swin = create_encoder("swin_pico", img_size=64, window_size=4)
+    assert probe_stage("swin_pico", swin, None) == -1 and probe_stage("swin_pico", swin, 2) == 2
+    from simmim.errors import UserError
+
+    with pytest.raises(UserError, match="--stage 3 is not a block of vit_pico, which has 3: use 0..2"):
+        probe_stage("vit_pico", pico, 3)
+    with pytest.raises(UserError, match="monitor.stage -5 is not a stage of swin_pico, which has 4"):
+        probe_stage("swin_pico", swin, -5, key="monitor.stage")
+
+
+@pytest.mark.parametrize("block", [0, 1, -1])
+def test_vit_probe_features_are_the_mean_patch_token_after_the_block(block):
+    """pooled_features (what k-NN / linear probes read) = the patch tokens leaving that block, averaged, caught
+    by a forward hook (no final norm: the SimMIM paper's probe)."""
+    from conftest import perturb_
+
+    from simmim.models import create_encoder
+    from simmim.monitor import pooled_features
+
+    enc = perturb_(create_encoder("vit_pico")).eval()
+    caught = []
+    enc.blocks[block].register_forward_hook(lambda m, i, o: caught.append(o))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        feats = pooled_features(enc, x, block)
+        if block == -1:  # the last block is reached by a plain forward too
+            caught.clear()
+            enc(x)
+    torch.testing.assert_close(feats, caught[0][:, 1:].mean(dim=1), rtol=0, atol=1e-6)  # CLS token dropped
+
+
+def test_monitor_stage_counts_vit_blocks():
+    from simmim.config import PretrainConfig
+
+    pre = resolve("demo/pretrain")
+    assert load_config(PretrainConfig, pre, ["model.name=vit_pico", *VIT]).monitor.stage is None
+    assert load_config(PretrainConfig, pre, ["model.name=vit_pico", *VIT, "monitor.stage=2"]).monitor.stage == 2
+    with pytest.raises(ConfigError, match="monitor.stage=3 must be a block of vit_pico: 0..2"):
+        load_config(PretrainConfig, pre, ["model.name=vit_pico", *VIT, "monitor.stage=3"])
