@@ -272,3 +272,23 @@ def test_monitor_stage_counts_vit_blocks():
     assert load_config(PretrainConfig, pre, ["model.name=vit_pico", *VIT, "monitor.stage=2"]).monitor.stage == 2
     with pytest.raises(ConfigError, match="monitor.stage=3 must be a block of vit_pico: 0..2"):
         load_config(PretrainConfig, pre, ["model.name=vit_pico", *VIT, "monitor.stage=3"])
+
+
+def test_official_finetuned_vit_file_evaluates_through_the_reader(tmp_path):
+    """`simmim eval official.pth --model vit_pico_ft --img-size 96`'s model (no window for a ViT): the official
+    fine-tuned layout (``head.weight``, saved index buffers) read by read_weights, built at another grid, equal to
+    convert_official_vit into the same encoder (checked against timm's BEiT in test_vit)."""
+    from test_vit import official_checkpoint
+
+    from simmim.evaluate import load_for_eval
+    from simmim.models.vit import convert_official_vit, create_vit
+
+    ckpt = official_checkpoint(depth=3, pretrained=False, num_classes=5)
+    torch.save(ckpt, tmp_path / "simmim_finetune__vit_pico.pth")
+    model, meta = load_for_eval(tmp_path / "simmim_finetune__vit_pico.pth", "vit_pico_ft", 96)
+    assert meta["kind"] == "simmim-finetune" and model.num_classes == 5
+    ref = create_vit("vit_pico_ft", num_classes=5, img_size=96).eval()
+    ref.load_state_dict(convert_official_vit(ckpt["model"], ref))
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
