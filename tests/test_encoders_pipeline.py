@@ -156,6 +156,8 @@ def test_vit_pretrain_finetune_eval_export_end_to_end(vit_pretrained, tmp_path, 
     assert main(["eval", str(fck), "--data", "embedded:digits"]) == 0
     row = capsys.readouterr().out.strip().splitlines()[1].split()
     assert row[:3] == ["96", "-", "-"] and float(row[3]) == pytest.approx(top1, abs=0.01)
+    assert main(["eval", str(fck), "--data", "embedded:digits", "--img-size", "64"]) == 0  # no window to give
+    assert capsys.readouterr().out.strip().splitlines()[1].split()[:3] == ["64", "-", "-"]
 
     # timm export: plain timm's BEiT from the card's call gives our logits
     model = model_from_weights(read_weights(fck))
