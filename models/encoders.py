@@ -69,7 +69,7 @@ def _families() -> dict[str, Family]:
         family = getattr(vit, "FAMILY", None)
         if family is None and all(hasattr(vit, n) for n in names):
             family = Family("vit", *(getattr(vit, n) for n in names), patch_size=16, encoder_stride=16,
-                            windowed=False)
+                            windowed=False, variant_of=getattr(vit, "vit_variant_of", None))
         if family is not None:
             families["vit"] = family
     return families
@@ -148,3 +148,26 @@ def make_encoder(name: str, *, img_size: int, window_size: int | None, num_class
     if recompute == "full":
         model.set_grad_checkpointing(True)
     return model
+
+
+def same_architecture(a: str, b: str) -> bool:
+    """Whether variants ``a`` and ``b`` (of one family) have the same tensors up to what the family's ``convert``
+    adapts: width, depth(s), heads and patch, e.g. ViT's pretraining and fine-tuning pair (the shared position bias
+    becomes one per block)."""
+    family = family_of(a)
+    if b not in family.variants:
+        return False
+    va, vb = family.variants[a], family.variants[b]
+    return all(va.get(k) == vb.get(k) for k in ("embed_dim", "depth", "depths", "num_heads", "patch_size"))
+
+
+def probe_points(name: str, encoder: nn.Module | None = None) -> tuple[str, int, int]:
+    """What a probe index (``simmim eval --stage``, ``monitor.stage``) counts on variant ``name``, counted on
+    ``encoder`` when given: ``("stage", stages, -1)`` for a Swin (default: the last stage, normed), ``("block",
+    depth, depth * 2 // 3 - 1)`` for a ViT (0-based; default the SimMIM paper's probe, the 8th of 12 blocks)."""
+    family = family_of(name)
+    if family.windowed:
+        stages = len(encoder.layers) if encoder is not None else len(family.variants[name]["depths"])
+        return "stage", stages, -1
+    depth = len(encoder.blocks) if encoder is not None else family.variants[name]["depth"]
+    return "block", depth, depth * 2 // 3 - 1

@@ -128,6 +128,20 @@ class SimMIMViT(Beit):
                     patch_size=self.patch_size, encoder_stride=self.encoder_stride,
                     num_features=self.num_features, in_chans=self.in_chans)
 
+    def timm_spec(self) -> tuple[str, dict[str, Any]]:
+        """``(name, kwargs)`` for ``timm.create_model`` building this architecture in plain timm (exports): timm's
+        ``beit_base_patch16_224`` (the fine-tuning variant's architecture), with the sizes of this model and, where
+        they differ from it, its width, depth and heads, and the pretraining variant's shared bias and token norm."""
+        h, w = self.img_size
+        spec: dict[str, Any] = {"img_size": h if h == w else [h, w], "num_classes": self.num_classes,
+                                "in_chans": self.in_chans}
+        shape = dict(embed_dim=self.embed_dim, depth=len(self.blocks), num_heads=self.blocks[0].attn.num_heads,
+                     patch_size=self.patch_size)
+        spec.update({k: v for k, v in shape.items() if v != _BASE[k]})
+        if self.rel_pos_bias is not None:  # the pretraining variant: one shared bias, norm on the tokens
+            spec.update(use_rel_pos_bias=False, use_shared_rel_pos_bias=True, use_fc_norm=False)
+        return "beit_base_patch16_224", spec
+
     def set_input_size(self, img_size: int | tuple[int, int] | None = None, window_size: int | None = None,
                        **_: Any) -> None:
         """Run at another image size: the token grid, the position index buffers and the relative position tables
@@ -229,6 +243,9 @@ VIT_VARIANTS: dict[str, dict[str, Any]] = {
     "vit_base_patch16_ft": dict(_BASE, img_size=224, use_shared_rel_pos_bias=False, use_rel_pos_bias=True,
                                 use_fc_norm=True),
 }
+# the same pair at test/CPU size: 64 px (a 4 x 4 grid), embed 32, 3 blocks, 2 heads
+_PICO = dict(embed_dim=32, depth=3, num_heads=2, img_size=64, drop_path_rate=0.0)
+VIT_VARIANTS.update({f"vit_pico{end}": dict(VIT_VARIANTS[f"vit_base_patch16{end}"], **_PICO) for end in ("", "_ft")})
 _IGNORED = ("window_size", "pretrained_window_sizes")  # Swin geometry, meaningless for a ViT
 
 
@@ -256,6 +273,22 @@ def is_vit_state_dict(state_dict: Mapping[str, torch.Tensor]) -> bool:
     if "cls_token" not in keys or "blocks.0.attn.qkv.weight" not in keys or "blocks.0.attn.qkv.bias" in keys:
         return False
     return bool(keys & {"blocks.0.attn.q_bias", "blocks.0.gamma_1", _SHARED, f"blocks.0.attn.{_TABLE}"})
+
+
+def vit_variant_of(state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """The variant whose architecture a bare ViT state dict (our/timm keys) has, from its shapes: width and patch of
+    the stem, blocks, heads of the relative position tables, and a shared bias (pretraining) or one per block
+    (fine-tuning); None when none matches (e.g. a custom depth)."""
+    stem = state_dict.get("patch_embed.proj.weight")
+    tables = [v for k, v in state_dict.items() if k == _SHARED or _BLOCK_TABLE.match(k)]
+    if stem is None or not tables:
+        return None
+    depth = 1 + max((int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.")), default=-1)
+    shared = _SHARED in state_dict
+    found = (stem.shape[0], stem.shape[-1], depth, tables[0].shape[1], shared)
+    return next((name for name, v in VIT_VARIANTS.items()
+                 if (v["embed_dim"], v["patch_size"], v["depth"], v["num_heads"], v["use_shared_rel_pos_bias"])
+                 == found), None)
 
 
 def _geometric_offsets(src: int, dst: int) -> torch.Tensor:

@@ -40,10 +40,10 @@ def cmd_models(args: argparse.Namespace) -> int:
         n, windows = _count_params(name, args.img_size, args.window_size)
         v = FAMILIES[family.name].variants[name]
         depths = v.get("depths", v.get("depth"))
-        rows.append(f"{name:<18} {family.name:<7} {n / 1e6:>8.1f}M  {v.get('embed_dim', '-'):>4}  "
+        rows.append(f"{name:<20} {family.name:<7} {n / 1e6:>8.1f}M  {v.get('embed_dim', '-'):>4}  "
                     f"{str(depths):<14} {str(v.get('num_heads', '-')):<18} "
                     + ("/".join(str(w[0]) for w in windows) or "-"))
-    header = f"{'model':<18} {'family':<7} {'params':>9}  {'C':>4}  {'depths':<14} {'heads':<18}"
+    header = f"{'model':<20} {'family':<7} {'params':>9}  {'C':>4}  {'depths':<14} {'heads':<18}"
     print(f"{header} windows @ {args.img_size}px W{args.window_size}", *rows, sep="\n")
     return 0
 
@@ -113,9 +113,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     elif args.model:  # official/timm weights: --img-size/--window-size are the geometry they are built at
         sizes = None
     elif args.img_size or args.window_size:
-        if not (args.img_size and args.window_size):
+        if not args.img_size:
             raise UserError("--img-size and --window-size go together")
-        sizes = [(args.img_size, args.window_size)]
+        sizes = [(args.img_size, args.window_size)]  # no window: a ViT (a Swin checkpoint refuses it)
     else:
         sizes = None
     rows = evaluate_checkpoint(args.checkpoint, args.data, sizes, split=args.split,
@@ -284,8 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", help="IMG:WINDOW pairs, e.g. 256:8,384:12,512:16")
     p.add_argument("--knn", action="store_true", help="k-NN accuracy of pooled features (train split -> --split)")
     p.add_argument("--linear-probe", action="store_true", help="logistic-regression accuracy of pooled features")
-    p.add_argument("--model", help="variant of an official/timm checkpoint (built at --img-size/--window-size)")
-    p.add_argument("--stage", type=int, default=-1, help="encoder stage probed (-1 = last)")
+    p.add_argument("--model", help="variant of an official/timm checkpoint (built at --img-size/--window-size; "
+                   "a ViT needs no window)")
+    p.add_argument("--stage", type=int, help="what --knn/--linear-probe read: a Swin's stage (default -1: the "
+                   "last, normed, pooled), a ViT's block, 0-based (default depth*2//3-1: the SimMIM paper's probe, "
+                   "the 8th of 12 blocks, patch tokens averaged); negative counts from the last")
     p.add_argument("--k", type=at_least(1), default=20)
     p.add_argument("--batch-size", type=at_least(1), default=64)
     p.add_argument("--num-workers", type=at_least(0), default=0)

@@ -34,7 +34,7 @@ from simmim.config_loader import (
 )
 from simmim.errors import UserError
 from simmim.masked_modeling import check_norm_target_window
-from simmim.models.encoders import check_encoder_geometry
+from simmim.models.encoders import check_encoder_geometry, probe_points
 
 __all__ = [
     "ConfigError", "DataConfig", "FinetuneConfig", "FinetuneDataConfig", "PretrainConfig", "Range",
@@ -221,7 +221,9 @@ class RunConfig(Section):
 class MonitorConfig(Section):
     data: str = ""  # labelled data for k-NN / linear-probe monitoring (e.g. embedded:digits); "" = off
     every: Int = 0  # steps between evaluations during pretraining; 0 = only at the end (when data is set)
-    stage: Int = -1  # encoder stage whose pooled features are probed (-1 = the last, normed)
+    # what is probed: a Swin's stage (pooled; -1 = the last, normed), a ViT's block (0-based, patch tokens pooled);
+    # None = the last stage of a Swin, block depth * 2 // 3 - 1 of a ViT (the SimMIM paper's probe: 8th of 12)
+    stage: Int | None = None
     knn_k: Int = 20
     img_size: Int | None = None  # None = model.img_size, the only size the encoder runs at (checked)
 
@@ -246,7 +248,7 @@ class PretrainConfig(Section):
         """Every number in range, then what must hold between fields; the loader calls this on every config it
         builds. Raises a one-line ConfigError naming the keys."""
         _check_limits(self)
-        patch, stages = _check_model(self.model)
+        patch, _ = _check_model(self.model)
         d, size = self.data, self.model.img_size
         if d.mask_patch_size % patch:
             raise ConfigError(f"data.mask_patch_size={d.mask_patch_size} must be a multiple of the backbone's patch "
@@ -260,9 +262,10 @@ class PretrainConfig(Section):
             check_norm_target_window(self.simmim.norm_target_window)
         except UserError as err:
             raise ConfigError(str(err)) from None
-        if self.monitor.stage >= stages:
-            raise ConfigError(f"monitor.stage={self.monitor.stage} must be a stage of {self.model.name}: "
-                              f"0..{stages - 1}, or -1 for the last")
+        what, count, _ = probe_points(self.model.name)
+        if self.monitor.stage is not None and self.monitor.stage >= count:
+            raise ConfigError(f"monitor.stage={self.monitor.stage} must be a {what} of {self.model.name}: "
+                              f"0..{count - 1}, or -1 for the last")
         if self.monitor.img_size not in (None, size):  # the encoder only runs at the size it is built for
             raise ConfigError(f"monitor.img_size={self.monitor.img_size} differs from model.img_size={size}, the "
                               "only size the monitor can feed the encoder; leave monitor.img_size=null")

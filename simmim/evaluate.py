@@ -23,7 +23,7 @@ from simmim.data.transforms import eval_transform
 from simmim.errors import UserError
 from simmim.models import SwinTransformerV2, create_model, family_of
 from simmim.models.convert import load_pretrained
-from simmim.models.encoders import make_encoder
+from simmim.models.encoders import make_encoder, probe_points
 from simmim.monitor import FeatureMonitor
 from simmim.weights import check_variant, model_from_weights, read_weights
 
@@ -79,12 +79,15 @@ def load_for_eval(checkpoint: str | Path, model_name: str | None = None, img_siz
     weights = read_weights(checkpoint)  # read once: official files can be gigabytes
     if weights.meta.get("model"):
         return model_from_weights(weights), weights.meta
-    if not (model_name and img_size and window_size):
+    windowed = family_of(model_name).windowed if model_name else True
+    if not (model_name and img_size and (window_size or not windowed)):
         raise UserError(f"{weights.describe()} does not record its architecture; to evaluate it pass --model NAME "
-                         "--img-size N --window-size W (e.g. --model swinv2_tiny --img-size 256 --window-size 8)")
+                         "--img-size N --window-size W (e.g. --model swinv2_tiny --img-size 256 --window-size 8; "
+                         "a ViT has no window: --model vit_base_patch16_ft --img-size 224)")
     check_variant(weights, model_name, key="--model")
-    sd = weights.state_dict if "head.fc.weight" in weights.state_dict else weights.encoder()
-    num_classes = sd["head.fc.weight"].shape[0] if "head.fc.weight" in sd else 0
+    head = next((k for k in ("head.fc.weight", "head.weight") if k in weights.state_dict), None)  # Swin, ViT
+    sd = weights.state_dict if head else weights.encoder()
+    num_classes = sd[head].shape[0] if head else 0
     family = family_of(model_name)
     if family.name == "swinv2":
         model = create_model(model_name, img_size=img_size, window_size=window_size, num_classes=num_classes,
@@ -110,36 +113,53 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, sizes: Sequence[tuple
                          "fine-tune it first with simmim finetune")
     source = open_labeled(data, split, classes=meta.get("classes"), channels=model.in_chans, split_key="--split",
                           against=f"checkpoint {checkpoint}")
+    trained = (model.img_size[0], model.window_size[0] if hasattr(model, "window_size") else None)
     if sizes is None:
-        sizes = [(model.img_size[0], model.window_size[0])]
+        sizes = [trained]
+    if trained[1] is not None and any(window is None for _, window in sizes):
+        raise UserError("--img-size and --window-size go together")  # only a ViT has no window
     rows = []
     for img_size, window in sizes:
-        moved = model if (img_size, window) == (model.img_size[0], model.window_size[0]) else \
-            at_size(model, img_size, window)
+        moved = model if (img_size, window) in (trained, (trained[0], None)) else at_size(model, img_size, window)
         tf = eval_transform(img_size, meta.get("crop_pct", 0.875), meta.get("interpolation", "bicubic"),
                             meta["mean"], meta["std"], channels=model.in_chans)
         loader = DataLoader(LabeledDataset(source, tf), batch_size=batch_size, num_workers=num_workers)
         metrics = evaluate(moved, loader)
-        rows.append({"img_size": img_size, "window": window,
-                     "windows": "/".join(str(w[0]) for w in moved.effective_window_sizes), **metrics})
+        windows = getattr(moved, "effective_window_sizes", [])  # a ViT attends globally: no windows
+        rows.append({"img_size": img_size, "window": window if windows else None,
+                     "windows": "/".join(str(w[0]) for w in windows) or "-", **metrics})
     return rows
 
 
-def check_stage(stage: int, stages: int, model: str) -> None:
-    """Refuse a ``--stage`` the encoder does not have: 0..stages-1, or counted from the last (-1 = the last)."""
+def check_stage(stage: int, stages: int, model: str, what: str = "stage", key: str = "--stage") -> None:
+    """Refuse a ``--stage`` the encoder does not have: 0..stages-1, or counted from the last (-1 = the last);
+    ``what`` is what it counts (a ViT's blocks)."""
     if not -stages <= stage < stages:
-        raise UserError(f"--stage {stage} is not a stage of {model}, which has {stages}: use 0..{stages - 1}, or -1 "
+        raise UserError(f"{key} {stage} is not a {what} of {model}, which has {stages}: use 0..{stages - 1}, or -1 "
                         "for the last")
 
 
-def probe_checkpoint(checkpoint: str | Path, data: str, stage: int = -1, k: int = 20, linear_probe: bool = True,
-                     batch_size: int = 64, num_workers: int = 0, model_name: str | None = None,
-                     build_size: tuple[int, int] | None = None) -> dict[str, float]:
-    """k-NN (and linear-probe) top-1 of a checkpoint's frozen encoder on ``data`` (train split fits, val scores)."""
+def probe_stage(name: str, encoder: nn.Module, stage: int | None, key: str = "--stage") -> int:
+    """The probed stage (Swin) or block (ViT, 0-based) index: ``stage`` checked against ``encoder``, or the
+    family's default when None (Swin: the last stage; ViT: block depth * 2 // 3 - 1, the SimMIM paper's 8th of 12)."""
+    what, count, default = probe_points(name, encoder)
+    if stage is None:
+        return default
+    check_stage(stage, count, name, what, key)
+    return stage
+
+
+def probe_checkpoint(checkpoint: str | Path, data: str, stage: int | None = None, k: int = 20,
+                     linear_probe: bool = True, batch_size: int = 64, num_workers: int = 0,
+                     model_name: str | None = None, build_size: tuple[int, int | None] | None = None
+                     ) -> dict[str, float]:
+    """k-NN (and linear-probe) top-1 of a checkpoint's frozen encoder on ``data`` (train split fits, val scores),
+    on the pooled features of ``stage`` (see :func:`probe_stage`; None = the family's default)."""
     model, meta = load_for_eval(checkpoint, model_name, *(build_size or (None, None)))
-    check_stage(stage, len(model.layers), meta.get("model") or model_name or "the encoder")
-    monitor = FeatureMonitor(data, model.img_size[0], meta["mean"], meta["std"], stage=stage, k=k,
-                             batch_size=batch_size, num_workers=num_workers)
+    name = meta.get("model") or model_name
+    monitor = FeatureMonitor(data, model.img_size[0], meta["mean"], meta["std"],
+                             stage=probe_stage(name, model, stage), k=k, batch_size=batch_size,
+                             num_workers=num_workers)
     return monitor(model, linear_probe=linear_probe)
 
 
@@ -147,6 +167,7 @@ def format_table(rows: list[dict]) -> str:
     """The paper-style table: one row per (img_size, window)."""
     lines = [f"{'img_size':>8}  {'window':>6}  {'stage windows':<14} {'top-1':>7}  {'top-5':>7}  {'images':>7}"]
     for r in rows:
-        lines.append(f"{r['img_size']:>8}  {'W' + str(r['window']):>6}  {r['windows']:<14} {r['top1']:>7.2f}  "
+        window = "-" if r["window"] is None else f"W{r['window']}"
+        lines.append(f"{r['img_size']:>8}  {window:>6}  {r['windows']:<14} {r['top1']:>7.2f}  "
                      f"{r['top5']:>7.2f}  {r['count']:>7}")
     return "\n".join(lines)

@@ -66,6 +66,9 @@ def block_biases(weights: Weights) -> list[BlockBias]:
             found.setdefault((int(m[1]), int(m[2])), {})[m[3]] = value
     blocks = [BlockBias(s, b, p) for (s, b), p in sorted(found.items())
               if "cpb_mlp.0.weight" in p or "relative_position_bias_table" in p]
+    if not blocks and any(k.startswith("blocks.") for k in weights.encoder()):  # a ViT: one grid, no windows
+        raise UserError(f"{weights.describe()} holds a ViT encoder, whose position bias spans the whole token grid "
+                        "(no windows, no log-CPB); inspect draws the per-window bias of Swin V1/V2 weights only")
     if not blocks:
         raise UserError(f"{weights.describe()} has no position bias (no cpb_mlp or relative_position_bias_table "
                         "in its attention blocks); inspect reads SwinV2 weights: a simmim checkpoint or export, an "

@@ -1,7 +1,8 @@
 """Label-free quality monitors for a pretrained encoder: k-NN and linear-probe accuracy on pooled stage features.
 
-Both freeze the encoder and read ``mean over (h, w)`` of one stage's output, the quickest way to see whether
-pretraining is learning anything before a full fine-tune.
+Both freeze the encoder and read ``mean over (h, w)`` of one stage's output (a ViT: of one block's patch tokens,
+by default the SimMIM paper's 8th of 12), the quickest way to see whether pretraining is learning anything before a
+full fine-tune.
 """
 
 from __future__ import annotations
@@ -21,17 +22,27 @@ from simmim.data.transforms import eval_transform
 log = logging.getLogger(__name__)
 
 
+def pooled_features(encoder: nn.Module, x: torch.Tensor, stage: int = -1) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C_stage): a Swin's ``stage`` output map averaged over (h, w) (-1 = the last, normed); a
+    ViT's patch tokens after block ``stage`` (0-based, -1 = the last) averaged, without the final norm, as the SimMIM
+    paper's ViT linear probe."""
+    if encoder.geometry()["family"] == "vit":
+        from simmim.models.vit import vit_linear_probe_features
+
+        return vit_linear_probe_features(encoder, x, block=stage % len(encoder.blocks) + 1)
+    maps = encoder.forward_intermediates(x, norm=True, intermediates_only=True)  # list of (B, C_i, h_i, w_i)
+    return maps[stage].mean(dim=(2, 3))
+
+
 @torch.no_grad()
 def extract_features(encoder: nn.Module, loader: DataLoader, stage: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled features of ``stage`` (-1 = last, normed) for every batch: (N, C_stage) float32 and labels (N,)."""
+    """:func:`pooled_features` of ``stage`` for every batch: (N, C_stage) float32 and labels (N,)."""
     was_training = encoder.training
     encoder.eval()
     device = next(encoder.parameters()).device
     feats, labels = [], []
     for batch in loader:
-        maps = encoder.forward_intermediates(batch["image"].to(device), norm=True,
-                                             intermediates_only=True)  # list of (B, C_i, h_i, w_i)
-        feats.append(maps[stage].float().mean(dim=(2, 3)).cpu())
+        feats.append(pooled_features(encoder, batch["image"].to(device), stage).float().cpu())
         labels.append(batch["label"].cpu())
     encoder.train(was_training)
     return torch.cat(feats), torch.cat(labels)

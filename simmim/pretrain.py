@@ -26,6 +26,7 @@ from simmim.data import (
 )
 from simmim.engine import Engine, LoopSettings, StepResult, TrainState
 from simmim.errors import UserError
+from simmim.evaluate import probe_stage
 from simmim.masked_modeling import SimMIM, normalize_target
 from simmim.models import FAMILIES, compile_model
 from simmim.models.convert import encoder_state, load_pretrained
@@ -211,8 +212,9 @@ def run(cfg: PretrainConfig, overwrite: bool = False) -> dict:
             check_stream_layout(start.resume.meta.get("stream"), stream_layout(cfg, accelerator))
         monitor = None
         if cfg.monitor.data:  # labelled data for k-NN / linear-probe monitoring, opened now so a bad path fails early
+            stage = probe_stage(cfg.model.name, encoder, cfg.monitor.stage, key="monitor.stage")
             monitor = FeatureMonitor(cfg.monitor.data, cfg.monitor.img_size or cfg.model.img_size, cfg.data.mean,
-                                     cfg.data.std, stage=cfg.monitor.stage, k=cfg.monitor.knn_k)
+                                     cfg.data.std, stage=stage, k=cfg.monitor.knn_k)
 
         batches = None if stream else len(loader) // accelerator.num_processes
         plan = plan_training(cfg.schedule, o, cfg.data.batch_size, accelerator.num_processes, batches)
@@ -238,8 +240,9 @@ def run(cfg: PretrainConfig, overwrite: bool = False) -> dict:
             model, optimizer, loader = accelerator.prepare(model, optimizer, loader,
                                                            device_placement=[True, not shard, True])
 
-        log.info("pretraining %s at %dpx W%d: %d steps, global batch %d, lr %.3e, %d processes, %s precision",
-                 cfg.model.name, cfg.model.img_size, cfg.model.window_size, plan.total_steps, plan.global_batch,
+        window = f" W{cfg.model.window_size}" if hasattr(encoder, "window_size") else ""  # a ViT has none
+        log.info("pretraining %s at %dpx%s: %d steps, global batch %d, lr %.3e, %d processes, %s precision",
+                 cfg.model.name, cfg.model.img_size, window, plan.total_steps, plan.global_batch,
                  plan.lr, accelerator.num_processes, r.mixed_precision)
         if init is not None:
             log.info("warm start from %s: %s loaded; pretrained windows %s; fresh optimizer and schedule",

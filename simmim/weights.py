@@ -47,7 +47,7 @@ from simmim.models.convert import (
     unwrap,
     windows_from_coords_tables,
 )
-from simmim.models.encoders import detect_family, family_of, make_encoder
+from simmim.models.encoders import FAMILIES, detect_family, family_of, make_encoder, same_architecture
 from simmim.models.swin_transformer_v2 import stage_geometry, to_pair, trained_windows
 from simmim.models.variants import variant_of
 
@@ -324,6 +324,9 @@ def _meta_geometry(meta: dict) -> Geometry | None:
 def _classify(sd: dict[str, torch.Tensor]) -> tuple[Source, dict[str, torch.Tensor], list[Pair] | None,
                                                       Geometry | None]:
     """A foreign state dict -> (source, our layout, windows and geometry recovered from saved buffers)."""
+    if FAMILIES.get("vit") is not None and detect_family(sd) is FAMILIES["vit"]:  # BEiT keys: the family converts
+        official = any(k.endswith("relative_position_index") or k.startswith("decoder.") for k in sd)
+        return ("official" if official else "timm"), dict(sd), None, None
     fmt = detect_format(sd)
     windows = geometry = None
     if fmt == "official":
@@ -407,10 +410,11 @@ def check_variant(weights: Weights, model_name: str, key: str = "model.name") ->
         raise CheckpointMismatchError(f"{weights.describe()} holds a {family.name} encoder, but {key} is "
                                       f"{model_name} ({wanted.name}); set {key} to a {family.name} variant "
                                       f"({', '.join(family.variants)})")
-    found = variant_of(weights.encoder())
-    if found is not None and found != model_name:
+    found = (wanted.variant_of or variant_of)(weights.encoder())
+    if found is not None and found != model_name and not same_architecture(found, model_name):
+        fits = [v for v in wanted.variants if same_architecture(found, v)]  # e.g. ViT's pretrain/fine-tune pair
         raise CheckpointMismatchError(f"{weights.describe()} holds a {found} encoder, but {key} is {model_name}; "
-                                      f"set {key}={found}")
+                                      f"set {key}={' or '.join(fits)}")
 
 
 def start_windows(weights: Weights | None, override: Any) -> Any:

@@ -25,7 +25,7 @@ from simmim.config import (
 )
 from simmim.configs import CONFIG_DIR
 from simmim.models import list_encoders
-from simmim.models.swin_transformer_v2 import stage_geometry, to_pair
+from simmim.models.encoders import check_encoder_geometry
 
 
 def write(path: Path, data: dict | str) -> Path:
@@ -501,8 +501,8 @@ def test_every_bundled_recipe_loads(path):
     if isinstance(cfg, PretrainConfig):
         assert cfg.model.img_size % cfg.data.mask_patch_size == 0
         assert cfg.simmim.norm_target_window % 2 == 1
-    # the image must tile into windows at every stage (raises otherwise)
-    stage_geometry(to_pair(cfg.model.img_size), 4, 4, to_pair(cfg.model.window_size))
+    # the image must tile into the family's tokens (and windows at every stage of a Swin; raises otherwise)
+    check_encoder_geometry(cfg.model.name, cfg.model.img_size, cfg.model.window_size)
 
 
 def test_base_800ep_recipe_is_the_defaults():

@@ -15,9 +15,10 @@ from simmim.models import FAMILIES, create_encoder, detect_family, family_of
 from simmim.optim import param_groups
 from simmim.weights import read_weights
 
-# a tiny variant per family at 64 px (the coordinator adds ViT's here when models/vit.py lands)
+# a tiny variant per family at 64 px (ViT: patch 16, a 4 x 4 grid)
 TINY = {"swinv2": ("swinv2_pico", dict(img_size=64, window_size=4)),
-        "swin": ("swin_pico", dict(img_size=64, window_size=4))}
+        "swin": ("swin_pico", dict(img_size=64, window_size=4)),
+        "vit": ("vit_base_patch16", dict(img_size=64, embed_dim=32, depth=2, num_heads=2))}
 PICO = dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8))  # swin_pico's shape, for the timm oracle
 
 
@@ -36,8 +37,7 @@ def family(request) -> str:
 
 
 def test_every_family_registered_has_a_tiny_variant_here():
-    assert set(TINY) <= set(FAMILIES)
-    assert {"swinv2", "swin"} <= set(FAMILIES)
+    assert set(TINY) == set(FAMILIES) == {"swinv2", "swin", "vit"}
 
 
 def test_contract_shapes_and_attributes(family):
@@ -56,7 +56,8 @@ def test_contract_shapes_and_attributes(family):
     assert enc(x).shape == (2, 5)
     enc.reset_classifier(0)
     assert enc(x).shape == (2, enc.num_features)
-    assert "mask_token" in enc.no_weight_decay()
+    # the official SimMIM Swin models exclude the mask token from weight decay; the official ViT does not
+    assert ("mask_token" in enc.no_weight_decay()) == FAMILIES[family].windowed
 
 
 def test_mask_replaces_tokens_after_the_patch_embedding(family):
@@ -74,7 +75,8 @@ def test_layer_ids_cover_every_parameter_in_order(family):
     enc = tiny(family, num_classes=5)
     ids = {n: enc.layer_id(n) for n, _ in enc.named_parameters()}
     assert min(ids.values()) == 0 and max(ids.values()) == enc.num_layer_ids - 1
-    assert ids["patch_embed.proj.weight"] == 0 and ids["head.fc.weight"] == enc.num_layer_ids - 1
+    head = [n for n in ids if n.startswith("head.")]  # Swin: head.fc.*, ViT (BEiT layout): head.*
+    assert ids["patch_embed.proj.weight"] == 0 and head and {ids[n] for n in head} == {enc.num_layer_ids - 1}
     assert set(ids.values()) == set(range(enc.num_layer_ids))  # every id is used
 
 
