@@ -219,6 +219,7 @@ EXPECTED = {
     # data: the paper masks a fraction of patches (0.6; neither none nor all), crops keep a non-empty share of the
     # image, std divides; flip/erase are probabilities, crop_pct a share of the resized image
     "data.batch_size": ">= 1", "data.num_workers": ">= 0", "data.mask_patch_size": ">= 1",
+    "data.shuffle_buffer": ">= 0",  # records shuffled together per stream reader; 0 = stream order
     "data.mask_ratio": "(0, 1)", "data.crop_scale": "(0, 1]", "data.mean": "any", "data.std": "> 0",
     "data.hflip": "[0, 1]", "data.color_jitter": ">= 0", "data.re_prob": "[0, 1]", "data.crop_pct": "(0, 1]",
     # optim: AdamW (lr > 0, betas in [0, 1), eps > 0), clip 5 (null turns it off, 0 is not "off"), layer decay
