@@ -156,6 +156,15 @@ class _Meter:
         self.images = 0
 
 
+
+def _load_optimizer_state(optimizer: Any, state: dict, where: Path | str) -> None:
+    """Load a saved optimizer state, refusing in one line one whose parameter groups no longer fit."""
+    try:
+        optimizer.load_state_dict(state)
+    except ValueError as err:
+        raise UserError(f"the optimizer state in {where} does not fit the current parameter groups ({err}); was "
+                        "optim.layer_decay changed? Resume with the original setting") from None
+
 class Engine:
     """Runs ``task`` for ``settings.total_steps`` optimizer steps with checkpoints in ``checkpoints``.
 
@@ -239,11 +248,7 @@ class Engine:
         if not shard.is_file():
             raise UserError(f"{shard}, this process's share of the optimizer state of {path}, is missing; resume "
                             "from an earlier checkpoint with --resume PATH")
-        try:
-            self._inner_optimizer.load_state_dict(torch.load(shard, map_location="cpu", weights_only=True))
-        except ValueError as err:
-            raise UserError(f"the optimizer state in {shard} does not fit the current parameter groups ({err}); "
-                            "was optim.layer_decay changed? Resume with the original setting") from None
+        _load_optimizer_state(self._inner_optimizer, torch.load(shard, map_location="cpu", weights_only=True), shard)
 
     def save_if_healthy(self, final: bool) -> None:
         """Save a step checkpoint now unless the run is in a non-finite streak or its weights are not finite
@@ -274,11 +279,7 @@ class Engine:
         state_dir = self.checkpoints.resumed(weights)  # the resumed file counts as the last good checkpoint
         current = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         if ckpt.get("optimizer") is not None:
-            try:
-                self.optimizer.load_state_dict(ckpt["optimizer"])
-            except ValueError as err:
-                raise UserError(f"the optimizer state in {weights.path} does not fit the current parameter groups "
-                                 f"({err}); was optim.layer_decay changed? Resume with the original setting") from None
+            _load_optimizer_state(self.optimizer, ckpt["optimizer"], weights.path)
         elif ckpt.get("optimizer_shards"):
             self._load_optimizer_shard(weights, state_dir)
         elif state_dir is not None:
