@@ -268,6 +268,11 @@ def finetune(budget: Budget, init: str, fraction: float, seed: int, encoder_stat
     return rows
 
 
+def _init_worker(data: dict[str, torch.Tensor]) -> None:
+    """A spawned worker starts empty: it gets the rendered scenes of :data:`DATA` from the parent."""
+    DATA.update(data)
+
+
 def _in_worker(job: tuple) -> object:
     torch.set_num_threads(1)
     fn, *args = job
@@ -369,7 +374,8 @@ def run_jobs(budget: Budget, workers: int) -> tuple[dict, list[dict], list[dict]
         results = [fn(*args) for fn, *args in first]
         results += [fn(*args) for fn, *args in after(pre)]
     else:
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
+        # spawn, not fork: a process whose autograd threads already ran (a test worker, a notebook) cannot fork
+        with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (dict(DATA),)) as pool:
             pre_async = pool.apply_async(_in_worker, ((pretrain, budget),))
             first_async = [pool.apply_async(_in_worker, (job,)) for job in first]
             pre = pre_async.get()
