@@ -39,7 +39,7 @@ from torch import nn
 from simmim.errors import RunStopped, UserError
 from simmim.export_staging import staged
 from simmim.models import VARIANTS, SwinTransformerV2, family_of
-from simmim.models.hf import hf_config, ours_to_hf
+from simmim.models.hf import HF_LAYOUTS
 from simmim.weights import HF_CARD, model_from_weights, read_run_checkpoint, sha256
 
 log = logging.getLogger(__name__)
@@ -93,10 +93,6 @@ def check_foreign(variant: str, fmt: str) -> None:
     """timm/HF have no extra main-branch norm: refuse SwinV2-H/G rather than write weights that compute otherwise."""
     if fmt not in LIBRARIES:
         return
-    family = family_of(variant).name
-    if family != "swinv2" and fmt == "hf":
-        raise UserError(f"{variant} ({family}) has no transformers export here (the hf format writes Swinv2 "
-                        "models); export it as timm, safetensors or onnx instead")
     if VARIANTS.get(variant, {}).get("extra_norm_period"):
         raise UserError(
             f"{variant} cannot be exported to {LIBRARIES[fmt]}: it adds a LayerNorm on the main branch every 6 blocks "
@@ -206,28 +202,30 @@ def write_timm(model: SwinTransformerV2, meta: dict, out: Path, final: Path, ops
 HF_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "README.md", HF_CARD)  # all hf writes
 
 
-def write_hf(model: SwinTransformerV2, meta: dict, out: Path, final: Path, opset: int | None
-             ) -> tuple[list[Path], dict]:
+def write_hf(model: nn.Module, meta: dict, out: Path, final: Path, opset: int | None) -> tuple[list[Path], dict]:
     """A ``from_pretrained`` directory: config.json, model.safetensors (HF keys), preprocessor_config.json and a
-    README.md model card (written with the JSON card, see :func:`hf_readme`)."""
+    README.md model card (written with the JSON card, see :func:`hf_readme`), for the transformers model of the
+    encoder's family (:data:`~simmim.models.hf.HF_LAYOUTS`: Swinv2, Swin or Beit)."""
     check_foreign(_variant(meta), "hf")
+    layout = HF_LAYOUTS[family_of(_variant(meta)).name]
     names = meta.get("classes")
     id2label = dict(enumerate(names)) if isinstance(names, list) and len(names) == model.num_classes else None
-    config = hf_config(model, id2label)  # validates square windows etc. before anything is written
+    config = layout.config(model, id2label)  # validates what HF cannot represent before anything is written
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "config.json", out / "model.safetensors", out / "preprocessor_config.json"]
     files[0].write_text(json.dumps(config, indent=2) + "\n")
-    _save_safetensors(ours_to_hf(_state_dict(model)), files[1])
+    _save_safetensors(layout.to_hf(_state_dict(model)), files[1])
     h, w = model.img_size
-    processor = {  # swinv2's AutoImageProcessor is ViTImageProcessor: resize to the trained size, then normalise
+    processor = {  # written as ViTImageProcessor for every family: resize to the trained size, then normalise
         "image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": h, "width": w},
         "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
         "image_mean": list(meta.get("mean") or IMAGENET_MEAN), "image_std": list(meta.get("std") or IMAGENET_STD)}
     files[2].write_text(json.dumps(processor, indent=2) + "\n")
-    cls = "Swinv2ForImageClassification" if model.num_classes > 0 else "Swinv2Model"
+    cls = config["architectures"][0]
+    outputs = "logits" if model.num_classes > 0 else f"{layout.pooled(config)} (= simmim pooled features)"
     return files, {"load": {"transformers": f"transformers.{cls}.from_pretrained({final.name!r})",
                             "image_processor": f"transformers.AutoImageProcessor.from_pretrained({final.name!r})"},
-                   "outputs": "logits" if model.num_classes > 0 else "pooler_output (= simmim pooled features)"}
+                   "outputs": outputs}
 
 
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")  # the [onnx] extra: graph, torch.export-based exporter, check
@@ -359,7 +357,7 @@ def write_other(model: nn.Module, meta: dict, out: Path, final: Path, opset: int
 
 
 OTHER_WRITERS: dict[str, Callable[[nn.Module, dict, Path, Path, int | None], tuple[list[Path], dict]]] = {
-    "safetensors": write_other, "timm": write_other, "onnx": write_onnx,
+    "safetensors": write_other, "timm": write_other, "hf": write_hf, "onnx": write_onnx,
 }
 
 
@@ -446,32 +444,45 @@ def model_card(model: SwinTransformerV2, meta: dict, checkpoint: Path, fmt: str,
 
 def hf_readme(card: dict, folder: str) -> str:
     """README.md for the hf folder: the YAML block the hub and transformers read (huggingface_hub writes it), then
-    what the model is, its geometry and how to load it."""
+    what the model is, its geometry and how to load it (for any family of :data:`~simmim.models.hf.HF_LAYOUTS`)."""
     from huggingface_hub import ModelCardData
 
     arch = card["architecture"]
+    family = arch.get("family", "swinv2")  # SwinV2 cards predate the family field
+    layout = HF_LAYOUTS[family]
     classifier = arch["num_classes"] > 0
     task = "image-classification" if classifier else "image-feature-extraction"
     recipe = card.get("recipe") or {}
     license_ = recipe.get("license") if isinstance(recipe.get("license"), str) else None  # seldom recorded
     data = ModelCardData(library_name="transformers", pipeline_tag=task, license=license_,
-                         tags=["simmim", "swinv2", "vision", task, "masked-image-modeling"])
+                         tags=["simmim", layout.model_type, "vision", task, "masked-image-modeling"])
     h, w = card["img_size"]
     what = (f"a {arch['num_classes']}-class image classifier fine-tuned from a SimMIM-pretrained encoder"
             if classifier else "an image encoder pretrained with SimMIM (masked image modeling), without a head")
-    cls = "Swinv2ForImageClassification" if classifier else "Swinv2Model"
+    cls = card["load"]["transformers"].split(".from_pretrained")[0].removeprefix("transformers.")
     classes = card.get("classes")
+    norm = f"normalised with mean {card['mean']} and std {card['std']}"
+    if family == "swinv2":
+        shape = f"embed_dim {arch['embed_dim']}, depths {arch['depths']}, heads {arch['num_heads']}"
+        inputs = [
+            f"- {arch['in_chans']} channels at {h}x{w} px (other sizes work: images are padded to the windows), "
+            f"window {card['window_size'][0]}, {norm}.",
+            f"- Per-stage windows: {[v[0] for v in card['effective_window_sizes']]}; the log-CPB was trained at "
+            f"pretrained_window_sizes {[v[0] for v in card['pretrained_window_sizes']]} (config.json holds them)."]
+        size_note = ("At another size keep the trained windows: `from_pretrained(..., image_size=N, window_size=W)` "
+                     "(config.json carries pretrained_window_sizes). ")
+    else:
+        shape = f"{arch['num_features']} features, patch {arch['patch_size']}, stride {arch['encoder_stride']}"
+        window = f", window {arch['window_size'][0]}" if arch.get("window_size") else ""
+        inputs = [f"- {arch['in_chans']} channels at {h}x{w} px{window}, {norm}."]
+        size_note = (f"The position bias tables are sized for {h}x{w}: use that size (the image processor resizes "
+                     "to it); `simmim finetune` moves the model to another size with the official table resize. ")
     lines = [
         "---", data.to_yaml().strip(), "---", "",
         f"# {folder}", "",
-        f"Swin Transformer V2 ({arch['variant']}: embed_dim {arch['embed_dim']}, depths {arch['depths']}, heads "
-        f"{arch['num_heads']}), {what}, exported by simmim from a "
+        f"{layout.title} ({arch['variant']}: {shape}), {what}, exported by simmim from a "
         f"`{card['source']['kind']}` checkpoint (sha256 `{card['source']['sha256'][:16]}...`).", "",
-        "## Input", "",
-        f"- {arch['in_chans']} channels at {h}x{w} px (other sizes work: images are padded to the windows), "
-        f"window {card['window_size'][0]}, normalised with mean {card['mean']} and std {card['std']}.",
-        f"- Per-stage windows: {[v[0] for v in card['effective_window_sizes']]}; the log-CPB was trained at "
-        f"pretrained_window_sizes {[v[0] for v in card['pretrained_window_sizes']]} (config.json holds them).",
+        "## Input", "", *inputs,
     ]
     if classes:
         lines.append(f"- Classes: {', '.join(map(str, classes))}.")
@@ -479,12 +490,10 @@ def hf_readme(card: dict, folder: str) -> str:
         "", "## Load", "", "```python", "import transformers", "",
         f'model = transformers.{cls}.from_pretrained("{folder}")  # this folder (or its hub id once uploaded)',
         f'processor = transformers.AutoImageProcessor.from_pretrained("{folder}")',
-        "outputs = model(**processor(images=image, return_tensors=\"pt\"))"
-        + ("  # .logits" if classifier else "  # .pooler_output: pooled features"),
+        "outputs = model(**processor(images=image, return_tensors=\"pt\"))  # ." + card["outputs"],
         "```", "",
-        "At another size keep the trained windows: `from_pretrained(..., image_size=N, window_size=W)` (config.json "
-        "carries pretrained_window_sizes). `simmim_card.json` holds the full record: architecture, training recipe, "
-        "source checkpoint, and the timm/simmim calls.", "",
+        size_note + "`simmim_card.json` holds the full record: architecture, training recipe, source checkpoint, "
+        "and the timm/simmim calls.", "",
         "## Training data and license", "",
         "Not recorded by the export" + (f" (license: {license_})" if license_ else "") + ": add the datasets and a "
         "license to the metadata above before publishing.", "",

@@ -10,7 +10,8 @@ Sources, by what :attr:`Weights.source` calls them:
 
 * ``run``: a checkpoint written by ``simmim pretrain``/``finetune`` (``model``, ``meta``, optimizer, step, ...);
 * ``export``: an exported ``.safetensors`` with its JSON card (``x.safetensors.json``), or without one;
-* ``hf``: a transformers ``Swinv2*`` directory (``config.json`` + ``model.safetensors``), e.g. our hf export;
+* ``hf``: a transformers ``Swinv2*``, ``Swin*`` or ``Beit*`` directory (``config.json`` + ``model.safetensors``), e.g.
+  our hf export;
 * ``official``: an official Swin-Transformer classification or SimMIM checkpoint (``.pth``);
 * ``timm``: any other state dict in timm's (= our) layout.
 
@@ -116,7 +117,7 @@ class Weights:
         return encoder_state(self.state_dict)
 
     def describe(self) -> str:
-        what = {"run": "run checkpoint", "export": "exported weights", "hf": "transformers Swinv2 directory",
+        what = {"run": "run checkpoint", "export": "exported weights", "hf": "transformers directory",
                 "official": "official Swin-Transformer checkpoint", "timm": "timm-layout state dict"}[self.source]
         return f"{self.path} ({self.kind + ' ' if self.kind else ''}{what})"
 
@@ -264,24 +265,33 @@ def read_checkpoint(path: str | Path, stub_classes: bool = True) -> dict:
 
 
 def _hf_directory(path: Path) -> Weights:
+    """A transformers directory: Swinv2 (with its geometry from config.json), Swin V1 or BEiT (SimMIM's ViT)."""
     from safetensors.torch import load_file
 
-    from simmim.models.hf import hf_to_ours
+    from simmim.models.hf import hf_layout_of
 
     config = json.loads((path / "config.json").read_text())
-    if config.get("model_type") != "swinv2":
-        raise WrongCheckpointError(f"{path} holds a transformers {config.get('model_type')!r} model, not swinv2")
+    model_type = config.get("model_type")
+    found = hf_layout_of(model_type)
+    if found is None:
+        raise WrongCheckpointError(f"{path} holds a transformers {model_type!r} model; simmim reads swinv2, swin "
+                                   "and beit directories")
+    family, layout = found
     try:
-        sd = hf_to_ours(load_file(str(path / "model.safetensors")))
+        sd = layout.from_hf(load_file(str(path / "model.safetensors")))
+    except UserError:
+        raise
     except Exception as err:
-        raise UserError(f"{path / 'model.safetensors'} is not a readable Swinv2 safetensors file: "
-                         f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
+        raise UserError(f"{path / 'model.safetensors'} is not a readable safetensors file: "
+                        f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
+    card = path / HF_CARD
+    meta = _card_meta(json.loads(card.read_text())) if card.is_file() else {}
+    if family != "swinv2":  # no log-CPB windows: the family's converter adapts the tables to the model built
+        return Weights(path, "hf", sd, meta)
     img, window = to_pair(config["image_size"]), to_pair(config["window_size"])
     geometry = stage_geometry(img, config["patch_size"], len(config["depths"]), window)
     pretrained = [to_pair(p) for p in config["pretrained_window_sizes"]]
     windows = trained_windows(pretrained, [win for _, win in geometry])
-    card = path / HF_CARD
-    meta = _card_meta(json.loads(card.read_text())) if card.is_file() else {}
     return Weights(path, "hf", sd, meta, windows, geometry=Geometry(meta.get("model"), img, window, windows))
 
 
@@ -347,7 +357,7 @@ def read_weights(path: str | Path) -> Weights:
         if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
             return _hf_directory(path)
         raise UserError(f"{path} is a directory without config.json + model.safetensors; pass a checkpoint "
-                                "file (.pt/.pth/.safetensors) or a transformers Swinv2 directory")
+                                "file (.pt/.pth/.safetensors) or a transformers Swinv2/Swin/Beit directory")
     raw = read_checkpoint(path)
     card = path.with_name(path.name + ".json")  # simmim export writes x.safetensors.json (x.pth.json) beside it
     if path.suffix == ".safetensors" or card.is_file() and run_checkpoint_problem(raw) is not None:
