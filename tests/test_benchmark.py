@@ -23,6 +23,24 @@ def test_timm_reference_is_the_same_simmim():
     torch.testing.assert_close(ours.encoder.mask_token.grad, ref.mask_token.grad, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize(("name", "timm_class", "window"), [("swin_pico", "SwinTransformer", 4),
+                                                          ("vit_pico", "Beit", None)])
+def test_the_other_encoders_are_compared_with_plain_timm(name, timm_class, window):
+    """Swin V1 and ViT: the reference is timm's own model built by name (``timm_spec``), running the official SimMIM
+    forward on our weights; same loss and gradients, and the model section runs on it."""
+    from simmim.benchmarks.model import model_section
+
+    ours, ref = build_pair(name, 64, window, torch.device("cpu"))
+    assert type(ref.encoder).__name__ == timm_class and type(ref.encoder).__module__.startswith("timm.")
+    images, mask = make_batch(2, 64, torch.device("cpu"), patch_size=ours.encoder.patch_size)
+    a, b = ours(images, mask).loss, ref(images, mask)[0]
+    a.backward(), b.backward()
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(ours.encoder.mask_token.grad, ref.mask_token.grad, rtol=1e-4, atol=1e-7)
+    section = model_section(name, 64, window, batch_size=2, rounds=1, iters=1, warmup=0, modes=("train",))
+    assert {r["model"] for r in section.data["rows"]} == {"simmim", "timm"}
+
+
 def test_peak_memory_sees_cpu_allocations():
     def fn():
         a = torch.ones(1024, 1024)  # 4 MiB

@@ -40,8 +40,8 @@ DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class TimmSimMIM(nn.Module):
-    """SimMIM around timm's ``SwinTransformerV2`` (or, for an encoder with a ``timm_spec``, such as Swin V1, timm's
-    own model of that name) with the weights of ``ours``: the same mask-token replacement after the
+    """SimMIM around timm's ``SwinTransformerV2`` (or, for an encoder with a ``timm_spec``: Swin V1 and ViT, timm's
+    own model of that name: ``swin_*_patch4_window7_224``, ``beit_base_patch16_224``) with the weights of ``ours``: the same mask-token replacement after the
     patch-embedding norm, the same decoder and loss. ``forward(images, mask) -> (loss, pred)``."""
 
     def __init__(self, ours: SimMIM) -> None:
@@ -68,11 +68,30 @@ class TimmSimMIM(nn.Module):
         weights = {k: v for k, v in enc.state_dict().items() if k != "mask_token"}
         self.encoder.load_state_dict(weights, strict=True)
 
-    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = self.encoder.patch_embed(images)  # (B, h, w, C)
-        w = mask.unsqueeze(-1).to(z.dtype)
+    def _vit_features(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """timm's ``Beit`` run as the official ``VisionTransformerForSimMIM``: mask token blended into the patch
+        tokens, CLS token, shared or per-block relative position bias, final norm; (B, h, w, C) patch tokens."""
+        enc = self.encoder
+        z = enc.patch_embed(images)  # (B, L, C)
+        w = mask.flatten(1).unsqueeze(-1).to(z.dtype)
         z = z * (1 - w) + self.mask_token.to(z.dtype) * w
-        z = self.encoder.norm(self.encoder.layers(z))  # (B, H/32, W/32, C)
+        z = torch.cat([enc.cls_token.expand(z.shape[0], -1, -1).to(z.dtype), z], dim=1)  # (B, 1 + L, C)
+        if enc.pos_embed is not None:
+            z = z + enc.pos_embed
+        shared = enc.rel_pos_bias() if enc.rel_pos_bias is not None else None
+        for blk in enc.blocks:
+            z = blk(z, shared_rel_pos_bias=shared)
+        z = enc.norm(z)[:, 1:]
+        return z.reshape(z.shape[0], *enc.patch_embed.grid_size, z.shape[-1])
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if hasattr(self.encoder, "cls_token"):  # a ViT (timm's Beit)
+            z = self._vit_features(images, mask)
+        else:  # a Swin (V1 or V2)
+            z = self.encoder.patch_embed(images)  # (B, h, w, C)
+            w = mask.unsqueeze(-1).to(z.dtype)
+            z = z * (1 - w) + self.mask_token.to(z.dtype) * w
+            z = self.encoder.norm(self.encoder.layers(z))  # (B, H/32, W/32, C)
         pred = self.decoder(z.permute(0, 3, 1, 2))
         pixel_mask = mask.repeat_interleave(self.patch_size, 1).repeat_interleave(self.patch_size, 2)
         return masked_l1_loss(pred.float(), images.float(), pixel_mask.unsqueeze(1)), pred
@@ -81,7 +100,7 @@ class TimmSimMIM(nn.Module):
 def build_pair(name: str, img_size: int, window_size: int, device: torch.device, seed: int = 0
                ) -> tuple[SimMIM, TimmSimMIM]:
     """Ours and timm's SimMIM on the same (seeded) weights, drop path off (it would make the steps random)."""
-    if name in list_encoders() and family_of(name).name != "swinv2":  # Swin V1: ours is timm's + the mask token
+    if name in list_encoders() and family_of(name).name != "swinv2":  # Swin V1, ViT: ours is timm's + the mask token
         torch.manual_seed(seed)
         ours = SimMIM(make_encoder(name, img_size=img_size, window_size=window_size, num_classes=0))
         return ours.to(device), TimmSimMIM(ours).to(device)
