@@ -166,10 +166,17 @@ def hf_to_ours(state_dict: Mapping[str, torch.Tensor], prefix: str = PREFIX, v1:
             unknown.append(k)
     if unknown:
         raise UserError(f"{len(unknown)} key(s) are not part of HF's {name}: {', '.join(unknown[:4])}")
+    return _fuse_qkv(out, fused)
+
+
+def _fuse_qkv(out: dict[str, torch.Tensor], fused: Mapping[str, Mapping[str, torch.Tensor]]
+              ) -> dict[str, torch.Tensor]:
+    """Put each fused tensor (``...qkv.weight`` (3C, C) or ``qkv.bias`` (3C,)) of ``out`` together from HF's
+    separate ``query``/``key``/``value`` parts, in that order; a missing part is a UserError."""
     for target, parts in fused.items():
         if set(parts) != {"query", "key", "value"}:
             raise UserError(f"{target}: the HF checkpoint lacks {sorted({'query', 'key', 'value'} - set(parts))}")
-        out[target] = torch.cat([parts["query"], parts["key"], parts["value"]])  # (3C, C) or (3C,)
+        out[target] = torch.cat([parts["query"], parts["key"], parts["value"]])
     return out
 
 
@@ -382,11 +389,7 @@ def hf_to_vit(state_dict: Mapping[str, torch.Tensor], prefix: str = BEIT_PREFIX)
     if unknown:
         raise UserError(f"{len(unknown)} key(s) are not part of HF's Beit as SimMIM's ViT uses it: "
                         f"{', '.join(unknown[:4])}")
-    for target, parts in fused.items():
-        if set(parts) != {"query", "key", "value"}:
-            raise UserError(f"{target}: the HF checkpoint lacks {sorted({'query', 'key', 'value'} - set(parts))}")
-        out[target] = torch.cat([parts["query"], parts["key"], parts["value"]])  # (3C, C)
-    return out
+    return _fuse_qkv(out, fused)
 
 
 def vit_hf_config(model: nn.Module, id2label: Mapping[int, str] | None = None) -> dict[str, Any]:

@@ -7,9 +7,7 @@ transformers cannot represent is refused in one line before anything is written.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -32,16 +30,6 @@ CASES = {
     "vit-pretrain": ("vit_pico", dict(num_classes=0), "simmim-pretrain"),  # one shared bias, norm on the tokens
     "vit-finetune": ("vit_pico_ft", dict(num_classes=5), "simmim-finetune"),  # a bias per block, mean pool + norm
 }
-
-
-@contextlib.contextmanager
-def working_directory(path: Path):
-    before = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(before)
 
 
 def run_checkpoint(root: Path, case: str) -> Path:
@@ -70,7 +58,7 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_transformers_loads_the_export_and_gives_our_outputs(checkpoints, tmp_path, case):
+def test_transformers_loads_the_export_and_gives_our_outputs(checkpoints, tmp_path, monkeypatch, case):
     ckpt = checkpoints[case]
     ours = model_from_weights(read_run_checkpoint(ckpt))
     files = export(ckpt, "hf", out=tmp_path / "hf")
@@ -85,8 +73,8 @@ def test_transformers_loads_the_export_and_gives_our_outputs(checkpoints, tmp_pa
 
     # the card's own call, run where the card says, with transformers reporting every key it did not use
     call = card["load"]["transformers"].replace(")", ", output_loading_info=True)")
-    with working_directory(tmp_path):
-        theirs, info = eval(call, {"transformers": transformers})  # noqa: S307  (the card's call)
+    monkeypatch.chdir(tmp_path)  # the card names the folder relative to where it lies
+    theirs, info = eval(call, {"transformers": transformers})  # noqa: S307  (the card's call)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     expected_cls = {"swin": ("SwinModel", "SwinForImageClassification"),
                     "vit": ("BeitModel", "BeitForImageClassification")}[family][classifier]
