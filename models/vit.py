@@ -35,7 +35,8 @@ from simmim.errors import UserError
 
 log = logging.getLogger(__name__)
 
-_EXTRA = 3  # table rows after the grid offsets: cls->token, token->cls, cls->cls
+CLS_ENTRIES = ("cls->token", "token->cls", "cls->cls")  # the table rows after the grid offsets, in order
+_EXTRA = len(CLS_ENTRIES)
 _TABLE = "relative_position_bias_table"
 _SHARED = f"rel_pos_bias.{_TABLE}"
 _BLOCK_TABLE = re.compile(rf"^blocks\.(\d+)\.attn\.{_TABLE}$")
@@ -337,7 +338,7 @@ def resize_rel_pos_table(table: torch.Tensor, src_grid: tuple[int, int], dst_gri
     return torch.cat([body, table[-_EXTRA:].detach()], dim=0)
 
 
-def _square_grid(rows: int) -> tuple[int, int]:
+def square_grid(rows: int) -> tuple[int, int]:
     """The token grid of a table with ``rows`` rows, square as the released checkpoints (the official code assumes
     it too)."""
     side = round((rows - _EXTRA) ** 0.5)
@@ -370,7 +371,7 @@ def convert_official_vit(state_dict: Mapping[str, torch.Tensor], encoder: SimMIM
     grid = encoder.grid_size
     for k, v in enc.items():
         if k.endswith(_TABLE):
-            enc[k] = resize_rel_pos_table(v, _square_grid(v.shape[0]), grid)
+            enc[k] = resize_rel_pos_table(v, square_grid(v.shape[0]), grid)
     if "pos_embed" in enc and encoder.pos_embed is not None and enc["pos_embed"].shape != encoder.pos_embed.shape:
         enc["pos_embed"] = resample_abs_pos_embed(enc["pos_embed"], new_size=list(grid), num_prefix_tokens=1)
     pools_with_norm = isinstance(encoder.norm, nn.Identity)

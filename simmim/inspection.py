@@ -1,13 +1,19 @@
 """What a SwinV2 checkpoint learned about position (``simmim inspect``): the relative position bias of every block and
 head as a (2W-1) x (2W-1) map of bias per relative offset (the SwinV2 paper's visualisation of learned biases), at
 the window it was trained at and at a larger one, the per-head attention temperature, and the checkpoint's geometry
-and training metadata as text.
+and training metadata as text. Swin V1 and ViT weights are drawn the same way (see below).
 
 A log-CPB (or linear CPB) checkpoint is evaluated at the larger window exactly as a model moved there does: the
 coordinates stay normalised by the trained window, so the maps show what the MLP extrapolates to. A V1 parameter
 table has no values beyond its window; it is resized bicubically, as Swin V1 transfers (``set_input_size``).
 
-Letters: nH heads, W window side, P the window a stage's bias was trained at.
+A ViT (BEiT/SimMIM) has no windows: its relative position table spans the whole token grid, (2h-1)(2w-1) offsets
+plus 3 CLS entries per head. The map is drawn at the trained grid and at ``scale`` times it, the larger one resized
+as the toolkit moves a ViT to a larger image (:func:`simmim.models.vit.resize_rel_pos_table`, the official cubic
+resize); the CLS entries are listed in the text. One table shared by all blocks (pretraining) or one per block
+(fine-tuning), one row of the picture each.
+
+Letters: nH heads, W window side, P the window a stage's bias was trained at, h x w a ViT's token grid.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from PIL import Image, ImageDraw
 
 from simmim.errors import UserError
 from simmim.models.swin_transformer_v2 import LOGIT_SCALE_MAX, relative_coords_table
+from simmim.models.vit import CLS_ENTRIES, resize_rel_pos_table, square_grid, vit_variant_of
 from simmim.visualize import check_out_dir, save_png, save_text, write_output
 from simmim.weights import Weights, read_weights
 
@@ -66,9 +73,6 @@ def block_biases(weights: Weights) -> list[BlockBias]:
             found.setdefault((int(m[1]), int(m[2])), {})[m[3]] = value
     blocks = [BlockBias(s, b, p) for (s, b), p in sorted(found.items())
               if "cpb_mlp.0.weight" in p or "relative_position_bias_table" in p]
-    if not blocks and any(k.startswith("blocks.") for k in weights.encoder()):  # a ViT: one grid, no windows
-        raise UserError(f"{weights.describe()} holds a ViT encoder, whose position bias spans the whole token grid "
-                        "(no windows, no log-CPB); inspect draws the per-window bias of Swin V1/V2 weights only")
     if not blocks:
         raise UserError(f"{weights.describe()} has no position bias (no cpb_mlp or relative_position_bias_table "
                         "in its attention blocks); inspect reads SwinV2 weights: a simmim checkpoint or export, an "
@@ -111,62 +115,82 @@ def colourise(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
     return (VIRIDIS[i] * (1 - frac) + VIRIDIS[i + 1] * frac).permute(2, 0, 1)
 
 
-def stage_picture(rows: Sequence[tuple[str, torch.Tensor, torch.Tensor]], title: str, low: float, high: float
-                  ) -> torch.Tensor:
+def tile_pixels(maps: torch.Tensor, low: float, high: float, px: int) -> np.ndarray:
+    """(nH, a, c) maps -> per head the (a * px, c * px, 3) uint8 tile drawn for it (each offset a px x px square)."""
+    tiles = torch.stack([colourise(m, low, high) for m in maps]).repeat_interleave(px, 2).repeat_interleave(px, 3)
+    return (tiles * 255).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def picture_layout(small: tuple[int, int], large: tuple[int, int], heads: int) -> tuple[int, int]:
+    """(pixels per offset, x of the larger maps) of :func:`stage_picture` for maps of ``small`` and ``large``
+    offsets (rows, columns)."""
+    px = max(1, CELL_PX // max(small))
+    return px, (small[1] * px + PAD) * heads + 3 * PAD  # the trained maps, then a gap
+
+
+def stage_picture(rows: Sequence[tuple[str, torch.Tensor, torch.Tensor]], title: str, low: float, high: float,
+                  captions: tuple[str, str] | None = None) -> torch.Tensor:
     """A picture of one stage: per row (a block) its heads' maps at the trained window, then at the larger one.
 
-    ``rows``: (label, maps at the trained window (nH, a, a), maps at the larger window (nH, b, b)). Every offset is
-    drawn as a square of the same size, so the larger maps are larger and their centre lines up with the trained
-    maps. Returns (3, H, W) in [0, 1] with a white background."""
-    a, b = rows[0][1].shape[-1], rows[0][2].shape[-1]
-    px = max(1, CELL_PX // a)  # pixels per offset
+    ``rows``: (label, maps at the trained window (nH, a, c), maps at the larger window (nH, b, d)); square for a
+    Swin window, a ViT's token grid may not be. Every offset is drawn as a square of the same size, so the larger
+    maps are larger and their centre lines up with the trained maps. ``captions`` head the two columns (default:
+    the trained and the larger window). Returns (3, H, W) in [0, 1] with a white background."""
+    (a, c), (b, d) = rows[0][1].shape[-2:], rows[0][2].shape[-2:]
     heads = rows[0][1].shape[0]
-    left = (a * px + PAD) * heads + 3 * PAD  # the trained maps, then a gap
-    width = max(left + (b * px + PAD) * heads + PAD, 6 * 72)  # room for the title and the colour line
+    px, left = picture_layout((a, c), (b, d), heads)
+    width = max(left + (d * px + PAD) * heads + PAD, 6 * 72)  # room for the title and the colour line
     height = LABEL_H * 2 + len(rows) * (b * px + LABEL_H + PAD) + LABEL_H
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
     draw.text((PAD, 2), title, fill="black")
-    draw.text((PAD, LABEL_H + 2), f"trained window {(a + 1) // 2}", fill="black")
-    draw.text((left, LABEL_H + 2), f"window {(b + 1) // 2}", fill="black")
+    captions = captions or (f"trained window {(c + 1) // 2}", f"window {(d + 1) // 2}")
+    draw.text((PAD, LABEL_H + 2), captions[0], fill="black")
+    draw.text((left, LABEL_H + 2), captions[1], fill="black")
     y = 2 * LABEL_H + PAD
     for label, small, large in rows:
         draw.text((PAD, y), label, fill="black")
         y += LABEL_H
-        for col, (maps, side, x0) in enumerate(((small, a, PAD), (large, b, left))):
-            top = y + (b - side) * px // 2 if col == 0 else y
-            for h in range(heads):
-                tile = colourise(maps[h], low, high).repeat_interleave(px, 1).repeat_interleave(px, 2)
-                array = (tile * 255).round().byte().permute(1, 2, 0).numpy()
-                canvas.paste(Image.fromarray(array), (x0 + h * (side * px + PAD), top))
+        for col, (maps, (rows_, cols), x0) in enumerate(((small, (a, c), PAD), (large, (b, d), left))):
+            top = y + (b - rows_) * px // 2 if col == 0 else y
+            for h, array in enumerate(tile_pixels(maps, low, high, px)):
+                canvas.paste(Image.fromarray(array), (x0 + h * (cols * px + PAD), top))
         y += b * px + PAD
     draw.text((PAD, y), f"colour: bias {low:.2f} (dark) .. {high:.2f} (yellow); one column per head", fill="black")
     return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1)  # (3, H, W) uint8
 
 
-def describe(weights: Weights, blocks: Sequence[BlockBias], windows: Sequence[int]) -> str:
-    """``inspect.txt``: what the file is, its geometry, the temperature per head and its training metadata."""
+def report(weights: Weights, variant: str | None, geometry: str, position: str, details: Sequence[str]) -> str:
+    """``inspect.txt``: what the file is, its ``geometry`` and ``position`` bias, the ``details`` lines (per-head
+    figures) and its training metadata."""
     lines = [f"checkpoint: {weights.describe()}", f"source: {weights.source}"]
     if weights.kind:
         lines.append(f"kind: {weights.kind}")
-    g = weights.geometry
-    variant = (g.variant if g else None) or weights.meta.get("model")
     lines.append(f"variant: {variant or 'not recorded'}")
-    lines.append(f"geometry: {g.describe() if g else 'not recorded'}")
-    lines.append(f"position bias: {'V1 table' if blocks[0].kind == 'table' else 'continuous (CPB MLP)'}; "
-                 f"trained windows per stage {'/'.join(map(str, windows))}")
+    lines.append(f"geometry: {geometry}")
+    lines.append(f"position bias: {position}")
     params = sum(v.numel() for v in weights.state_dict.values())
     lines.append(f"parameters in the file: {params:,}")
     if weights.checkpoint is not None and "step" in weights.checkpoint:
         lines.append(f"step: {weights.checkpoint['step']}")
-    lines += ["", "attention temperature per head, exp(min(logit_scale, log 100)) (the paper initialises 10):"]
-    for bias in blocks:
-        temps = temperatures(bias)
-        shown = " ".join(f"{t:6.2f}" for t in temps) if temps is not None else "dot-product attention"
-        lines.append(f"  stage {bias.stage} block {bias.block}: {shown}")
+    lines += ["", *details]
     if weights.meta:
         lines += ["", "metadata:", json.dumps(weights.meta, indent=2, default=str, sort_keys=True)]
     return "\n".join(lines) + "\n"
+
+
+def describe(weights: Weights, blocks: Sequence[BlockBias], windows: Sequence[int]) -> str:
+    """``inspect.txt`` of Swin V1/V2 weights: the file, its geometry, the temperature per head, its metadata."""
+    g = weights.geometry
+    details = ["attention temperature per head, exp(min(logit_scale, log 100)) (the paper initialises 10):"]
+    for bias in blocks:
+        temps = temperatures(bias)
+        shown = " ".join(f"{t:6.2f}" for t in temps) if temps is not None else "dot-product attention"
+        details.append(f"  stage {bias.stage} block {bias.block}: {shown}")
+    return report(weights, (g.variant if g else None) or weights.meta.get("model"),
+                  g.describe() if g else "not recorded",
+                  f"{'V1 table' if blocks[0].kind == 'table' else 'continuous (CPB MLP)'}; "
+                  f"trained windows per stage {'/'.join(map(str, windows))}", details)
 
 
 MAX_WINDOW = 192  # the larger window drawn: 8x SwinV2's largest fine-tuning window (24); a few hundred MB at most
@@ -176,10 +200,13 @@ def inspect_checkpoint(checkpoint: str | Path | Weights, out: str | Path, scale:
                        overwrite: bool = False) -> list[Path]:
     """Write ``position_bias_stage<i>.png`` per stage (every block and head at the trained window and at ``scale``
     times it) and ``inspect.txt`` into the folder ``out``; returns the paths. Existing outputs are refused unless
-    ``overwrite``; nothing else in ``out`` is touched."""
+    ``overwrite``; nothing else in ``out`` is touched. ViT weights: ``position_bias_vit.png`` (see
+    :func:`inspect_vit`)."""
     if scale < 2:
         raise UserError(f"--scale {scale} must be >= 2 (the larger window is scale x the trained one)")
     weights = checkpoint if isinstance(checkpoint, Weights) else read_weights(checkpoint)
+    if (vit := vit_bias(weights)) is not None:
+        return inspect_vit(weights, vit, out, scale, overwrite)
     blocks = block_biases(weights)
     stages = sorted({b.stage for b in blocks})
     windows = trained_windows(weights, blocks, stages)
@@ -217,3 +244,99 @@ def trained_windows(weights: Weights, blocks: Sequence[BlockBias], stages: Seque
         raise UserError(f"{weights.describe()} does not record the windows its position bias was trained at (a "
                         "bare timm file); inspect the simmim checkpoint or export it came from")
     return [weights.windows[s][0] for s in stages]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ViT: one relative position table over the whole token grid, no windows
+
+VIT_PICTURE = "position_bias_vit.png"
+_VIT_TABLE = re.compile(r"(rel_pos_bias|blocks\.(\d+)\.attn)\.relative_position_bias_table")
+
+
+@dataclass
+class VitBias:
+    """A ViT's relative position tables, each ((2h-1)(2w-1) + 3, nH) for the token grid ``grid`` = (h, w) it was
+    trained at: ``("shared", table)`` for the one all blocks share (pretraining), ``("block i", table)`` per block
+    (fine-tuning)."""
+
+    tables: list[tuple[str, torch.Tensor]]
+    grid: tuple[int, int]
+
+    @property
+    def sharing(self) -> str:
+        labels = [label for label, _ in self.tables]
+        if labels == ["shared"]:
+            return "shared by all blocks"
+        return "one per block" if "shared" not in labels else "shared by all blocks, and one per block"
+
+
+def vit_bias(weights: Weights) -> VitBias | None:
+    """The relative position tables of ViT weights (keys ``rel_pos_bias.*`` / ``blocks.i.attn.*``); None for weights
+    that are not a ViT's; a ViT without any (absolute position embedding only) is refused in one line."""
+    encoder = weights.encoder()
+    found = [(m, v) for k, v in encoder.items() if (m := _VIT_TABLE.fullmatch(k))]
+    if not found:
+        if any(k.startswith("blocks.") for k in encoder):
+            raise UserError(f"{weights.describe()} holds a ViT encoder without a relative position bias (an "
+                            "absolute position embedding only); inspect draws relative position biases")
+        return None
+    order = {m.string: (-1, "shared") if m[2] is None else (int(m[2]), f"block {m[2]}") for m, _ in found}
+    tables = [(order[m.string][1], v.detach().float()) for m, v in sorted(found, key=lambda f: order[f[0].string])]
+    return VitBias(tables, vit_grid(weights, found[0][1].shape[0]))
+
+
+def vit_grid(weights: Weights, rows: int) -> tuple[int, int]:
+    """The token grid a table of ``rows`` rows was trained at: the recorded image size over the patch size where
+    they fit the table, else the square grid its size gives (the released ViTs are square)."""
+    img, patch = weights.meta.get("img_size"), (weights.meta.get("encoder") or {}).get("patch_size")
+    if img and patch:
+        h, w = img[0] // patch, img[1] // patch
+        if (2 * h - 1) * (2 * w - 1) + len(CLS_ENTRIES) == rows:
+            return h, w
+    return square_grid(rows)
+
+
+def vit_bias_maps(table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """A ViT table ((2h-1)(2w-1) + 3, nH) -> the bias per token offset (nH, 2h-1, 2w-1), row dy + h - 1, column
+    dx + w - 1 (BEiT's index), the 3 CLS entries left out."""
+    rows, cols = 2 * grid[0] - 1, 2 * grid[1] - 1
+    return table[: rows * cols].T.reshape(-1, rows, cols)
+
+
+def inspect_vit(weights: Weights, bias: VitBias, out: str | Path, scale: int, overwrite: bool) -> list[Path]:
+    """Write ``position_bias_vit.png`` (per table a row: every head's map at the trained token grid, then at
+    ``scale`` times it, resized as a ViT moved to the larger image is) and ``inspect.txt`` into ``out``."""
+    (h, w), side = bias.grid, max(bias.grid)
+    if scale * side > MAX_WINDOW:
+        raise UserError(f"--scale {scale} makes a token grid of {scale * side} from the trained {side}; the largest "
+                        f"drawn is {MAX_WINDOW}: use --scale {max(2, MAX_WINDOW // side)} or less")
+    out = check_out_dir(out, [VIT_PICTURE, TEXT], overwrite)
+    large = (scale * h, scale * w)
+    rows = [(label, vit_bias_maps(t, bias.grid), vit_bias_maps(resize_rel_pos_table(t, bias.grid, large), large))
+            for label, t in bias.tables]
+    low = min(float(m.min()) for _, s, big in rows for m in (s, big))
+    high = max(float(m.max()) for _, s, big in rows for m in (s, big))
+    picture = stage_picture(rows, f"ViT relative position bias per head ({bias.sharing}; cubic resize)", low, high,
+                            (f"trained token grid {h}x{w}", f"token grid {large[0]}x{large[1]}"))
+    written = [write_output(partial(save_png, picture), out / VIT_PICTURE, 0)]
+    text = describe_vit(weights, bias)
+    written.append(write_output(partial(save_text, text), out / TEXT, len(written)))
+    return written
+
+
+def describe_vit(weights: Weights, bias: VitBias) -> str:
+    """``inspect.txt`` of ViT weights: the file, its token grid, the sharing of the bias, the 3 CLS entries per
+    head of every table (not part of the maps), its metadata."""
+    (h, w), encoder = bias.grid, weights.encoder()
+    stem = encoder.get("patch_embed.proj.weight")  # (C, in_chans, patch, patch)
+    size = ""
+    if stem is not None:
+        px = (h * stem.shape[-2], w * stem.shape[-1])
+        size = f"{px[0] if px[0] == px[1] else f'{px[0]}x{px[1]}'} px, patch {stem.shape[-1]}, "
+    details = ["CLS entries per head (table rows outside the maps; the resize keeps them):"]
+    for label, table in bias.tables:
+        for name, values in zip(CLS_ENTRIES, table[-len(CLS_ENTRIES):], strict=True):
+            details.append(f"  {label} {name + ':':11} {' '.join(f'{v:7.3f}' for v in values.tolist())}")
+    return report(weights, weights.meta.get("model") or vit_variant_of(encoder), f"{size}token grid {h}x{w}",
+                  f"ViT relative position bias ({bias.sharing}); (2h-1)x(2w-1) = {2 * h - 1}x{2 * w - 1} offsets "
+                  f"+ {len(CLS_ENTRIES)} CLS entries per head, {bias.tables[0][1].shape[1]} heads", details)
