@@ -303,6 +303,15 @@ def vit_bias_maps(table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return table[: rows * cols].T.reshape(-1, rows, cols)
 
 
+def vit_rows(bias: VitBias, scale: int) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """Per table (label, maps at the trained grid (nH, 2h-1, 2w-1), maps at ``scale`` times it (nH, 2sh-1, 2sw-1)):
+    the larger from the table resized as :meth:`SimMIMViT.set_input_size` resizes it (:func:`resize_rel_pos_table`).
+    """
+    (h, w), large = bias.grid, (scale * bias.grid[0], scale * bias.grid[1])
+    return [(label, vit_bias_maps(t, (h, w)), vit_bias_maps(resize_rel_pos_table(t, (h, w), large), large))
+            for label, t in bias.tables]
+
+
 def inspect_vit(weights: Weights, bias: VitBias, out: str | Path, scale: int, overwrite: bool) -> list[Path]:
     """Write ``position_bias_vit.png`` (per table a row: every head's map at the trained token grid, then at
     ``scale`` times it, resized as a ViT moved to the larger image is) and ``inspect.txt`` into ``out``."""
@@ -311,13 +320,11 @@ def inspect_vit(weights: Weights, bias: VitBias, out: str | Path, scale: int, ov
         raise UserError(f"--scale {scale} makes a token grid of {scale * side} from the trained {side}; the largest "
                         f"drawn is {MAX_WINDOW}: use --scale {max(2, MAX_WINDOW // side)} or less")
     out = check_out_dir(out, [VIT_PICTURE, TEXT], overwrite)
-    large = (scale * h, scale * w)
-    rows = [(label, vit_bias_maps(t, bias.grid), vit_bias_maps(resize_rel_pos_table(t, bias.grid, large), large))
-            for label, t in bias.tables]
+    rows = vit_rows(bias, scale)
     low = min(float(m.min()) for _, s, big in rows for m in (s, big))
     high = max(float(m.max()) for _, s, big in rows for m in (s, big))
     picture = stage_picture(rows, f"ViT relative position bias per head ({bias.sharing}; cubic resize)", low, high,
-                            (f"trained token grid {h}x{w}", f"token grid {large[0]}x{large[1]}"))
+                            (f"trained token grid {h}x{w}", f"token grid {scale * h}x{scale * w}"))
     written = [write_output(partial(save_png, picture), out / VIT_PICTURE, 0)]
     text = describe_vit(weights, bias)
     written.append(write_output(partial(save_text, text), out / TEXT, len(written)))

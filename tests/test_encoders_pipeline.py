@@ -138,8 +138,12 @@ def test_vit_pretrain_finetune_eval_export_end_to_end(vit_pretrained, tmp_path, 
     sample_photos()[0].save(tmp_path / "photo.png")
     assert main(["reconstruct", str(ckpt), str(tmp_path / "photo.png"), "--out", str(tmp_path / "rec")]) == 0
     assert (tmp_path / "rec" / "photo.png").is_file()  # the decoder's stride-16 pixel shuffle
-    assert main(["inspect", str(ckpt), "--out", str(tmp_path / "insp")]) == 2
-    assert "holds a ViT encoder" in capsys.readouterr().err
+    assert main(["inspect", str(ckpt), "--out", str(tmp_path / "insp")]) == 0  # the shared table, trained grid 4x4
+    assert (tmp_path / "insp" / "position_bias_vit.png").is_file()
+    text = (tmp_path / "insp" / "inspect.txt").read_text()
+    assert "ViT relative position bias (shared by all blocks)" in text and "token grid 4x4" in text
+    assert "shared cls->token:" in text
+    capsys.readouterr()  # what reconstruct and inspect printed, before the eval's scores
 
     # k-NN and linear probe on the paper's block (block 1 of vit_pico's 3: depth * 2 // 3 - 1)
     assert main(["eval", str(ckpt), "--data", "embedded:digits", "--knn", "--linear-probe"]) == 0
