@@ -341,10 +341,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Writes position_bias_stage<i>.png (the bias added to attention logits per relative offset, "
         "one (2W-1)x(2W-1) map per block and head, at the trained window W and at --scale x W: what log-CPB "
         "extrapolates to, or a V1 table resized bicubically) and inspect.txt (geometry, attention temperature per "
-        "head, training metadata).")
-    p.add_argument("checkpoint", help="any SwinV2 weights simmim reads (run checkpoint, export, official, hf)")
+        "head, training metadata). ViT weights: position_bias_vit.png (per relative position table, shared or per "
+        "block, each head's (2h-1)x(2w-1) map over the token grid, at the trained grid and --scale x it) and "
+        "inspect.txt (token grid, the 3 CLS entries per head).")
+    p.add_argument("checkpoint", help="any Swin V1/V2 or ViT weights simmim reads (run checkpoint, export, official, "
+                   "hf)")
     p.add_argument("--out", required=True, help="folder for the pictures and inspect.txt")
-    p.add_argument("--scale", type=at_least(2), default=2, help="the larger window, as a multiple of the trained one")
+    p.add_argument("--scale", type=at_least(2), default=2,
+                   help="the larger window (a ViT: token grid), as a multiple of the trained one")
     p.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier inspect in --out")
     p.set_defaults(func=cmd_inspect)
 
