@@ -242,9 +242,12 @@ def check_onnx_installed() -> None:
 def fixed_size_note(model: SwinTransformerV2) -> str:
     """What the card and the graph's doc string say about the input size: the graph is traced at one size."""
     h, w = model.img_size
+    again = {"swin": "--img-size N --window-size W (the position-bias tables resized bicubically)",
+             "vit": "--img-size N (the relative position tables resized as for fine-tuning)"}.get(
+        model.geometry()["family"], "--img-size N --window-size W (the log-CPB keeps its trained windows)")
     return (f"fixed input size {h}x{w} (only the batch axis is dynamic): resize images to {h}x{w}, or export "
-            "again at another size with simmim export CKPT --format onnx --img-size N --window-size W (the "
-            "log-CPB keeps its trained windows); onnxruntime refuses other sizes with 'invalid dimensions'")
+            f"again at another size with simmim export CKPT --format onnx {again}; onnxruntime refuses other sizes "
+            "with 'invalid dimensions'")
 
 
 def write_onnx(model: SwinTransformerV2, meta: dict, out: Path, final: Path, opset: int | None
