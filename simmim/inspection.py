@@ -128,6 +128,13 @@ def picture_layout(small: tuple[int, int], large: tuple[int, int], heads: int) -
     return px, (small[1] * px + PAD) * heads + 3 * PAD  # the trained maps, then a gap
 
 
+def picture_size(small: tuple[int, int], large: tuple[int, int], heads: int, rows: int) -> tuple[int, int]:
+    """(width, height) in pixels of :func:`stage_picture` with ``rows`` rows of ``heads`` maps each."""
+    px, left = picture_layout(small, large, heads)
+    width = max(left + (large[1] * px + PAD) * heads + PAD, 6 * 72)  # room for the title and the colour line
+    return width, LABEL_H * 2 + rows * (large[0] * px + LABEL_H + PAD) + LABEL_H
+
+
 def stage_picture(rows: Sequence[tuple[str, torch.Tensor, torch.Tensor]], title: str, low: float, high: float,
                   captions: tuple[str, str] | None = None) -> torch.Tensor:
     """A picture of one stage: per row (a block) its heads' maps at the trained window, then at the larger one.
@@ -139,8 +146,7 @@ def stage_picture(rows: Sequence[tuple[str, torch.Tensor, torch.Tensor]], title:
     (a, c), (b, d) = rows[0][1].shape[-2:], rows[0][2].shape[-2:]
     heads = rows[0][1].shape[0]
     px, left = picture_layout((a, c), (b, d), heads)
-    width = max(left + (d * px + PAD) * heads + PAD, 6 * 72)  # room for the title and the colour line
-    height = LABEL_H * 2 + len(rows) * (b * px + LABEL_H + PAD) + LABEL_H
+    width, height = picture_size((a, c), (b, d), heads, len(rows))
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
     draw.text((PAD, 2), title, fill="black")
@@ -303,6 +309,27 @@ def vit_bias_maps(table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return table[: rows * cols].T.reshape(-1, rows, cols)
 
 
+MAX_PIXELS = 64_000_000  # the largest ViT picture: ~190 MB as RGB, under PIL's decompression-bomb warning (89 M)
+
+
+def vit_picture_size(bias: VitBias, scale: int) -> tuple[int, int]:
+    """(width, height) of ``position_bias_vit.png`` at ``scale``."""
+    (h, w), heads = bias.grid, bias.tables[0][1].shape[1]
+    return picture_size((2 * h - 1, 2 * w - 1), (2 * scale * h - 1, 2 * scale * w - 1), heads, len(bias.tables))
+
+
+def vit_scale_limit(bias: VitBias) -> int:
+    """The largest ``scale`` drawn for ``bias``: a larger grid of at most :data:`MAX_WINDOW` tokens a side and a
+    picture of at most :data:`MAX_PIXELS` (1 when even scale 2 is too large)."""
+    limit = 1
+    for scale in range(2, MAX_WINDOW // max(bias.grid) + 1):
+        width, height = vit_picture_size(bias, scale)
+        if width * height > MAX_PIXELS:
+            break
+        limit = scale
+    return limit
+
+
 def vit_rows(bias: VitBias, scale: int) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     """Per table (label, maps at the trained grid (nH, 2h-1, 2w-1), maps at ``scale`` times it (nH, 2sh-1, 2sw-1)):
     the larger from the table resized as :meth:`SimMIMViT.set_input_size` resizes it (:func:`resize_rel_pos_table`).
@@ -316,9 +343,12 @@ def inspect_vit(weights: Weights, bias: VitBias, out: str | Path, scale: int, ov
     """Write ``position_bias_vit.png`` (per table a row: every head's map at the trained token grid, then at
     ``scale`` times it, resized as a ViT moved to the larger image is) and ``inspect.txt`` into ``out``."""
     (h, w), side = bias.grid, max(bias.grid)
-    if scale * side > MAX_WINDOW:
-        raise UserError(f"--scale {scale} makes a token grid of {scale * side} from the trained {side}; the largest "
-                        f"drawn is {MAX_WINDOW}: use --scale {max(2, MAX_WINDOW // side)} or less")
+    if scale > (limit := vit_scale_limit(bias)):  # a ViT-B with a table per block at --scale 13: 189 M pixels
+        width, height = vit_picture_size(bias, scale)
+        raise UserError(f"--scale {scale} makes a token grid of {scale * side} from the trained {side} and a "
+                        f"{width}x{height} px picture; the largest drawn is {MAX_WINDOW} tokens a side and "
+                        f"{MAX_PIXELS // 10**6} M pixels: " + (f"use --scale {limit} or less" if limit >= 2 else
+                                                               "these weights have too many tables and heads"))
     out = check_out_dir(out, [VIT_PICTURE, TEXT], overwrite)
     rows = vit_rows(bias, scale)
     low = min(float(m.min()) for _, s, big in rows for m in (s, big))

@@ -2,6 +2,8 @@
 window and extrapolated, the temperatures and metadata as text, refusals that change nothing. A ViT's relative
 position tables (shared or per block) at the trained token grid and as a model moved to a larger image has them."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,7 @@ from simmim.checkpoint import save_checkpoint
 from simmim.cli import main
 from simmim.inspection import (
     LABEL_H,
+    MAX_PIXELS,
     PAD,
     BlockBias,
     bias_maps,
@@ -21,6 +24,7 @@ from simmim.inspection import (
     picture_layout,
     tile_pixels,
     vit_bias,
+    vit_picture_size,
     vit_rows,
 )
 from simmim.models import create_encoder, create_model
@@ -195,6 +199,19 @@ def test_vit_refusals_are_one_line_and_write_nothing(vit_ckpts, tmp_path, capsys
     out = tmp_path / "out"
     assert main(["inspect", str(vit_ckpts["vit_pico"]), "--out", str(out), "--scale", "49"]) == 2
     assert "token grid of 196 from the trained 4" in (err := one_line_error(capsys)) and "--scale 48 or less" in err
+
+    # ViT-B fine-tuned (14 x 14 tokens, 12 blocks x 12 heads): the picture, not the grid, bounds the scale
+    vit_b = {"cls_token": torch.zeros(1, 1, 8), "patch_embed.proj.weight": torch.zeros(8, 3, 16, 16)}
+    for i in range(12):
+        vit_b.update({f"blocks.{i}.attn.qkv.weight": torch.zeros(24, 8), f"blocks.{i}.attn.q_bias": torch.zeros(8),
+                      f"blocks.{i}.attn.relative_position_bias_table": torch.zeros(27 * 27 + 3, 12)})
+    torch.save(vit_b, tmp_path / "vit_b.pth")
+    assert main(["inspect", str(tmp_path / "vit_b.pth"), "--out", str(out), "--scale", "13"]) == 2
+    limit = int(one_line_error(capsys).split("use --scale ")[1].split()[0])
+    bias = vit_bias(read_weights(tmp_path / "vit_b.pth"))
+    assert (bias.grid, len(bias.tables)) == ((14, 14), 12)
+    pixels = [math.prod(vit_picture_size(bias, s)) for s in (limit, limit + 1)]
+    assert 2 <= limit < 13 and pixels[0] <= MAX_PIXELS < pixels[1]
     absolute = create_encoder("vit_pico", use_shared_rel_pos_bias=False, use_abs_pos_emb=True, num_classes=0)
     torch.save(absolute.state_dict(), tmp_path / "abs.pth")  # a BEiT without relative position bias
     assert main(["inspect", str(tmp_path / "abs.pth"), "--out", str(out)]) == 2
