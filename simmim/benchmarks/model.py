@@ -41,8 +41,9 @@ DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 class TimmSimMIM(nn.Module):
     """SimMIM around timm's ``SwinTransformerV2`` (or, for an encoder with a ``timm_spec``: Swin V1 and ViT, timm's
-    own model of that name: ``swin_*_patch4_window7_224``, ``beit_base_patch16_224``) with the weights of ``ours``: the same mask-token replacement after the
-    patch-embedding norm, the same decoder and loss. ``forward(images, mask) -> (loss, pred)``."""
+    own model of that name: ``swin_*_patch4_window7_224``, ``beit_base_patch16_224``) with the weights of ``ours``:
+    the same mask-token replacement after the patch embedding, the same decoder and loss.
+    ``forward(images, mask) -> (loss, pred)``."""
 
     def __init__(self, ours: SimMIM) -> None:
         super().__init__()
