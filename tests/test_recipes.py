@@ -1,9 +1,10 @@
-"""Recipes are code: every bundled pretraining and fine-tuning YAML takes one real optimizer step here, at its own
-model size, image size, window, transforms, schedule and precision, at batch 2 on embedded images. A dependency
-upgrade that breaks a recipe (Pillow 13 and timm's posterize did) fails here, not in a user's first epoch.
+"""Recipes are code: every bundled pretraining and fine-tuning YAML takes one optimizer step here (real arithmetic
+up to 150M parameters, below), at its own model size, image size, window, transforms, schedule and precision, at
+batch 2 on embedded images. A dependency upgrade that breaks a recipe (Pillow 13 and timm's posterize did) fails
+here, not in a user's first epoch.
 
 Only what a recipe cannot be wrong about is reduced: the batch (2), the steps (1), DataLoader workers (0), the data
-(embedded photos) and the checkpoint writes (skipped: several GB for SwinV2-L), except for the smallest recipe,
+(embedded photos) and the checkpoint writes (skipped: about 1 GB each for a B model), except for the smallest recipe,
 which writes its checkpoint for real and resumes from it.
 Models above 150M parameters (Swin-L, SwinV2-L, -H, -G) take their step on the meta device: every shape, the
 recipe's transform and mask on real images, forward, backward, clipping and AdamW, but no arithmetic. A real step
